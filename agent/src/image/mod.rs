@@ -1,0 +1,1 @@
+//! Images: layer conversion into EROFS and (later) registries and the chunked format.

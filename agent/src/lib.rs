@@ -1,0 +1,8 @@
+//! Gantry's agent: the daemon on the offload card.
+//!
+//! It is the device for each attached VM (vhost-user backends for the layer store and the vsock
+//! control channel), it keeps the image cache, and it drives the shim inside each guest.
+
+pub mod image;
+pub mod qemu;
+pub mod vsock;

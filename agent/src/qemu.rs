@@ -1,0 +1,1 @@
+//! The QEMU launch recipe for a guest attached to this agent.

@@ -1,0 +1,1 @@
+//! Gantry agent <-> shim protocol.
