@@ -1,1 +1,32 @@
-//! Gantry agent <-> shim protocol.
+//! The protocol between Gantry's agent (on the offload card) and the shim (in the guest).
+//!
+//! A connection is a vsock stream carrying frames: a `u32` little-endian payload length followed by a
+//! bincode 2 payload (fixed-int encoding). The first frame each way is a [`Hello`]; after that the agent
+//! sends [`Request`]s, the shim answers [`Response`]s in any order and sends unsolicited [`Event`]s.
+//!
+//! Evolution rule: enum variants are only ever appended, never reordered or removed, because bincode
+//! encodes a variant by its index. A change in a frame's meaning bumps [`PROTOCOL_VERSION`].
+
+mod codec;
+mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
+mod messages;
+mod version;
+
+pub use codec::FrameCodec;
+pub use frame::{
+    DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, FrameError, MAX_FRAME_LEN_CAP, decode_payload,
+    encode_frame, read_frame, write_frame,
+};
+pub use messages::{
+    ContainerId, ErrorKind, ErrorReply, Event, ExecId, ExitStatus, GuestInfo, Hello, Message, Op,
+    OutputStream, Reply, Request, RequestId, Response,
+};
+pub use version::{PROTOCOL_VERSION, ProtocolVersion, VersionError, negotiate};
+
+/// The vsock port the shim listens on inside the guest.
+pub const SHIM_VSOCK_PORT: u32 = 10240;
+
+#[cfg(test)]
+mod tests;
