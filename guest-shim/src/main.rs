@@ -1,1 +1,125 @@
-fn main() {}
+//! gantry-shim: the thin in-guest half of Gantry.
+//!
+//! As the initramfs' `/init` (PID 1) it mounts the basic file systems, loads the kernel modules
+//! listed in the initramfs, reaps orphans and never exits: when the server dies it powers the VM
+//! off. Under another init it only serves. Either way it listens on vsock for the agent.
+
+mod guest_info;
+mod init;
+mod modules;
+mod server;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::time::{ClockId, clock_gettime};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::FormatTime;
+
+/// Environment variable holding the log filter (`tracing` syntax). As PID 1 it can be set on
+/// the kernel command line (`GANTRY_SHIM_LOG=debug`): the kernel passes unknown `key=value`
+/// words to init's environment.
+const LOG_ENV: &str = "GANTRY_SHIM_LOG";
+
+fn main() {
+    let pid1 = init::is_pid1();
+    // As PID 1 the mounts come first: /dev/console may only exist once devtmpfs is mounted, and
+    // logging needs the console. Errors are logged as soon as logging works.
+    let mount_result = pid1.then(init::mount_early_filesystems);
+    if pid1 {
+        init::ensure_console();
+    }
+    init_logging();
+    // Panics go to the log (the console), like everything else. A panic in one connection's task
+    // only ends that task; a panic on the main path is caught below.
+    std::panic::set_hook(Box::new(|info| tracing::error!(%info, "panic")));
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), pid1, "starting");
+
+    if let Some(Err(error)) = mount_result {
+        tracing::error!(%error, "early mounts failed; continuing with what is mounted");
+    }
+    if pid1 {
+        load_modules();
+    }
+
+    match std::panic::catch_unwind(|| run_server(pid1)) {
+        Ok(Ok(never)) => match never {},
+        Ok(Err(error)) => tracing::error!(%error, "gantry-shim server stopped"),
+        Err(_) => tracing::error!("gantry-shim server panicked"),
+    }
+    if pid1 {
+        // PID 1 must not exit (the kernel would panic): power off so that QEMU exits.
+        tracing::error!("powering off");
+        init::power_off();
+    }
+    std::process::exit(1);
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .with_timer(BootClock)
+        .init();
+}
+
+/// Log timestamps in the kernel's format and clock (time since boot), so that shim lines and
+/// kernel lines on the console read as one timeline.
+struct BootClock;
+
+impl FormatTime for BootClock {
+    fn format_time(&self, writer: &mut Writer<'_>) -> std::fmt::Result {
+        let since_boot = clock_gettime(ClockId::CLOCK_BOOTTIME)
+            .map(Duration::from)
+            .unwrap_or_default();
+        write!(
+            writer,
+            "[{:5}.{:06}] gantry-shim",
+            since_boot.as_secs(),
+            since_boot.subsec_micros()
+        )
+    }
+}
+
+fn load_modules() {
+    let started = Instant::now();
+    let modules_dir = modules::running_kernel_modules_dir();
+    match modules::load_listed_modules(Path::new(modules::MODULE_LIST_PATH), &modules_dir) {
+        Ok(report) => {
+            let failed = report.failed();
+            if failed.is_empty() {
+                tracing::info!(
+                    count = report.outcomes.len(),
+                    elapsed_ms = started.elapsed().as_millis(),
+                    "kernel modules loaded"
+                );
+            } else {
+                tracing::error!(?failed, "some kernel modules failed to load");
+            }
+        }
+        Err(error) => tracing::error!(%error, "kernel modules not loaded"),
+    }
+}
+
+/// Runs the vsock server on a Tokio runtime; returns only if it fails.
+fn run_server(pid1: bool) -> Result<std::convert::Infallible, Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gantry-shim")
+        .build()?;
+    runtime.block_on(async {
+        // Kept alive for the life of the server: dropping every receiver is fine, the sender
+        // is what keeps the reaper publishing.
+        let _child_exits = if pid1 {
+            Some(init::spawn_reaper()?)
+        } else {
+            None
+        };
+        let never = server::run(server::ServerConfig::default()).await?;
+        Ok(never)
+    })
+}

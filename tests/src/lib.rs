@@ -1,1 +1,238 @@
-//! Harness for end-to-end tests.
+//! Harness for Gantry's end-to-end tests: a real agent process, real QEMU guests under TCG.
+//!
+//! The test command (`tests/run.sh`) builds the guest (`qemu/build-guest.sh`) and the workspace's
+//! binaries before `cargo test`, so the harness only finds them here and says what to run if they
+//! are missing. Every agent a test starts is stopped (and its QEMUs with it) when dropped.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// The repository's root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_owned()
+}
+
+/// The cargo target directory this test binary was built into.
+fn target_profile_dir() -> PathBuf {
+    // A test binary runs from <target>/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in <target>/<profile>/deps")
+        .to_owned()
+}
+
+/// The `gantry-agent` binary built alongside the tests.
+pub fn agent_binary() -> PathBuf {
+    let path = target_profile_dir().join("gantry-agent");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A guest built by `qemu/build-guest.sh`.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    /// The kernel.
+    pub kernel: PathBuf,
+    /// The initramfs whose `/init` is the shim.
+    pub initrd: PathBuf,
+}
+
+/// The guest built for this checkout (`$GANTRY_GUEST_DIR` or `target/guest`).
+pub fn guest_image() -> GuestImage {
+    let dir = std::env::var_os("GANTRY_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/guest"));
+    let image = GuestImage {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initramfs.img"),
+    };
+    assert!(
+        image.kernel.exists() && image.initrd.exists(),
+        "no guest in {}: run qemu/build-guest.sh first (tests/run.sh does)",
+        dir.display()
+    );
+    image
+}
+
+/// The release of the kernel Debian's `linux-image-amd64` installs, asked of dpkg directly (not of
+/// the guest build), so a test can compare what the guest reports with what the host installed.
+pub fn installed_debian_kernel_release() -> Result<String> {
+    let output = Command::new("dpkg-query")
+        .args(["-W", "-f=${Depends}", "linux-image-amd64"])
+        .output()
+        .context("running dpkg-query")?;
+    ensure!(output.status.success(), "linux-image-amd64 is not installed");
+    // e.g. "linux-image-6.1.0-56-amd64 (= 6.1.158-1)"
+    let depends = String::from_utf8(output.stdout)?;
+    let package = depends
+        .split(',')
+        .map(str::trim)
+        .find_map(|dep| dep.strip_prefix("linux-image-"))
+        .context("linux-image-amd64 depends on no linux-image-* package")?;
+    Ok(package.split_whitespace().next().unwrap_or_default().to_owned())
+}
+
+/// One VM in a test agent's configuration.
+#[derive(Debug, Clone)]
+pub struct TestVm {
+    /// Its name.
+    pub name: String,
+    /// Its vsock CID.
+    pub guest_cid: u64,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+}
+
+impl TestVm {
+    /// A VM with 256 MiB of memory.
+    pub fn new(name: &str, guest_cid: u64) -> Self {
+        Self {
+            name: name.to_owned(),
+            guest_cid,
+            memory_mib: 256,
+        }
+    }
+
+    /// The same with `memory_mib` MiB.
+    pub fn memory(mut self, memory_mib: u32) -> Self {
+        self.memory_mib = memory_mib;
+        self
+    }
+}
+
+/// A `gantry-agent serve` process launching its guests, stopped (with its guests) on drop.
+#[derive(Debug)]
+pub struct TestAgent {
+    child: Child,
+    dir: tempfile::TempDir,
+    api_socket: PathBuf,
+}
+
+impl TestAgent {
+    /// Writes a config for `vms`, starts the agent and waits for its API socket.
+    pub fn start(vms: &[TestVm]) -> Result<Self> {
+        let guest = guest_image();
+        let dir = tempfile::Builder::new().prefix("gantry-e2e-").tempdir()?;
+        let api_socket = dir.path().join("agent.sock");
+        let mut config = format!("api_socket = {:?}\n", api_socket);
+        for vm in vms {
+            write!(
+                config,
+                "\n[[vm]]\nname = {:?}\nguest_cid = {}\nvsock_socket = {:?}\n\
+                 [vm.launch]\nkernel = {:?}\ninitrd = {:?}\nmemory_mib = {}\nconsole_log = {:?}\n",
+                vm.name,
+                vm.guest_cid,
+                dir.path().join(format!("{}.vsock", vm.name)),
+                guest.kernel,
+                guest.initrd,
+                vm.memory_mib,
+                dir.path().join(format!("{}.console.log", vm.name)),
+            )?;
+        }
+        let config_path = dir.path().join("agent.toml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("agent.log"))?;
+        let child = Command::new(agent_binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,gantry_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting gantry-agent")?;
+        let mut agent = Self {
+            child,
+            dir,
+            api_socket,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agent.api_socket.exists() {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("the agent exited with {status} at start:\n{}", agent.log());
+            }
+            ensure!(Instant::now() < deadline, "no API socket after 20 s:\n{}", agent.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(agent)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// A VM's serial console so far.
+    pub fn console(&self, vm: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{vm}.console.log"))).unwrap_or_default()
+    }
+
+    /// Runs the agent's CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(agent_binary())
+            .arg("--api-socket")
+            .arg(&self.api_socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// Runs the CLI, requiring success, and decodes its `--json` output.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let output = self.cli(args)?;
+        ensure!(
+            output.status.success(),
+            "gantry-agent {} failed: {}\n--- agent log ---\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    /// Waits until `vm`'s shim answers `GuestInfo`; returns the report.
+    pub fn wait_guest_info(&self, vm: &str, timeout: Duration) -> Result<serde_json::Value> {
+        let wait = format!("{}", timeout.as_secs_f64());
+        self.cli_json(&["guest-info", vm, "--wait", &wait, "--json"])
+            .with_context(|| format!("--- {vm} console ---\n{}", self.console(vm)))
+    }
+
+    /// The status of `vm` as `vm ls` reports it.
+    pub fn vm_status(&self, vm: &str) -> Result<serde_json::Value> {
+        let vms = self.cli_json(&["vm", "ls", "--json"])?;
+        vms.as_array()
+            .and_then(|vms| vms.iter().find(|v| v["name"] == vm))
+            .cloned()
+            .with_context(|| format!("vm ls does not list {vm}"))
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        // SIGTERM lets the agent stop its QEMUs and remove its sockets; SIGKILL if it hangs.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

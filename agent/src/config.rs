@@ -1,0 +1,198 @@
+//! The agent's configuration file (`agent.toml`): where its sockets live and which VMs it serves.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::qemu::Accel;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: toml::de::Error,
+    },
+    /// The file parsed but says something impossible.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The operator API's unix socket.
+    pub api_socket: PathBuf,
+    /// The VMs this agent is the device for.
+    #[serde(rename = "vm", default)]
+    pub vms: Vec<VmConfig>,
+}
+
+/// One VM attached to the agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The operator's name for it; unique.
+    pub name: String,
+    /// The guest's vsock context id (3 or more).
+    pub guest_cid: u64,
+    /// The vhost-user socket that QEMU's `vhost-user-vsock-pci` connects to.
+    pub vsock_socket: PathBuf,
+    /// If present, the agent starts QEMU for this VM itself.
+    pub launch: Option<LaunchConfig>,
+}
+
+/// How the agent launches QEMU for a VM (development and tests; on a real card the host owns QEMU).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchConfig {
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The guest initramfs with the shim as `/init`.
+    pub initrd: PathBuf,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u32,
+    /// Guest CPUs.
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// `tcg` (default: KVM hangs on the development machines) or `kvm`.
+    #[serde(default)]
+    pub accel: Accel,
+    /// Where the guest's serial console goes.
+    pub console_log: Option<PathBuf>,
+    /// The QEMU binary.
+    #[serde(default = "default_qemu")]
+    pub qemu: PathBuf,
+}
+
+fn default_memory_mib() -> u32 {
+    512
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_qemu() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+
+impl AgentConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|err| match err {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        let mut cids = std::collections::HashSet::new();
+        for vm in &self.vms {
+            if vm.name.is_empty() || !vm.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(ConfigError::Invalid(format!(
+                    "VM name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
+                    vm.name
+                )));
+            }
+            if !names.insert(vm.name.as_str()) {
+                return Err(ConfigError::Invalid(format!("VM name {:?} appears twice", vm.name)));
+            }
+            // CIDs 0-2 are reserved (hypervisor, local, host); u32::MAX is VMADDR_CID_ANY.
+            if vm.guest_cid < 3 || vm.guest_cid >= u64::from(u32::MAX) {
+                return Err(ConfigError::Invalid(format!(
+                    "VM {:?}: guest_cid {} is reserved; use 3 or more",
+                    vm.name, vm.guest_cid
+                )));
+            }
+            if !cids.insert(vm.guest_cid) {
+                return Err(ConfigError::Invalid(format!(
+                    "guest_cid {} is used by two VMs",
+                    vm.guest_cid
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_VMS: &str = r#"
+        api_socket = "/run/gantry/agent.sock"
+
+        [[vm]]
+        name = "vm0"
+        guest_cid = 3
+        vsock_socket = "/run/gantry/vm0.vsock"
+        [vm.launch]
+        kernel = "k"
+        initrd = "i"
+        accel = "kvm"
+
+        [[vm]]
+        name = "vm1"
+        guest_cid = 4
+        vsock_socket = "/run/gantry/vm1.vsock"
+    "#;
+
+    #[test]
+    fn parses_vms_and_launch_defaults() {
+        let config = AgentConfig::parse(TWO_VMS).unwrap();
+        assert_eq!(config.vms.len(), 2);
+        let launch = config.vms[0].launch.as_ref().unwrap();
+        assert_eq!(launch.memory_mib, 512);
+        assert_eq!(launch.accel, Accel::Kvm);
+        assert!(config.vms[1].launch.is_none());
+    }
+
+    #[test]
+    fn refuses_duplicate_names_and_cids_and_reserved_cids() {
+        let dup_cid = TWO_VMS.replace("guest_cid = 4", "guest_cid = 3");
+        assert!(matches!(AgentConfig::parse(&dup_cid), Err(ConfigError::Invalid(m)) if m.contains("guest_cid 3")));
+        let dup_name = TWO_VMS.replace("\"vm1\"", "\"vm0\"");
+        assert!(matches!(AgentConfig::parse(&dup_name), Err(ConfigError::Invalid(m)) if m.contains("twice")));
+        let reserved = TWO_VMS.replace("guest_cid = 4", "guest_cid = 2");
+        assert!(matches!(AgentConfig::parse(&reserved), Err(ConfigError::Invalid(m)) if m.contains("reserved")));
+    }
+
+    #[test]
+    fn refuses_unknown_keys() {
+        let typo = TWO_VMS.replace("guest_cid = 4", "guest_cid = 4\nguest_cdi = 5");
+        assert!(matches!(AgentConfig::parse(&typo), Err(ConfigError::Parse { .. })));
+    }
+}

@@ -1,0 +1,89 @@
+//! `gantry-agent serve`: brings up every configured VM and the operator API, until a signal.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::api::server::{self, ApiServerError};
+use crate::config::{AgentConfig, LaunchConfig, VmConfig};
+use crate::qemu::QemuConfig;
+use crate::vm::{Vm, VmError};
+
+/// Errors running the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A VM failed to start.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The API failed.
+    #[error(transparent)]
+    Api(#[from] ApiServerError),
+    /// Signal handling could not be set up.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// The QEMU recipe for a VM the agent launches itself.
+pub fn qemu_config(vm: &VmConfig, launch: &LaunchConfig) -> QemuConfig {
+    let console_log = launch.console_log.clone().unwrap_or_else(|| {
+        vm.vsock_socket
+            .with_file_name(format!("{}.console.log", vm.name))
+    });
+    let mut config = QemuConfig::new(&launch.kernel, &launch.initrd, &vm.vsock_socket, console_log);
+    config.qemu_binary = launch.qemu.clone();
+    config.memory_mib = launch.memory_mib;
+    config.cpus = launch.cpus;
+    config.accel = launch.accel;
+    config
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+
+    let listener = server::bind(&config.api_socket)?;
+    let mut vms = BTreeMap::new();
+    for vm_config in config.vms {
+        let qemu = vm_config
+            .launch
+            .as_ref()
+            .map(|launch| qemu_config(&vm_config, launch));
+        let name = vm_config.name.clone();
+        let vm = match Vm::start(vm_config, qemu) {
+            Ok(vm) => vm,
+            Err(err) => {
+                // Leave nothing running behind a failed start.
+                for (_, vm) in vms {
+                    Vm::shutdown(vm);
+                }
+                return Err(err.into());
+            }
+        };
+        info!(vm = %name, "VM attached");
+        vms.insert(name, vm);
+    }
+    let vms = Arc::new(vms);
+    info!(socket = %config.api_socket.display(), "operator API listening");
+
+    let shutdown = async move {
+        tokio::select! {
+            _ = interrupt.recv() => info!("SIGINT: shutting down"),
+            _ = terminate.recv() => info!("SIGTERM: shutting down"),
+        }
+    };
+    let served = server::serve(listener, vms.clone(), shutdown).await;
+    let _ = std::fs::remove_file(&config.api_socket);
+    match Arc::try_unwrap(vms) {
+        Ok(vms) => {
+            for (_, vm) in vms {
+                vm.shutdown();
+            }
+        }
+        // Requests still in flight hold VMs; QEMU processes die with their handles anyway.
+        Err(_) => warn!("VMs still referenced at shutdown"),
+    }
+    Ok(served?)
+}

@@ -1,0 +1,321 @@
+//! One VM attached to the agent: its devices, optionally its QEMU process, and a keeper task that
+//! holds a session with the guest's shim open, reconnecting whenever it drops.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gantry_proto::{GuestInfo, Op, Reply, SHIM_VSOCK_PORT};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::config::VmConfig;
+use crate::qemu::{QemuConfig, QemuError, QemuProcess};
+use crate::session::{SessionError, ShimSession};
+use crate::vsock::{VsockConnector, VsockDevice, VsockDeviceConfig, VsockError};
+
+/// The agent's software version, sent in its `Hello`.
+pub const AGENT_SOFTWARE_VERSION: &str = concat!("gantry-agent ", env!("CARGO_PKG_VERSION"));
+/// How long a request to the shim may take by default.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const RECONNECT_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
+/// Errors about a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Its vsock device failed to start.
+    #[error("VM {vm}: vsock device: {source}")]
+    Device {
+        /// The VM.
+        vm: String,
+        /// Why.
+        source: VsockError,
+    },
+    /// Its QEMU failed.
+    #[error("VM {vm}: QEMU: {source}")]
+    Qemu {
+        /// The VM.
+        vm: String,
+        /// Why.
+        source: QemuError,
+    },
+    /// No shim session is up (the guest is booting, or gone).
+    #[error("VM {0}: the shim is not connected (the guest may still be booting)")]
+    NotConnected(String),
+    /// The request to the shim failed.
+    #[error("VM {vm}: {source}")]
+    Session {
+        /// The VM.
+        vm: String,
+        /// Why.
+        source: SessionError,
+    },
+    /// The shim answered something that does not fit the request.
+    #[error("VM {0}: the shim answered with the wrong kind of reply")]
+    UnexpectedReply(String),
+    /// The agent did not launch this VM's QEMU, so it cannot restart it.
+    #[error("VM {0}: the agent did not launch this VM, so it cannot restart it")]
+    NotLaunched(String),
+}
+
+/// What the operator sees of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmStatus {
+    /// Its name.
+    pub name: String,
+    /// Its vsock CID.
+    pub guest_cid: u64,
+    /// Whether a shim session is up now.
+    pub connected: bool,
+    /// Sessions established since the agent started (reconnects make it grow).
+    pub sessions: u64,
+    /// The shim's software version, while connected.
+    pub shim_version: Option<String>,
+    /// Whether the agent launched (and owns) its QEMU.
+    pub launched: bool,
+    /// For a launched VM: from QEMU's start to the shim's `Hello`, for the latest boot.
+    pub boot_to_ready_ms: Option<u64>,
+    /// Time to open the vsock connection and exchange `Hello`s, for the latest session.
+    pub session_setup_us: Option<u64>,
+    /// Why the latest connection attempt or session failed, if it did.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Progress {
+    sessions: u64,
+    boot_started: Option<Instant>,
+    boot_to_ready: Option<Duration>,
+    session_setup: Option<Duration>,
+    last_error: Option<String>,
+}
+
+/// A VM and everything the agent runs for it.
+#[derive(Debug)]
+pub struct Vm {
+    config: VmConfig,
+    device: VsockDevice,
+    qemu_config: Option<QemuConfig>,
+    qemu: Mutex<Option<QemuProcess>>,
+    session: watch::Receiver<Option<Arc<ShimSession>>>,
+    progress: Arc<Mutex<Progress>>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Vm {
+    /// Starts the VM's devices, launches QEMU if configured, and starts keeping a shim session.
+    pub fn start(config: VmConfig, qemu_config: Option<QemuConfig>) -> Result<Self, VmError> {
+        let device = VsockDevice::start(VsockDeviceConfig::new(
+            config.vsock_socket.clone(),
+            config.guest_cid,
+        ))
+        .map_err(|source| VmError::Device {
+            vm: config.name.clone(),
+            source,
+        })?;
+        let progress = Arc::new(Mutex::new(Progress::default()));
+        let (session_tx, session) = watch::channel(None);
+        let keeper = tokio::spawn(keep_session(
+            config.name.clone(),
+            device.connector(),
+            session_tx,
+            progress.clone(),
+        ));
+        let vm = Self {
+            config,
+            device,
+            qemu_config,
+            qemu: Mutex::new(None),
+            session,
+            progress,
+            keeper,
+        };
+        if vm.qemu_config.is_some() {
+            vm.launch()?;
+        }
+        Ok(vm)
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn launch(&self) -> Result<(), VmError> {
+        let Some(qemu_config) = &self.qemu_config else {
+            return Err(VmError::NotLaunched(self.config.name.clone()));
+        };
+        let process = QemuProcess::spawn(qemu_config).map_err(|source| VmError::Qemu {
+            vm: self.config.name.clone(),
+            source,
+        })?;
+        info!(vm = %self.config.name, pid = process.pid(), "QEMU started");
+        lock(&self.progress).boot_started = Some(process.spawned_at());
+        *lock(&self.qemu) = Some(process);
+        Ok(())
+    }
+
+    /// Kills the VM's QEMU and boots it again (only for a VM the agent launched).
+    pub fn restart(&self) -> Result<(), VmError> {
+        if self.qemu_config.is_none() {
+            return Err(VmError::NotLaunched(self.config.name.clone()));
+        }
+        if let Some(mut old) = lock(&self.qemu).take() {
+            let status = old.kill().map_err(|source| VmError::Qemu {
+                vm: self.config.name.clone(),
+                source,
+            })?;
+            info!(vm = %self.config.name, %status, "QEMU stopped for a restart");
+        }
+        self.launch()
+    }
+
+    /// The operator's view of the VM.
+    pub fn status(&self) -> VmStatus {
+        let session = self.session.borrow().clone();
+        let progress = lock(&self.progress);
+        VmStatus {
+            name: self.config.name.clone(),
+            guest_cid: self.config.guest_cid,
+            connected: session.as_ref().is_some_and(|s| !s.is_closed()),
+            sessions: progress.sessions,
+            shim_version: session.map(|s| s.peer().software_version.clone()),
+            launched: self.qemu_config.is_some(),
+            boot_to_ready_ms: progress.boot_to_ready.map(|d| d.as_millis() as u64),
+            session_setup_us: progress.session_setup.map(|d| d.as_micros() as u64),
+            last_error: progress.last_error.clone(),
+        }
+    }
+
+    /// The current shim session, waiting up to `wait` for one to come up.
+    pub async fn session(&self, wait: Duration) -> Result<Arc<ShimSession>, VmError> {
+        let mut session = self.session.clone();
+        let ready = tokio::time::timeout(
+            wait,
+            session.wait_for(|s| s.as_ref().is_some_and(|s| !s.is_closed())),
+        )
+        .await;
+        match ready {
+            Ok(Ok(session)) => session
+                .clone()
+                .ok_or_else(|| VmError::NotConnected(self.config.name.clone())),
+            _ => Err(VmError::NotConnected(self.config.name.clone())),
+        }
+    }
+
+    /// Asks the shim for `GuestInfo`; returns it with the request's round-trip time.
+    pub async fn guest_info(&self, wait: Duration) -> Result<(GuestInfo, Duration), VmError> {
+        let session = self.session(wait).await?;
+        let started = Instant::now();
+        let reply = session
+            .request(Op::GuestInfo, DEFAULT_REQUEST_TIMEOUT)
+            .await
+            .map_err(|source| VmError::Session {
+                vm: self.config.name.clone(),
+                source,
+            })?;
+        let round_trip = started.elapsed();
+        match reply {
+            Reply::GuestInfo(info) => Ok((info, round_trip)),
+            _ => Err(VmError::UnexpectedReply(self.config.name.clone())),
+        }
+    }
+
+    /// Sends `count` pings of `payload_len` bytes one after another; returns each round trip.
+    pub async fn ping(&self, count: u32, payload_len: usize) -> Result<Vec<Duration>, VmError> {
+        let session = self.session(Duration::ZERO).await?;
+        let mut round_trips = Vec::new();
+        for _ in 0..count {
+            let payload = vec![0x5a; payload_len];
+            let started = Instant::now();
+            let reply = session
+                .request(Op::Ping { payload: payload.clone() }, DEFAULT_REQUEST_TIMEOUT)
+                .await
+                .map_err(|source| VmError::Session {
+                    vm: self.config.name.clone(),
+                    source,
+                })?;
+            round_trips.push(started.elapsed());
+            if reply != (Reply::Pong { payload }) {
+                return Err(VmError::UnexpectedReply(self.config.name.clone()));
+            }
+        }
+        Ok(round_trips)
+    }
+
+    /// Stops the VM: QEMU (if launched), the keeper, the device.
+    pub fn shutdown(self) {
+        self.keeper.abort();
+        if let Some(mut qemu) = lock(&self.qemu).take() {
+            if let Err(err) = qemu.kill() {
+                warn!(vm = %self.config.name, %err, "stopping QEMU");
+            }
+        }
+        self.device.shutdown();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves plain data behind; keep serving.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps a session with the shim open for as long as the agent runs.
+async fn keep_session(
+    vm: String,
+    connector: VsockConnector,
+    session_tx: watch::Sender<Option<Arc<ShimSession>>>,
+    progress: Arc<Mutex<Progress>>,
+) {
+    let mut backoff = RECONNECT_MIN;
+    loop {
+        let attempt = Instant::now();
+        let outcome = match connector.connect(SHIM_VSOCK_PORT).await {
+            Ok(stream) => ShimSession::establish(
+                stream,
+                AGENT_SOFTWARE_VERSION,
+                HANDSHAKE_TIMEOUT,
+                gantry_proto::DEFAULT_MAX_FRAME_LEN,
+            )
+            .await
+            .map_err(|err| err.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        match outcome {
+            Ok(session) => {
+                let setup = attempt.elapsed();
+                {
+                    let mut progress = lock(&progress);
+                    progress.sessions += 1;
+                    progress.session_setup = Some(setup);
+                    progress.last_error = None;
+                    if let Some(boot) = progress.boot_started.take() {
+                        progress.boot_to_ready = Some(boot.elapsed());
+                    }
+                    info!(
+                        %vm,
+                        shim = %session.peer().software_version,
+                        setup_us = setup.as_micros() as u64,
+                        boot_to_ready_ms = progress.boot_to_ready.map(|d| d.as_millis() as u64),
+                        "shim connected"
+                    );
+                }
+                let _ = session_tx.send(Some(session.clone()));
+                let reason = session.closed().await;
+                let _ = session_tx.send(None);
+                warn!(%vm, %reason, "shim session lost; reconnecting");
+                lock(&progress).last_error = Some(reason);
+                backoff = RECONNECT_MIN;
+            }
+            Err(err) => {
+                // Expected while the guest boots: the driver is not up or the shim not listening.
+                debug!(%vm, %err, "shim not reachable yet");
+                lock(&progress).last_error = Some(err);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+}
