@@ -9,9 +9,7 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
 use nix::mount::{MsFlags, mount};
 use nix::sys::stat::Mode;
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
-use tokio::sync::broadcast;
 
 /// Errors of the PID 1 setup.
 #[derive(Debug, thiserror::Error)]
@@ -34,9 +32,6 @@ pub enum InitError {
         /// The kernel's answer.
         errno: Errno,
     },
-    /// The SIGCHLD handler could not be installed.
-    #[error("cannot watch SIGCHLD: {0}")]
-    Signal(std::io::Error),
 }
 
 /// One early mount of the PID 1 setup.
@@ -171,62 +166,6 @@ fn fd_is_open(fd: i32) -> bool {
     fcntl(fd, FcntlArg::F_GETFD).is_ok()
 }
 
-/// A child process that exited and was reaped by PID 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChildExit {
-    /// The reaped process.
-    pub pid: i32,
-    /// Exit code, or 128 + signal number if it was killed.
-    pub code: i32,
-}
-
-/// Starts reaping every child and orphan that exits (PID 1 inherits all orphans).
-///
-/// Exits are published on the returned channel so that code which started a process (later:
-/// containers) can learn its status even though the reaper collected it.
-pub fn spawn_reaper() -> Result<broadcast::Sender<ChildExit>, InitError> {
-    let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
-        .map_err(InitError::Signal)?;
-    let (exits, _) = broadcast::channel(64);
-    let publisher = exits.clone();
-    tokio::spawn(async move {
-        // Children may have exited before the handler existed: reap once before waiting.
-        loop {
-            reap_all(&publisher);
-            if sigchld.recv().await.is_none() {
-                tracing::error!("SIGCHLD stream ended; orphans will no longer be reaped");
-                return;
-            }
-        }
-    });
-    Ok(exits)
-}
-
-fn reap_all(publisher: &broadcast::Sender<ChildExit>) {
-    loop {
-        let exit = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => ChildExit {
-                pid: pid.as_raw(),
-                code,
-            },
-            Ok(WaitStatus::Signaled(pid, signal, _)) => ChildExit {
-                pid: pid.as_raw(),
-                code: 128_i32.saturating_add(signal as i32),
-            },
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-            Ok(_) => continue,
-            Err(Errno::EINTR) => continue,
-            Err(errno) => {
-                tracing::warn!(%errno, "waitpid failed");
-                return;
-            }
-        };
-        tracing::debug!(pid = exit.pid, code = exit.code, "reaped child");
-        // No subscriber is fine: nobody cares about this process.
-        let _ = publisher.send(exit);
-    }
-}
-
 /// Powers the machine off: the end of PID 1. Never returns.
 ///
 /// QEMU runs with `-no-reboot`, so a power-off makes it exit cleanly rather than leaving a
@@ -290,31 +229,5 @@ mod tests {
     fn standard_descriptors_are_detected_as_open() {
         assert!(fd_is_open(2));
         assert!(!fd_is_open(987_654));
-    }
-
-    #[tokio::test]
-    #[expect(
-        clippy::zombie_processes,
-        reason = "the reaper under test collects the child"
-    )]
-    async fn reaper_publishes_exit_codes() {
-        let exits = spawn_reaper().expect("reaper");
-        let mut subscriber = exits.subscribe();
-        let child = std::process::Command::new("sh")
-            .args(["-c", "exit 7"])
-            .spawn()
-            .expect("spawn sh");
-        let pid = i32::try_from(child.id()).expect("pid fits i32");
-        let exit = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            loop {
-                let exit = subscriber.recv().await.expect("reaper alive");
-                if exit.pid == pid {
-                    return exit;
-                }
-            }
-        })
-        .await
-        .expect("child reaped within 10 s");
-        assert_eq!(exit.code, 7);
     }
 }

@@ -4,10 +4,13 @@
 //! listed in the initramfs, reaps orphans and never exits: when the server dies it powers the VM
 //! off. Under another init it only serves. Either way it listens on vsock for the agent.
 
+mod container;
 mod guest_info;
 mod init;
 mod modules;
+mod reaper;
 mod server;
+mod storage;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,6 +26,13 @@ use tracing_subscriber::fmt::time::FormatTime;
 const LOG_ENV: &str = "GANTRY_SHIM_LOG";
 
 fn main() {
+    // The container helper is this same binary, re-executed: it must not start logging, threads
+    // or anything else before it forks (see container::nsinit).
+    match std::env::args_os().nth(1) {
+        Some(arg) if arg == container::nsinit::INIT_ARG => container::nsinit::run_init(),
+        Some(arg) if arg == container::nsinit::EXEC_ARG => container::nsinit::run_exec(),
+        _ => {}
+    }
     let pid1 = init::is_pid1();
     // As PID 1 the mounts come first: /dev/console may only exist once devtmpfs is mounted, and
     // logging needs the console. Errors are logged as soon as logging works.
@@ -112,14 +122,9 @@ fn run_server(pid1: bool) -> Result<std::convert::Infallible, Box<dyn std::error
         .thread_name("gantry-shim")
         .build()?;
     runtime.block_on(async {
-        // Kept alive for the life of the server: dropping every receiver is fine, the sender
-        // is what keeps the reaper publishing.
-        let _child_exits = if pid1 {
-            Some(init::spawn_reaper()?)
-        } else {
-            None
-        };
-        let never = server::run(server::ServerConfig::default()).await?;
+        let reaper = reaper::Reaper::start(pid1)?;
+        let runtime = container::Runtime::new(reaper);
+        let never = server::run(server::ServerConfig::default(), runtime).await?;
         Ok(never)
     })
 }

@@ -18,6 +18,8 @@ use gantry_proto::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc};
+
+use crate::container::Runtime;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
 
@@ -81,6 +83,8 @@ pub struct ShimState {
     pub ready_uptime_ms: u64,
     /// Largest frame payload accepted or sent.
     pub max_frame_len: u32,
+    /// The containers, which outlive connections.
+    pub runtime: Arc<Runtime>,
 }
 
 /// The shim's software version as announced in its `Hello`.
@@ -91,7 +95,10 @@ pub fn software_version() -> String {
 /// Binds the vsock port and serves connections until the listener itself fails.
 ///
 /// Returns only on a fatal error: a failing `accept` is logged and retried.
-pub async fn run(config: ServerConfig) -> Result<std::convert::Infallible, ServerError> {
+pub async fn run(
+    config: ServerConfig,
+    runtime: Arc<Runtime>,
+) -> Result<std::convert::Infallible, ServerError> {
     let listener =
         VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, config.port)).map_err(|source| {
             ServerError::Bind {
@@ -110,6 +117,7 @@ pub async fn run(config: ServerConfig) -> Result<std::convert::Infallible, Serve
     let state = Arc::new(ShimState {
         ready_uptime_ms,
         max_frame_len: config.max_frame_len,
+        runtime,
     });
     loop {
         match listener.accept().await {
@@ -187,6 +195,10 @@ where
         Ok::<(), FrameError>(())
     });
 
+    // Events (output, exits) now go to this connection; output in flight on an older one is lost.
+    let sink_generation = state.runtime.sink().attach(outgoing.clone());
+    state.runtime.reset_output_windows();
+
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS));
     let outcome = loop {
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
@@ -230,6 +242,7 @@ where
     };
 
     // Let requests still running answer, then flush: the writer ends when every sender is gone.
+    state.runtime.sink().detach(sink_generation);
     drop(outgoing);
     match writer_task.await {
         Ok(Ok(())) => {}
@@ -259,6 +272,12 @@ async fn execute(request: Request, state: &ShimState) -> Response {
     let result = match request.op {
         Op::GuestInfo => guest_info_reply(state),
         Op::Ping { payload } => Ok(Reply::Pong { payload }),
+        container_op => state.runtime.handle(container_op).await.unwrap_or_else(|| {
+            Err(ErrorReply {
+                kind: ErrorKind::Unsupported,
+                message: "operation not supported by this shim".into(),
+            })
+        }),
     };
     Response {
         id: request.id,
@@ -305,6 +324,7 @@ mod tests {
         Arc::new(ShimState {
             ready_uptime_ms: 1234,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            runtime: Runtime::new(Arc::new(crate::reaper::Reaper::default())),
         })
     }
 

@@ -20,8 +20,9 @@ pub use frame::{
     encode_frame, read_frame, write_frame,
 };
 pub use messages::{
-    ContainerId, ErrorKind, ErrorReply, Event, ExecId, ExitStatus, GuestInfo, Hello, Message, Op,
-    OutputStream, Reply, Request, RequestId, Response,
+    ContainerId, ContainerSpec, ContainerState, ContainerStats, ContainerSummary, ErrorKind,
+    ErrorReply, Event, ExecId, ExitStatus, GuestInfo, Hello, LayerExtent, Message, Op,
+    OutputStream, ProcessSpec, Reply, Request, RequestId, Resources, Response,
 };
 pub use version::{PROTOCOL_VERSION, ProtocolVersion, VersionError, negotiate};
 

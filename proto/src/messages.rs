@@ -78,6 +78,183 @@ pub enum Op {
         /// Returned unchanged in `Reply::Pong`.
         payload: Vec<u8>,
     },
+    /// Mount the layers, build the root file system and the container's namespaces and cgroup,
+    /// and prepare (but do not run) its process. Answered with `Reply::Done`.
+    CreateContainer(ContainerSpec),
+    /// Run a created container's process. Answered with `Reply::Done`.
+    StartContainer {
+        /// The container.
+        container_id: ContainerId,
+    },
+    /// Run another process inside a running container's namespaces and cgroup.
+    Exec {
+        /// The container.
+        container_id: ContainerId,
+        /// A name for the process, unique within the container.
+        exec_id: ExecId,
+        /// What to run.
+        process: ProcessSpec,
+    },
+    /// Send a signal to a container's main process or to one of its execs.
+    Signal {
+        /// The container.
+        container_id: ContainerId,
+        /// `None` for the main process.
+        exec_id: Option<ExecId>,
+        /// The signal number.
+        signal: i32,
+    },
+    /// Wait until a process has exited; answered with `Reply::Exited`.
+    Wait {
+        /// The container.
+        container_id: ContainerId,
+        /// `None` for the main process.
+        exec_id: Option<ExecId>,
+    },
+    /// Remove a stopped container: its mounts, loop devices and cgroup.
+    DeleteContainer {
+        /// The container.
+        container_id: ContainerId,
+    },
+    /// List the containers; answered with `Reply::Containers`.
+    ListContainers,
+    /// Resource usage from the container's cgroup; answered with `Reply::Stats`.
+    Stats {
+        /// The container.
+        container_id: ContainerId,
+    },
+    /// Write to a process's standard input.
+    WriteStdin {
+        /// The container.
+        container_id: ContainerId,
+        /// `None` for the main process.
+        exec_id: Option<ExecId>,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Close a process's standard input.
+    CloseStdin {
+        /// The container.
+        container_id: ContainerId,
+        /// `None` for the main process.
+        exec_id: Option<ExecId>,
+    },
+    /// The agent consumed `bytes` of a process's output: the shim may send that much more.
+    OutputCredit {
+        /// The container.
+        container_id: ContainerId,
+        /// `None` for the main process.
+        exec_id: Option<ExecId>,
+        /// Bytes consumed since the last credit.
+        bytes: u32,
+    },
+}
+
+/// Everything the shim needs to create a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ContainerSpec {
+    /// Its name, unique within the VM.
+    pub container_id: ContainerId,
+    /// The image's layers, lowest first, as extents of the layer-store disk.
+    pub layers: Vec<LayerExtent>,
+    /// The main process.
+    pub process: ProcessSpec,
+    /// The container's host name.
+    pub hostname: String,
+    /// Limits for its cgroup.
+    pub resources: Resources,
+    /// The size of the writable layer (a tmpfs), in bytes.
+    pub writable_layer_bytes: u64,
+}
+
+/// Where a layer's EROFS image lies on the layer-store disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct LayerExtent {
+    /// The layer's identity (the digest of its EROFS image); layers with one digest share a mount.
+    pub digest: String,
+    /// Byte offset on the disk (a multiple of 512).
+    pub offset: u64,
+    /// Length in bytes (a multiple of 512).
+    pub length: u64,
+}
+
+/// A process to run, resolved from the image config and the request's overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ProcessSpec {
+    /// `argv`; `args[0]` is looked up in `PATH` from `env` if it has no slash.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` pairs.
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    pub cwd: String,
+    /// The image's `User` form: `name`, `uid`, `name:group`, `uid:gid`; empty for root. Names are
+    /// resolved in the container's `/etc/passwd` and `/etc/group`.
+    pub user: String,
+    /// Whether the agent will write to standard input (else it reads `/dev/null`).
+    pub stdin: bool,
+}
+
+/// cgroup v2 limits; `None` leaves the controller unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Resources {
+    /// `memory.max`, bytes.
+    pub memory_max_bytes: Option<u64>,
+    /// `cpu.max` quota in microseconds per `cpu_period_us`.
+    pub cpu_quota_us: Option<u64>,
+    /// `cpu.max` period in microseconds (100000 when only a quota is given).
+    pub cpu_period_us: Option<u64>,
+    /// `pids.max`.
+    pub pids_max: Option<u64>,
+}
+
+/// The life stage of a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub enum ContainerState {
+    /// Created, its process not started.
+    Created,
+    /// Its main process runs.
+    Running,
+    /// Its main process has exited.
+    Stopped,
+}
+
+/// One line of `ListContainers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ContainerSummary {
+    /// The container.
+    pub container_id: ContainerId,
+    /// Its state.
+    pub state: ContainerState,
+    /// The main process's pid in the guest, while it runs.
+    pub pid: Option<u32>,
+    /// How the main process ended, once it has.
+    pub exit: Option<ExitStatus>,
+    /// The layers it mounts, by digest.
+    pub layers: Vec<String>,
+}
+
+/// Resource usage read from a container's cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ContainerStats {
+    /// `memory.current`.
+    pub memory_current_bytes: u64,
+    /// `memory.max`, `None` when unlimited.
+    pub memory_max_bytes: Option<u64>,
+    /// `memory.peak`, where the kernel has it.
+    pub memory_peak_bytes: Option<u64>,
+    /// `usage_usec` from `cpu.stat`.
+    pub cpu_usage_us: u64,
+    /// `pids.current`.
+    pub pids_current: u64,
+    /// `oom_kill` from `memory.events`.
+    pub oom_kills: u64,
 }
 
 /// The answer to a request.
@@ -101,6 +278,14 @@ pub enum Reply {
         /// The request's payload.
         payload: Vec<u8>,
     },
+    /// For operations that return nothing but success.
+    Done,
+    /// For `Op::Wait`.
+    Exited(ExitStatus),
+    /// For `Op::ListContainers`.
+    Containers(Vec<ContainerSummary>),
+    /// For `Op::Stats`.
+    Stats(ContainerStats),
 }
 
 /// A failed operation.
@@ -128,6 +313,8 @@ pub enum ErrorKind {
     AlreadyExists,
     /// The shim failed for a reason of its own.
     Internal,
+    /// The object is in the wrong state for this operation (e.g. deleting a running container).
+    InvalidState,
 }
 
 /// Facts about the guest.

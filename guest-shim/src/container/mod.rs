@@ -1,0 +1,793 @@
+//! Containers in the guest: create, start, exec, signal, wait, delete, list, stats.
+//!
+//! A container is its layers (shared EROFS mounts), an overlay root on a size-limited tmpfs, a
+//! cgroup, and processes started through the helper in [`nsinit`]. Containers belong to the shim,
+//! not to a connection: they outlive an agent that disconnects, and a new connection sees them.
+
+pub mod cgroup;
+pub mod io;
+pub mod launch;
+pub mod nsinit;
+pub mod spec;
+pub mod user;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use gantry_proto::{
+    ContainerId, ContainerSpec, ContainerState, ContainerSummary, ErrorKind, ErrorReply, Event,
+    ExecId, ExitStatus, Op, OutputStream, ProcessSpec, Reply,
+};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::sync::watch;
+
+use crate::reaper::Reaper;
+use crate::storage::{LayerMounts, LayerRef, Rootfs, StorageError};
+use cgroup::{Cgroup, CgroupError};
+use io::{EventSink, OutputWindow, ProcessKey};
+use launch::{Helper, LaunchError, ProcessStdio, StatusReader};
+use nsinit::{DEFAULT_PATH, EXEC_ARG, ExecPlan, INIT_ARG, InitPlan, ProcessPlan};
+use spec::SpecError;
+
+/// Where containers' writable layers and root file systems live.
+const CONTAINERS_DIR: &str = "/run/gantry/containers";
+/// How long a helper may take to report a pid, or a container to get ready or exec.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Output still in a process's pipes when it exits is forwarded for at most this long (a
+/// daemonised child may hold the pipe open forever).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How often a running container's `memory.events` is checked for OOM kills.
+const OOM_POLL: Duration = Duration::from_millis(200);
+
+/// Errors of container operations.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The request is malformed.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// No such container or exec.
+    #[error("no {what} {id:?}")]
+    NotFound {
+        /// Container or exec.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The id is taken.
+    #[error("a {what} named {id:?} exists already")]
+    Exists {
+        /// Container or exec.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The operation does not fit the container's state.
+    #[error("{0}")]
+    State(String),
+    /// Layers or the root file system.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The cgroup.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The image's user database.
+    #[error(transparent)]
+    User(#[from] user::UserError),
+    /// Starting the process.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    /// A system call.
+    #[error("{0}")]
+    Sys(String),
+}
+
+impl From<RuntimeError> for ErrorReply {
+    fn from(error: RuntimeError) -> Self {
+        let kind = match &error {
+            RuntimeError::Spec(_) | RuntimeError::User(_) => ErrorKind::InvalidArgument,
+            RuntimeError::NotFound { .. } => ErrorKind::NotFound,
+            RuntimeError::Exists { .. } => ErrorKind::AlreadyExists,
+            RuntimeError::State(_) => ErrorKind::InvalidState,
+            RuntimeError::Launch(LaunchError::Failed(_)) => ErrorKind::InvalidArgument,
+            _ => ErrorKind::Internal,
+        };
+        ErrorReply {
+            kind,
+            message: error.to_string(),
+        }
+    }
+}
+
+/// One process of a container: the main one or an exec.
+#[derive(Debug)]
+struct Process {
+    /// The process itself, for signals.
+    pid: i32,
+    /// Write end of its standard input, when the agent asked for one.
+    stdin: Option<File>,
+    window: Arc<OutputWindow>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+}
+
+impl Process {
+    fn exited(&self) -> Option<ExitStatus> {
+        *self.exit.borrow()
+    }
+}
+
+#[derive(Debug)]
+struct Container {
+    layers: Vec<LayerRef>,
+    layer_digests: Vec<String>,
+    rootfs: Rootfs,
+    cgroup: Arc<Cgroup>,
+    hostname: String,
+    /// Until started: the start pipe and the init's status pipe.
+    pending_start: Option<(File, StatusReader)>,
+    main: Process,
+    execs: HashMap<ExecId, Process>,
+}
+
+impl Container {
+    fn state(&self) -> ContainerState {
+        match (self.pending_start.is_some(), self.main.exited()) {
+            (_, Some(_)) => ContainerState::Stopped,
+            (true, None) => ContainerState::Created,
+            (false, None) => ContainerState::Running,
+        }
+    }
+
+    fn process(&self, container_id: &str, exec_id: Option<&str>) -> Result<&Process, RuntimeError> {
+        match exec_id {
+            None => Ok(&self.main),
+            Some(exec_id) => self
+                .execs
+                .get(exec_id)
+                .ok_or_else(|| RuntimeError::NotFound {
+                    what: "exec",
+                    id: format!("{container_id}/{exec_id}"),
+                }),
+        }
+    }
+
+    fn process_mut(
+        &mut self,
+        container_id: &str,
+        exec_id: Option<&str>,
+    ) -> Result<&mut Process, RuntimeError> {
+        match exec_id {
+            None => Ok(&mut self.main),
+            Some(exec_id) => self
+                .execs
+                .get_mut(exec_id)
+                .ok_or_else(|| RuntimeError::NotFound {
+                    what: "exec",
+                    id: format!("{container_id}/{exec_id}"),
+                }),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    containers: HashMap<ContainerId, Container>,
+    layers: LayerMounts,
+}
+
+/// All containers of this guest.
+#[derive(Debug)]
+pub struct Runtime {
+    inner: Mutex<Inner>,
+    /// Serialises creations and deletions (mounts and cgroups), not the other operations.
+    lifecycle: Mutex<()>,
+    sink: Arc<EventSink>,
+    reaper: Arc<Reaper>,
+}
+
+fn not_found(id: &str) -> RuntimeError {
+    RuntimeError::NotFound {
+        what: "container",
+        id: id.to_owned(),
+    }
+}
+
+fn sys(what: &str) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
+    move |err| RuntimeError::Sys(format!("{what}: {err}"))
+}
+
+impl Runtime {
+    /// A runtime whose processes are reaped by `reaper`.
+    pub fn new(reaper: Arc<Reaper>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            lifecycle: Mutex::new(()),
+            sink: Arc::new(EventSink::default()),
+            reaper,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where events go.
+    pub fn sink(&self) -> &EventSink {
+        &self.sink
+    }
+
+    /// A new agent connection: output in flight on the old one is gone, open every window.
+    pub fn reset_output_windows(&self) {
+        let inner = self.lock();
+        for container in inner.containers.values() {
+            container.main.window.reset();
+            for exec in container.execs.values() {
+                exec.window.reset();
+            }
+        }
+    }
+
+    /// Executes a container operation; `None` if `op` is not one.
+    pub async fn handle(self: &Arc<Self>, op: Op) -> Option<Result<Reply, ErrorReply>> {
+        let result = match op {
+            Op::CreateContainer(spec) => self.blocking(move |rt| rt.create(spec)).await,
+            Op::StartContainer { container_id } => {
+                self.blocking(move |rt| rt.start(&container_id)).await
+            }
+            Op::Exec {
+                container_id,
+                exec_id,
+                process,
+            } => {
+                self.blocking(move |rt| rt.exec(&container_id, exec_id, process))
+                    .await
+            }
+            Op::Signal {
+                container_id,
+                exec_id,
+                signal,
+            } => self.signal(&container_id, exec_id.as_deref(), signal),
+            Op::Wait {
+                container_id,
+                exec_id,
+            } => self.wait(&container_id, exec_id.as_deref()).await,
+            Op::DeleteContainer { container_id } => {
+                self.blocking(move |rt| rt.delete(&container_id)).await
+            }
+            Op::ListContainers => Ok(self.list()),
+            Op::Stats { container_id } => self.stats(&container_id),
+            Op::WriteStdin {
+                container_id,
+                exec_id,
+                data,
+            } => {
+                self.blocking(move |rt| rt.write_stdin(&container_id, exec_id.as_deref(), &data))
+                    .await
+            }
+            Op::CloseStdin {
+                container_id,
+                exec_id,
+            } => self.close_stdin(&container_id, exec_id.as_deref()),
+            Op::OutputCredit {
+                container_id,
+                exec_id,
+                bytes,
+            } => self.credit(&container_id, exec_id.as_deref(), bytes),
+            Op::GuestInfo | Op::Ping { .. } => return None,
+        };
+        Some(result.map_err(ErrorReply::from))
+    }
+
+    /// Runs blocking work (mounts, pipes, waiting on helpers) off the async workers.
+    async fn blocking<F>(self: &Arc<Self>, work: F) -> Result<Reply, RuntimeError>
+    where
+        F: FnOnce(&Arc<Self>) -> Result<Reply, RuntimeError> + Send + 'static,
+    {
+        let runtime = Arc::clone(self);
+        tokio::task::spawn_blocking(move || work(&runtime))
+            .await
+            .map_err(|err| RuntimeError::Sys(format!("container task failed: {err}")))?
+    }
+
+    fn create(self: &Arc<Self>, spec: ContainerSpec) -> Result<Reply, RuntimeError> {
+        spec::validate(&spec)?;
+        let _lifecycle = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        let id = spec.container_id.clone();
+        if self.lock().containers.contains_key(&id) {
+            return Err(RuntimeError::Exists {
+                what: "container",
+                id,
+            });
+        }
+        let mut undo = Undo::new(self);
+
+        let mut lower_dirs = Vec::new();
+        for extent in &spec.layers {
+            let (reference, mount_point) = self.lock().layers.acquire(extent)?;
+            undo.layers.push(reference);
+            lower_dirs.push(mount_point);
+        }
+        let rootfs = Rootfs::mount(
+            &Path::new(CONTAINERS_DIR).join(&id),
+            &lower_dirs,
+            spec.writable_layer_bytes,
+        )?;
+        let rootfs_path = rootfs.path();
+        undo.rootfs = Some(rootfs);
+        let cgroup = Arc::new(Cgroup::create(&id, &spec.resources)?);
+        undo.cgroup = Some(Arc::clone(&cgroup));
+
+        let process = plan_process(&rootfs_path, &spec.process, &spec.hostname)?;
+        let (stdio, pipes) = process_stdio(spec.process.stdin)?;
+        let plan = InitPlan {
+            rootfs: rootfs_path,
+            cgroup: cgroup.path().to_owned(),
+            hostname: spec.hostname.clone(),
+            process,
+        };
+        let plan = serde_json::to_vec(&plan).map_err(|err| RuntimeError::Sys(err.to_string()))?;
+        let Helper {
+            mut status, start, ..
+        } = launch::spawn_helper(INIT_ARG, &plan, stdio, true)?;
+        let pid = status.expect_pid(HELPER_TIMEOUT)?;
+        undo.pid = Some(pid);
+        status.expect_ready(HELPER_TIMEOUT)?;
+        let start =
+            start.ok_or_else(|| RuntimeError::Sys("the helper has no start pipe".into()))?;
+
+        let key = ProcessKey {
+            container_id: id.clone(),
+            exec_id: None,
+        };
+        let main = self.supervise(pid, pid, key, pipes, Some(Arc::clone(&cgroup)));
+        let rootfs = undo
+            .rootfs
+            .take()
+            .ok_or_else(|| RuntimeError::Sys("internal: the root file system vanished".into()))?;
+        let layers = undo.disarm();
+        tracing::info!(container = %id, pid, "container created");
+        self.lock().containers.insert(
+            id,
+            Container {
+                layers,
+                layer_digests: spec.layers.iter().map(|l| l.digest.clone()).collect(),
+                rootfs,
+                cgroup,
+                hostname: spec.hostname.clone(),
+                pending_start: Some((start, status)),
+                main,
+                execs: HashMap::new(),
+            },
+        );
+        Ok(Reply::Done)
+    }
+
+    fn start(self: &Arc<Self>, id: &str) -> Result<Reply, RuntimeError> {
+        let (mut start, mut status) = {
+            let mut inner = self.lock();
+            let container = inner.containers.get_mut(id).ok_or_else(|| not_found(id))?;
+            container.pending_start.take().ok_or_else(|| {
+                RuntimeError::State(format!("container {id:?} was started already"))
+            })?
+        };
+        start
+            .write_all(&[1])
+            .map_err(sys("starting the container"))?;
+        drop(start);
+        status.expect_exec(HELPER_TIMEOUT)?;
+        tracing::info!(container = %id, "container started");
+        Ok(Reply::Done)
+    }
+
+    fn exec(
+        self: &Arc<Self>,
+        id: &str,
+        exec_id: ExecId,
+        process: ProcessSpec,
+    ) -> Result<Reply, RuntimeError> {
+        spec::validate_id("exec id", &exec_id)?;
+        spec::validate_process(&process)?;
+        let (target_pid, cgroup, rootfs, hostname) = {
+            let inner = self.lock();
+            let container = inner.containers.get(id).ok_or_else(|| not_found(id))?;
+            if container.state() != ContainerState::Running {
+                return Err(RuntimeError::State(format!(
+                    "container {id:?} is not running"
+                )));
+            }
+            if container.execs.contains_key(&exec_id) {
+                return Err(RuntimeError::Exists {
+                    what: "exec",
+                    id: exec_id,
+                });
+            }
+            (
+                container.main.pid,
+                container.cgroup.path().to_owned(),
+                container.rootfs.path(),
+                container.hostname.clone(),
+            )
+        };
+        let plan = ExecPlan {
+            target_pid,
+            cgroup,
+            process: plan_process(&rootfs, &process, &hostname)?,
+        };
+        let plan = serde_json::to_vec(&plan).map_err(|err| RuntimeError::Sys(err.to_string()))?;
+        let (stdio, pipes) = process_stdio(process.stdin)?;
+        let Helper {
+            helper_pid,
+            mut status,
+            ..
+        } = launch::spawn_helper(EXEC_ARG, &plan, stdio, false)?;
+        let pid = status.expect_pid(HELPER_TIMEOUT)?;
+        let key = ProcessKey {
+            container_id: id.to_owned(),
+            exec_id: Some(exec_id.clone()),
+        };
+        // The relay mirrors the process's exit; signals go to the process itself.
+        let exec = self.supervise(pid, helper_pid, key, pipes, None);
+        // A failed exec leaves no entry, so the id can be used again.
+        status.expect_exec(HELPER_TIMEOUT)?;
+        let mut inner = self.lock();
+        let container = inner.containers.get_mut(id).ok_or_else(|| not_found(id))?;
+        container.execs.insert(exec_id.clone(), exec);
+        tracing::info!(container = %id, exec = %exec_id, pid, "exec started");
+        Ok(Reply::Done)
+    }
+
+    fn signal(&self, id: &str, exec_id: Option<&str>, signal: i32) -> Result<Reply, RuntimeError> {
+        let signal = Signal::try_from(signal)
+            .map_err(|_| SpecError::Invalid(format!("no signal number {signal}")))?;
+        let inner = self.lock();
+        let container = inner.containers.get(id).ok_or_else(|| not_found(id))?;
+        if exec_id.is_none() && container.state() == ContainerState::Created {
+            return Err(RuntimeError::State(format!(
+                "container {id:?} is not started"
+            )));
+        }
+        let process = container.process(id, exec_id)?;
+        if process.exited().is_some() {
+            return Err(RuntimeError::State(format!(
+                "the process of {id:?} has exited already"
+            )));
+        }
+        nix::sys::signal::kill(Pid::from_raw(process.pid), signal)
+            .map_err(|errno| RuntimeError::Sys(format!("sending {signal}: {errno}")))?;
+        Ok(Reply::Done)
+    }
+
+    async fn wait(&self, id: &str, exec_id: Option<&str>) -> Result<Reply, RuntimeError> {
+        let mut exit = {
+            let inner = self.lock();
+            let container = inner.containers.get(id).ok_or_else(|| not_found(id))?;
+            container.process(id, exec_id)?.exit.clone()
+        };
+        let status = exit
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| RuntimeError::Sys("the process supervisor ended".into()))?;
+        Ok(Reply::Exited(status.unwrap_or(ExitStatus::Code(-1))))
+    }
+
+    fn delete(self: &Arc<Self>, id: &str) -> Result<Reply, RuntimeError> {
+        let _lifecycle = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        let container = {
+            let mut inner = self.lock();
+            let container = inner.containers.get(id).ok_or_else(|| not_found(id))?;
+            if container.state() == ContainerState::Running {
+                return Err(RuntimeError::State(format!(
+                    "container {id:?} is running: signal it (kill) and wait before deleting"
+                )));
+            }
+            inner.containers.remove(id).ok_or_else(|| not_found(id))?
+        };
+        if container.pending_start.is_some() {
+            // Never started: its init waits for the start byte; closing the pipe ends it, the
+            // kill makes sure.
+            let _ = nix::sys::signal::kill(Pid::from_raw(container.main.pid), Signal::SIGKILL);
+        }
+        let Container {
+            layers,
+            rootfs,
+            cgroup,
+            pending_start,
+            ..
+        } = container;
+        drop(pending_start);
+        cgroup.destroy()?;
+        rootfs.unmount()?;
+        let mut inner = self.lock();
+        for layer in &layers {
+            inner.layers.release(layer)?;
+        }
+        tracing::info!(container = %id, "container deleted");
+        Ok(Reply::Done)
+    }
+
+    fn list(&self) -> Reply {
+        let inner = self.lock();
+        let mut containers: Vec<ContainerSummary> = inner
+            .containers
+            .iter()
+            .map(|(id, container)| ContainerSummary {
+                container_id: id.clone(),
+                state: container.state(),
+                pid: (container.state() == ContainerState::Running)
+                    .then_some(container.main.pid as u32),
+                exit: container.main.exited(),
+                layers: container.layer_digests.clone(),
+            })
+            .collect();
+        containers.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        Reply::Containers(containers)
+    }
+
+    fn stats(&self, id: &str) -> Result<Reply, RuntimeError> {
+        let cgroup = {
+            let inner = self.lock();
+            Arc::clone(
+                &inner
+                    .containers
+                    .get(id)
+                    .ok_or_else(|| not_found(id))?
+                    .cgroup,
+            )
+        };
+        Ok(Reply::Stats(cgroup.stats()?))
+    }
+
+    fn write_stdin(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        data: &[u8],
+    ) -> Result<Reply, RuntimeError> {
+        // Clone the descriptor so a slow reader blocks this request only, not the table.
+        let stdin = {
+            let mut inner = self.lock();
+            let container = inner.containers.get_mut(id).ok_or_else(|| not_found(id))?;
+            let process = container.process_mut(id, exec_id)?;
+            process
+                .stdin
+                .as_ref()
+                .ok_or_else(|| {
+                    RuntimeError::State("the process has no open standard input".into())
+                })?
+                .try_clone()
+                .map_err(sys("duplicating stdin"))?
+        };
+        (&stdin).write_all(data).map_err(sys("writing to stdin"))?;
+        Ok(Reply::Done)
+    }
+
+    fn close_stdin(&self, id: &str, exec_id: Option<&str>) -> Result<Reply, RuntimeError> {
+        let mut inner = self.lock();
+        let container = inner.containers.get_mut(id).ok_or_else(|| not_found(id))?;
+        container.process_mut(id, exec_id)?.stdin = None;
+        Ok(Reply::Done)
+    }
+
+    fn credit(&self, id: &str, exec_id: Option<&str>, bytes: u32) -> Result<Reply, RuntimeError> {
+        let inner = self.lock();
+        let container = inner.containers.get(id).ok_or_else(|| not_found(id))?;
+        container
+            .process(id, exec_id)?
+            .window
+            .credit(u64::from(bytes));
+        Ok(Reply::Done)
+    }
+
+    /// Starts forwarding a process's output and watching for its exit (and, for a container's
+    /// main process, OOM kills).
+    fn supervise(
+        self: &Arc<Self>,
+        pid: i32,
+        wait_pid: i32,
+        key: ProcessKey,
+        pipes: OutputPipes,
+        oom_cgroup: Option<Arc<Cgroup>>,
+    ) -> Process {
+        let window = Arc::new(OutputWindow::default());
+        let (exit_tx, exit) = watch::channel(None);
+        let sink = Arc::clone(&self.sink);
+        let reaper = Arc::clone(&self.reaper);
+        let stdout = tokio::spawn(io::pump(
+            pipes.stdout,
+            OutputStream::Stdout,
+            key.clone(),
+            Arc::clone(&window),
+            Arc::clone(&sink),
+        ));
+        let stderr = tokio::spawn(io::pump(
+            pipes.stderr,
+            OutputStream::Stderr,
+            key.clone(),
+            Arc::clone(&window),
+            Arc::clone(&sink),
+        ));
+        if let Some(cgroup) = oom_cgroup {
+            tokio::spawn(watch_oom(
+                cgroup,
+                Arc::clone(&sink),
+                key.container_id.clone(),
+                exit.clone(),
+            ));
+        }
+        tokio::spawn(async move {
+            let status = reaper.wait(wait_pid).await;
+            let drained = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
+                let _ = stdout.await;
+                let _ = stderr.await;
+            })
+            .await;
+            if drained.is_err() {
+                tracing::debug!(container = %key.container_id, "output still open after exit; not waiting for it");
+            }
+            tracing::info!(container = %key.container_id, exec = ?key.exec_id, ?status, "process exited");
+            let _ = exit_tx.send(Some(status));
+            sink.send(Event::Exit {
+                container_id: key.container_id,
+                exec_id: key.exec_id,
+                status,
+            })
+            .await;
+        });
+        Process {
+            pid,
+            stdin: pipes.stdin,
+            window,
+            exit,
+        }
+    }
+}
+
+async fn watch_oom(
+    cgroup: Arc<Cgroup>,
+    sink: Arc<EventSink>,
+    container_id: ContainerId,
+    mut exit: watch::Receiver<Option<ExitStatus>>,
+) {
+    let mut seen = cgroup.oom_kills();
+    loop {
+        let exited = tokio::select! {
+            _ = tokio::time::sleep(OOM_POLL) => false,
+            _ = exit.wait_for(Option::is_some) => true,
+        };
+        let now = cgroup.oom_kills();
+        if now > seen {
+            tracing::warn!(container = %container_id, kills = now - seen, "OOM kill");
+            seen = now;
+            sink.send(Event::Oom {
+                container_id: container_id.clone(),
+            })
+            .await;
+        }
+        if exited {
+            return;
+        }
+    }
+}
+
+/// The shim's ends of a process's pipes.
+struct OutputPipes {
+    stdin: Option<File>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+fn process_stdio(with_stdin: bool) -> Result<(ProcessStdio, OutputPipes), RuntimeError> {
+    let (stdout_read, stdout_write) = launch::pipe()?;
+    let (stderr_read, stderr_write) = launch::pipe()?;
+    let (stdin, stdin_write) = if with_stdin {
+        let (read, write) = launch::pipe()?;
+        (read, Some(File::from(write)))
+    } else {
+        (
+            OwnedFd::from(File::open("/dev/null").map_err(sys("opening /dev/null"))?),
+            None,
+        )
+    };
+    Ok((
+        ProcessStdio {
+            stdin,
+            stdout: stdout_write,
+            stderr: stderr_write,
+        },
+        OutputPipes {
+            stdin: stdin_write,
+            stdout: stdout_read,
+            stderr: stderr_read,
+        },
+    ))
+}
+
+/// Resolves the user and fills in the environment Docker gives every process.
+fn plan_process(
+    rootfs: &Path,
+    process: &ProcessSpec,
+    hostname: &str,
+) -> Result<ProcessPlan, RuntimeError> {
+    let user = user::resolve(rootfs, &process.user)?;
+    let mut env = process.env.clone();
+    let has = |env: &[String], key: &str| {
+        env.iter()
+            .any(|e| e.split_once('=').is_some_and(|(k, _)| k == key))
+    };
+    if !has(&env, "PATH") {
+        env.push(format!("PATH={DEFAULT_PATH}"));
+    }
+    if !has(&env, "HOSTNAME") && !hostname.is_empty() {
+        env.push(format!("HOSTNAME={hostname}"));
+    }
+    if !has(&env, "HOME") {
+        env.push(format!("HOME={}", user.home));
+    }
+    Ok(ProcessPlan {
+        args: process.args.clone(),
+        env,
+        cwd: process.cwd.clone(),
+        user,
+    })
+}
+
+/// Undoes a half-made container when creation fails.
+struct Undo<'a> {
+    runtime: &'a Runtime,
+    layers: Vec<LayerRef>,
+    rootfs: Option<Rootfs>,
+    cgroup: Option<Arc<Cgroup>>,
+    pid: Option<i32>,
+    armed: bool,
+}
+
+impl<'a> Undo<'a> {
+    fn new(runtime: &'a Runtime) -> Self {
+        Self {
+            runtime,
+            layers: Vec::new(),
+            rootfs: None,
+            cgroup: None,
+            pid: None,
+            armed: true,
+        }
+    }
+
+    /// Creation succeeded: hand over the layers (take the root file system before).
+    fn disarm(mut self) -> Vec<LayerRef> {
+        self.armed = false;
+        std::mem::take(&mut self.layers)
+    }
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(pid) = self.pid {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        if let Some(cgroup) = &self.cgroup
+            && let Err(error) = cgroup.destroy()
+        {
+            tracing::warn!(%error, "cleaning up a failed create");
+        }
+        if let Some(rootfs) = &self.rootfs
+            && let Err(error) = rootfs.unmount()
+        {
+            tracing::warn!(%error, "cleaning up a failed create");
+        }
+        let mut inner = self.runtime.lock();
+        for layer in &self.layers {
+            if let Err(error) = inner.layers.release(layer) {
+                tracing::warn!(%error, "cleaning up a failed create");
+            }
+        }
+    }
+}
