@@ -12,13 +12,15 @@ agent=target/release/gantry-agent
 work=$(mktemp -d -t gantry-demo.XXXXXX)
 cat > "$work/agent.toml" <<TOML
 api_socket = "$work/agent.sock"
+state_dir = "$work/state"
 
 [[vm]]
 name = "demo"
 guest_cid = 3
 vsock_socket = "$work/demo.vsock"
+layer_socket = "$work/demo.blk"
 [vm.launch]
-kernel = "$PWD/target/guest/vmlinuz"
+kernel = "$PWD/target/guest/vmlinux"
 initrd = "$PWD/target/guest/initramfs.img"
 memory_mib = 512
 accel = "$accel"

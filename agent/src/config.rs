@@ -36,6 +36,19 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// The operator API's unix socket.
     pub api_socket: PathBuf,
+    /// Where the agent keeps its state: the image cache, the default image, container logs.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The card's busybox, from which the embedded default image is built.
+    #[serde(default = "default_busybox")]
+    pub busybox: PathBuf,
+    /// Disk budget of the layer cache in bytes; 0 means unlimited. Unpinned layers are evicted
+    /// least recently used first.
+    #[serde(default)]
+    pub cache_budget_bytes: u64,
+    /// Registries: mirrors, credentials, CAs, insecure hosts, platform.
+    #[serde(default)]
+    pub registry: crate::image::registry::config::RegistryConfig,
     /// The VMs this agent is the device for.
     #[serde(rename = "vm", default)]
     pub vms: Vec<VmConfig>,
@@ -51,6 +64,11 @@ pub struct VmConfig {
     pub guest_cid: u64,
     /// The vhost-user socket that QEMU's `vhost-user-vsock-pci` connects to.
     pub vsock_socket: PathBuf,
+    /// The vhost-user socket that QEMU's `vhost-user-blk-pci` (the layer store) connects to.
+    pub layer_socket: PathBuf,
+    /// Request queues of the layer store.
+    #[serde(default = "default_layer_queues")]
+    pub layer_queues: u16,
     /// If present, the agent starts QEMU for this VM itself.
     pub launch: Option<LaunchConfig>,
 }
@@ -77,6 +95,18 @@ pub struct LaunchConfig {
     /// The QEMU binary.
     #[serde(default = "default_qemu")]
     pub qemu: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/gantry")
+}
+
+fn default_busybox() -> PathBuf {
+    PathBuf::from(crate::image::builder::DEFAULT_BUSYBOX)
+}
+
+fn default_layer_queues() -> u16 {
+    crate::blk::DEFAULT_NUM_QUEUES
 }
 
 fn default_memory_mib() -> u32 {
@@ -121,14 +151,22 @@ impl AgentConfig {
         let mut names = std::collections::HashSet::new();
         let mut cids = std::collections::HashSet::new();
         for vm in &self.vms {
-            if vm.name.is_empty() || !vm.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            if vm.name.is_empty()
+                || !vm
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
                 return Err(ConfigError::Invalid(format!(
                     "VM name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
                     vm.name
                 )));
             }
             if !names.insert(vm.name.as_str()) {
-                return Err(ConfigError::Invalid(format!("VM name {:?} appears twice", vm.name)));
+                return Err(ConfigError::Invalid(format!(
+                    "VM name {:?} appears twice",
+                    vm.name
+                )));
             }
             // CIDs 0-2 are reserved (hypervisor, local, host); u32::MAX is VMADDR_CID_ANY.
             if vm.guest_cid < 3 || vm.guest_cid >= u64::from(u32::MAX) {
@@ -159,6 +197,7 @@ mod tests {
         name = "vm0"
         guest_cid = 3
         vsock_socket = "/run/gantry/vm0.vsock"
+        layer_socket = "/run/gantry/vm0.blk"
         [vm.launch]
         kernel = "k"
         initrd = "i"
@@ -168,6 +207,7 @@ mod tests {
         name = "vm1"
         guest_cid = 4
         vsock_socket = "/run/gantry/vm1.vsock"
+        layer_socket = "/run/gantry/vm1.blk"
     "#;
 
     #[test]
@@ -183,16 +223,25 @@ mod tests {
     #[test]
     fn refuses_duplicate_names_and_cids_and_reserved_cids() {
         let dup_cid = TWO_VMS.replace("guest_cid = 4", "guest_cid = 3");
-        assert!(matches!(AgentConfig::parse(&dup_cid), Err(ConfigError::Invalid(m)) if m.contains("guest_cid 3")));
+        assert!(
+            matches!(AgentConfig::parse(&dup_cid), Err(ConfigError::Invalid(m)) if m.contains("guest_cid 3"))
+        );
         let dup_name = TWO_VMS.replace("\"vm1\"", "\"vm0\"");
-        assert!(matches!(AgentConfig::parse(&dup_name), Err(ConfigError::Invalid(m)) if m.contains("twice")));
+        assert!(
+            matches!(AgentConfig::parse(&dup_name), Err(ConfigError::Invalid(m)) if m.contains("twice"))
+        );
         let reserved = TWO_VMS.replace("guest_cid = 4", "guest_cid = 2");
-        assert!(matches!(AgentConfig::parse(&reserved), Err(ConfigError::Invalid(m)) if m.contains("reserved")));
+        assert!(
+            matches!(AgentConfig::parse(&reserved), Err(ConfigError::Invalid(m)) if m.contains("reserved"))
+        );
     }
 
     #[test]
     fn refuses_unknown_keys() {
         let typo = TWO_VMS.replace("guest_cid = 4", "guest_cid = 4\nguest_cdi = 5");
-        assert!(matches!(AgentConfig::parse(&typo), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            AgentConfig::parse(&typo),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 }

@@ -6,9 +6,22 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use crate::api::server::{self, ApiServerError};
+use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::config::{AgentConfig, LaunchConfig, VmConfig};
-use crate::qemu::QemuConfig;
+use crate::containers::run::ImageService;
+use crate::image::registry::client::RegistryClient;
+use crate::image::registry::client::RegistryError;
+use crate::qemu::{LayerStoreDevice as QemuLayerStore, QemuConfig};
 use crate::vm::{Vm, VmError};
+
+/// Everything the agent serves: its VMs and the card's images.
+#[derive(Debug)]
+pub struct Agent {
+    /// The attached VMs, by name.
+    pub vms: BTreeMap<String, Vm>,
+    /// The shared image cache and image sources.
+    pub images: ImageService,
+}
 
 /// Errors running the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +35,12 @@ pub enum DaemonError {
     /// Signal handling could not be set up.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The image cache could not be opened.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// The registry configuration is unusable.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 /// The QEMU recipe for a VM the agent launches itself.
@@ -30,8 +49,16 @@ pub fn qemu_config(vm: &VmConfig, launch: &LaunchConfig) -> QemuConfig {
         vm.vsock_socket
             .with_file_name(format!("{}.console.log", vm.name))
     });
-    let mut config = QemuConfig::new(&launch.kernel, &launch.initrd, &vm.vsock_socket, console_log);
+    let mut config = QemuConfig::new(
+        &launch.kernel,
+        &launch.initrd,
+        &vm.vsock_socket,
+        console_log,
+    );
     config.qemu_binary = launch.qemu.clone();
+    let mut layer_store = QemuLayerStore::new(&vm.layer_socket);
+    layer_store.num_queues = vm.layer_queues;
+    config.layer_store = Some(layer_store);
     config.memory_mib = launch.memory_mib;
     config.cpus = launch.cpus;
     config.accel = launch.accel;
@@ -45,6 +72,15 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
 
     let listener = server::bind(&config.api_socket)?;
+    let cache = Cache::open(
+        &config.state_dir.join("cache"),
+        CacheConfig {
+            budget_bytes: config.cache_budget_bytes,
+            ..CacheConfig::default()
+        },
+    )?;
+    let registry = RegistryClient::new(config.registry.clone())?;
+    let images = ImageService::new(cache, registry, &config.state_dir, &config.busybox);
     let mut vms = BTreeMap::new();
     for vm_config in config.vms {
         let qemu = vm_config
@@ -52,7 +88,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
             .as_ref()
             .map(|launch| qemu_config(&vm_config, launch));
         let name = vm_config.name.clone();
-        let vm = match Vm::start(vm_config, qemu) {
+        let vm = match Vm::start(vm_config, qemu, &config.state_dir) {
             Ok(vm) => vm,
             Err(err) => {
                 // Leave nothing running behind a failed start.
@@ -65,7 +101,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         info!(vm = %name, "VM attached");
         vms.insert(name, vm);
     }
-    let vms = Arc::new(vms);
+    let agent = Arc::new(Agent { vms, images });
     info!(socket = %config.api_socket.display(), "operator API listening");
 
     let shutdown = async move {
@@ -74,11 +110,11 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
             _ = terminate.recv() => info!("SIGTERM: shutting down"),
         }
     };
-    let served = server::serve(listener, vms.clone(), shutdown).await;
+    let served = server::serve(listener, agent.clone(), shutdown).await;
     let _ = std::fs::remove_file(&config.api_socket);
-    match Arc::try_unwrap(vms) {
-        Ok(vms) => {
-            for (_, vm) in vms {
+    match Arc::try_unwrap(agent) {
+        Ok(agent) => {
+            for (_, vm) in agent.vms {
                 vm.shutdown();
             }
         }

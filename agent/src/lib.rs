@@ -5,7 +5,10 @@
 
 pub mod api;
 pub mod blk;
+pub mod cli;
+pub mod cache;
 pub mod config;
+pub mod containers;
 pub mod daemon;
 pub mod image;
 pub mod qemu;

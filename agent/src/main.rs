@@ -8,12 +8,17 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gantry_agent::api::client::ApiClient;
 use gantry_agent::api::{GuestInfoReport, PingReport, VmStatus};
+use gantry_agent::cli::containers;
 use gantry_agent::config::AgentConfig;
 
 const DEFAULT_API_SOCKET: &str = "/run/gantry/agent.sock";
 
 #[derive(Debug, Parser)]
-#[command(name = "gantry-agent", version, about = "Gantry's agent on the offload card")]
+#[command(
+    name = "gantry-agent",
+    version,
+    about = "Gantry's agent on the offload card"
+)]
 struct Cli {
     /// The agent's operator API socket [default: the config file's for `serve`, else
     /// /run/gantry/agent.sock].
@@ -56,6 +61,45 @@ enum Command {
     /// Manage VMs.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Run a container: pull and convert the image, map its layers, create, start, stream the
+    /// output, and exit with the container's code.
+    Run(containers::RunArgs),
+    /// List containers.
+    Ps(containers::PsArgs),
+    /// Print a container's output.
+    Logs(containers::LogsArgs),
+    /// Run a command in a running container.
+    Exec(containers::ExecArgs),
+    /// Send a signal to a container.
+    Kill(containers::KillArgs),
+    /// Remove containers.
+    Rm(containers::RmArgs),
+    /// Show a container's resource usage.
+    Stats(containers::StatsArgs),
+    /// List the images in the agent's cache.
+    Images {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with image files (no agent needed).
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Convert an OCI layer (tar, tar+gzip, tar+zstd) into an EROFS image.
+    ConvertLayer(gantry_agent::image::cli::ConvertLayerArgs),
+    /// Write the embedded default image (busybox) as an OCI layout.
+    BuildDefault {
+        /// The layout directory to create.
+        #[arg(long)]
+        output: PathBuf,
+        /// The busybox binary to put in it.
+        #[arg(long, default_value = gantry_agent::image::builder::DEFAULT_BUSYBOX)]
+        busybox: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,7 +143,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let client = ApiClient::new(cli.api_socket.as_deref().unwrap_or(DEFAULT_API_SOCKET.as_ref()));
+    let client = ApiClient::new(
+        cli.api_socket
+            .as_deref()
+            .unwrap_or(DEFAULT_API_SOCKET.as_ref()),
+    );
     match cli.command {
         Command::Serve { config } => {
             let mut config = AgentConfig::load(&config)?;
@@ -125,7 +173,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("memory:         {} MiB", guest.memory_total_bytes >> 20);
                 println!("shim:           {}", guest.shim_version);
                 println!("uptime:         {:.3} s", guest.uptime_ms as f64 / 1000.0);
-                println!("shim ready at:  {:.3} s after kernel start", guest.shim_ready_uptime_ms as f64 / 1000.0);
+                println!(
+                    "shim ready at:  {:.3} s after kernel start",
+                    guest.shim_ready_uptime_ms as f64 / 1000.0
+                );
                 println!("round trip:     {} µs", report.round_trip_us);
             }
         }
@@ -153,7 +204,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&vms)?);
             } else {
-                println!("{:<16} {:>6} {:<10} {:>9} {:>14}  SHIM", "NAME", "CID", "STATE", "SESSIONS", "BOOT→READY");
+                println!(
+                    "{:<16} {:>6} {:<10} {:>9} {:>14}  SHIM",
+                    "NAME", "CID", "STATE", "SESSIONS", "BOOT→READY"
+                );
                 for vm in vms {
                     println!(
                         "{:<16} {:>6} {:<10} {:>9} {:>14}  {}",
@@ -161,7 +215,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         vm.guest_cid,
                         if vm.connected { "connected" } else { "waiting" },
                         vm.sessions,
-                        vm.boot_to_ready_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "-".into()),
+                        vm.boot_to_ready_ms
+                            .map(|ms| format!("{ms} ms"))
+                            .unwrap_or_else(|| "-".into()),
                         vm.shim_version.unwrap_or_else(|| "-".into()),
                     );
                 }
@@ -170,6 +226,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(VmCommand::Restart { vm }) => {
             let _: serde_json::Value = client.post(&format!("/v1/vms/{vm}/restart")).await?;
             println!("{vm}: restarting");
+        }
+        Command::Run(args) => return containers::run(&client, args).await,
+        Command::Ps(args) => return containers::ps(&client, args).await,
+        Command::Logs(args) => return containers::logs(&client, args).await,
+        Command::Exec(args) => return containers::exec(&client, args).await,
+        Command::Kill(args) => return containers::kill(&client, args).await,
+        Command::Rm(args) => return containers::rm(&client, args).await,
+        Command::Stats(args) => return containers::stats(&client, args).await,
+        Command::Images { json } => return containers::images(&client, json).await,
+        Command::Image(ImageCommand::ConvertLayer(args)) => {
+            gantry_agent::image::cli::run_convert_layer(&args)?;
+        }
+        Command::Image(ImageCommand::BuildDefault { output, busybox }) => {
+            let digest = gantry_agent::image::builder::write_image(
+                &output,
+                gantry_agent::image::builder::DEFAULT_IMAGE_NAME,
+                &[gantry_agent::image::builder::busybox_layer(&busybox)?],
+                &gantry_agent::image::builder::default_image_config(),
+            )?;
+            println!("{} {digest}", output.display());
         }
     }
     Ok(ExitCode::SUCCESS)

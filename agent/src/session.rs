@@ -12,12 +12,10 @@ use gantry_proto::{
     Request, RequestId, VersionError, negotiate,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
-/// How many events a slow subscriber may lag before it misses some.
-const EVENT_BACKLOG: usize = 1024;
 /// Outgoing frames queued before `request` waits.
 const OUTGOING_BACKLOG: usize = 64;
 
@@ -56,17 +54,18 @@ pub struct ShimSession {
     outgoing: mpsc::Sender<Message>,
     pending: Pending,
     next_id: AtomicU64,
-    events: broadcast::Sender<Event>,
     closed: watch::Receiver<Option<String>>,
 }
 
 impl ShimSession {
-    /// Runs the handshake on `stream` and starts the session's I/O tasks.
+    /// Runs the handshake on `stream` and starts the session's I/O tasks. The shim's events go to
+    /// `events`; a full channel stops reading from the shim (back-pressure, never unbounded memory).
     pub async fn establish<S>(
         stream: S,
         software_version: &str,
         handshake_timeout: Duration,
         max_frame_len: u32,
+        events: mpsc::Sender<Event>,
     ) -> Result<Arc<Self>, SessionError>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -93,14 +92,17 @@ impl ShimSession {
         };
         if let Err(err) = negotiate(PROTOCOL_VERSION, &peer) {
             // Tell the shim why before closing, so both logs say the same thing.
-            let _ = framed.send(Message::Goodbye { reason: err.to_string() }).await;
+            let _ = framed
+                .send(Message::Goodbye {
+                    reason: err.to_string(),
+                })
+                .await;
             return Err(err.into());
         }
         debug!(peer = %peer.software_version, version = %peer.protocol_version, "shim session up");
 
         let (sink, stream) = framed.split();
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_BACKLOG);
-        let (events, _) = broadcast::channel(EVENT_BACKLOG);
         let (closed_tx, closed) = watch::channel(None);
         let pending: Pending = Arc::default();
         let session = Arc::new(Self {
@@ -108,7 +110,6 @@ impl ShimSession {
             outgoing,
             pending: pending.clone(),
             next_id: AtomicU64::new(1),
-            events: events.clone(),
             closed,
         });
         tokio::spawn(async move {
@@ -158,11 +159,6 @@ impl ShimSession {
         }
     }
 
-    /// Subscribes to the shim's events from now on.
-    pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
-    }
-
     /// Whether the connection is gone.
     pub fn is_closed(&self) -> bool {
         self.closed.borrow().is_some()
@@ -181,7 +177,7 @@ impl ShimSession {
 async fn read_loop<S>(
     mut stream: futures::stream::SplitStream<Framed<S, FrameCodec>>,
     pending: Pending,
-    events: broadcast::Sender<Event>,
+    events: mpsc::Sender<Event>,
 ) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -202,8 +198,9 @@ where
                 }
             }
             Ok(Message::Event(event)) => {
-                // No subscriber is not an error: nobody is watching this VM right now.
-                let _ = events.send(event);
+                if events.send(event).await.is_err() {
+                    return "the agent stopped taking events".to_owned();
+                }
             }
             Ok(Message::Goodbye { reason }) => return format!("the shim said goodbye: {reason}"),
             Ok(other) => {
@@ -251,10 +248,18 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    /// An event channel nobody reads (these tests send no events).
+    fn events() -> mpsc::Sender<Event> {
+        mpsc::channel(16).0
+    }
+
     /// A scripted shim on the other end of an in-memory stream.
     fn fake_shim(
         hello: Hello,
-    ) -> (tokio::io::DuplexStream, Framed<tokio::io::DuplexStream, FrameCodec>) {
+    ) -> (
+        tokio::io::DuplexStream,
+        Framed<tokio::io::DuplexStream, FrameCodec>,
+    ) {
         let (agent_end, shim_end) = tokio::io::duplex(1 << 16);
         let mut shim = Framed::new(shim_end, FrameCodec::default());
         // Queue the shim's Hello; the agent reads it after sending its own.
@@ -265,20 +270,30 @@ mod tests {
     #[tokio::test]
     async fn responses_out_of_order_reach_their_requests() {
         let (agent_end, mut shim) = fake_shim(Hello::new("fake-shim"));
-        let session = ShimSession::establish(agent_end, "test", SECOND, 1 << 20).await.unwrap();
+        let session = ShimSession::establish(agent_end, "test", SECOND, 1 << 20, events())
+            .await
+            .unwrap();
         assert_eq!(session.peer().software_version, "fake-shim");
         let shim_task = tokio::spawn(async move {
             assert!(matches!(shim.next().await, Some(Ok(Message::Hello(_)))));
             let mut ids = Vec::new();
             for _ in 0..2 {
                 match shim.next().await {
-                    Some(Ok(Message::Request(Request { id, op: Op::Ping { payload } }))) => ids.push((id, payload)),
+                    Some(Ok(Message::Request(Request {
+                        id,
+                        op: Op::Ping { payload },
+                    }))) => ids.push((id, payload)),
                     other => panic!("unexpected {other:?}"),
                 }
             }
             // Answer in reverse order.
             for (id, payload) in ids.into_iter().rev() {
-                shim.send(Message::Response(Response { id, result: Ok(Reply::Pong { payload }) })).await.unwrap();
+                shim.send(Message::Response(Response {
+                    id,
+                    result: Ok(Reply::Pong { payload }),
+                }))
+                .await
+                .unwrap();
             }
             shim
         });
@@ -291,19 +306,29 @@ mod tests {
         drop(shim_task.await.unwrap());
         let reason = session.closed().await;
         assert!(reason.contains("closed the connection"), "{reason}");
-        assert!(matches!(session.request(Op::GuestInfo, SECOND).await, Err(SessionError::Closed)));
+        assert!(matches!(
+            session.request(Op::GuestInfo, SECOND).await,
+            Err(SessionError::Closed)
+        ));
     }
 
     #[tokio::test]
     async fn remote_errors_and_timeouts_are_reported() {
         let (agent_end, mut shim) = fake_shim(Hello::new("fake-shim"));
-        let session = ShimSession::establish(agent_end, "test", SECOND, 1 << 20).await.unwrap();
+        let session = ShimSession::establish(agent_end, "test", SECOND, 1 << 20, events())
+            .await
+            .unwrap();
         let shim_task = tokio::spawn(async move {
             shim.next().await; // Hello
-            let Some(Ok(Message::Request(first))) = shim.next().await else { panic!() };
+            let Some(Ok(Message::Request(first))) = shim.next().await else {
+                panic!()
+            };
             shim.send(Message::Response(Response {
                 id: first.id,
-                result: Err(ErrorReply { kind: ErrorKind::Unsupported, message: "nope".into() }),
+                result: Err(ErrorReply {
+                    kind: ErrorKind::Unsupported,
+                    message: "nope".into(),
+                }),
             }))
             .await
             .unwrap();
@@ -312,25 +337,42 @@ mod tests {
             shim
         });
         let err = session.request(Op::GuestInfo, SECOND).await.unwrap_err();
-        assert!(matches!(&err, SessionError::Remote(e) if e.kind == ErrorKind::Unsupported), "{err}");
-        let err = session.request(Op::GuestInfo, Duration::from_millis(100)).await.unwrap_err();
+        assert!(
+            matches!(&err, SessionError::Remote(e) if e.kind == ErrorKind::Unsupported),
+            "{err}"
+        );
+        let err = session
+            .request(Op::GuestInfo, Duration::from_millis(100))
+            .await
+            .unwrap_err();
         assert!(matches!(err, SessionError::RequestTimeout(_)));
-        assert!(session.pending.lock().unwrap().is_empty(), "a timed-out request must not leak");
+        assert!(
+            session.pending.lock().unwrap().is_empty(),
+            "a timed-out request must not leak"
+        );
         drop(shim_task);
     }
 
     #[tokio::test]
     async fn a_major_mismatch_is_refused_and_the_shim_is_told_why() {
         let mut hello = Hello::new("old-shim 0.0.1");
-        hello.protocol_version = ProtocolVersion { major: PROTOCOL_VERSION.major + 1, minor: 0 };
+        hello.protocol_version = ProtocolVersion {
+            major: PROTOCOL_VERSION.major + 1,
+            minor: 0,
+        };
         let (agent_end, mut shim) = fake_shim(hello);
-        let err = ShimSession::establish(agent_end, "test", SECOND, 1 << 20).await.unwrap_err();
+        let err = ShimSession::establish(agent_end, "test", SECOND, 1 << 20, events())
+            .await
+            .unwrap_err();
         assert!(matches!(err, SessionError::Version(_)), "{err}");
         assert!(matches!(shim.next().await, Some(Ok(Message::Hello(_)))));
         match shim.next().await {
             Some(Ok(Message::Goodbye { reason })) => {
                 assert!(reason.contains(&PROTOCOL_VERSION.to_string()), "{reason}");
-                assert!(reason.contains(&format!("{}.0", PROTOCOL_VERSION.major + 1)), "{reason}");
+                assert!(
+                    reason.contains(&format!("{}.0", PROTOCOL_VERSION.major + 1)),
+                    "{reason}"
+                );
             }
             other => panic!("expected Goodbye, got {other:?}"),
         }
@@ -339,10 +381,17 @@ mod tests {
     #[tokio::test]
     async fn garbage_from_the_shim_closes_the_session_without_panic() {
         let (agent_end, mut shim) = fake_shim(Hello::new("fake-shim"));
-        let session = ShimSession::establish(agent_end, "test", SECOND, 1 << 20).await.unwrap();
+        let session = ShimSession::establish(agent_end, "test", SECOND, 1 << 20, events())
+            .await
+            .unwrap();
         use tokio::io::AsyncWriteExt;
-        shim.get_mut().write_all(&[8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4]).await.unwrap();
-        let reason = tokio::time::timeout(SECOND, session.closed()).await.unwrap();
+        shim.get_mut()
+            .write_all(&[8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4])
+            .await
+            .unwrap();
+        let reason = tokio::time::timeout(SECOND, session.closed())
+            .await
+            .unwrap();
         assert!(reason.contains("protocol error"), "{reason}");
         assert!(session.is_closed());
     }
@@ -350,7 +399,7 @@ mod tests {
     #[tokio::test]
     async fn a_silent_peer_times_out_the_handshake() {
         let (agent_end, _shim_end) = tokio::io::duplex(1024);
-        let err = ShimSession::establish(agent_end, "test", Duration::from_millis(50), 1 << 20)
+        let err = ShimSession::establish(agent_end, "test", Duration::from_millis(50), 1 << 20, events())
             .await
             .unwrap_err();
         assert!(matches!(err, SessionError::HandshakeTimeout(_)));

@@ -4,12 +4,18 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gantry_proto::{GuestInfo, Op, Reply, SHIM_VSOCK_PORT};
+use std::collections::HashMap;
+use std::path::Path;
+
+use gantry_proto::{Event, GuestInfo, LayerExtent, Op, Reply, SHIM_VSOCK_PORT};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::blk::{FileSource, LayerStoreConfig, LayerStoreDevice, LayerStoreDeviceError, LayerStoreError};
+use crate::cache::{LayerRecord, PinGuard};
 use crate::config::VmConfig;
+use crate::containers::ContainerTable;
 use crate::qemu::{QemuConfig, QemuError, QemuProcess};
 use crate::session::{SessionError, ShimSession};
 use crate::vsock::{VsockConnector, VsockDevice, VsockDeviceConfig, VsockError};
@@ -21,6 +27,8 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// Events queued from the shim before the session stops reading (each at most one frame).
+const EVENT_BACKLOG: usize = 256;
 
 /// Errors about a VM.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +40,24 @@ pub enum VmError {
         vm: String,
         /// Why.
         source: VsockError,
+    },
+    /// Its layer-store device failed to start.
+    #[error("VM {vm}: layer-store device: {source}")]
+    LayerDevice {
+        /// The VM.
+        vm: String,
+        /// Why.
+        source: LayerStoreDeviceError,
+    },
+    /// A layer could not be mapped into its layer store.
+    #[error("VM {vm}: cannot map layer {digest}: {reason}")]
+    MapLayer {
+        /// The VM.
+        vm: String,
+        /// The layer.
+        digest: String,
+        /// Why.
+        reason: String,
     },
     /// Its QEMU failed.
     #[error("VM {vm}: QEMU: {source}")]
@@ -97,16 +123,22 @@ struct Progress {
 pub struct Vm {
     config: VmConfig,
     device: VsockDevice,
+    layer_device: LayerStoreDevice,
+    /// Layers mapped into this VM's layer store, by EROFS digest; each keeps its cache pin.
+    mapped_layers: Mutex<HashMap<String, (LayerExtent, PinGuard)>>,
+    containers: Arc<ContainerTable>,
     qemu_config: Option<QemuConfig>,
     qemu: Mutex<Option<QemuProcess>>,
     session: watch::Receiver<Option<Arc<ShimSession>>>,
     progress: Arc<Mutex<Progress>>,
     keeper: tokio::task::JoinHandle<()>,
+    event_task: tokio::task::JoinHandle<()>,
 }
 
 impl Vm {
     /// Starts the VM's devices, launches QEMU if configured, and starts keeping a shim session.
-    pub fn start(config: VmConfig, qemu_config: Option<QemuConfig>) -> Result<Self, VmError> {
+    /// Container logs go under `state_dir`.
+    pub fn start(config: VmConfig, qemu_config: Option<QemuConfig>, state_dir: &Path) -> Result<Self, VmError> {
         let device = VsockDevice::start(VsockDeviceConfig::new(
             config.vsock_socket.clone(),
             config.guest_cid,
@@ -115,22 +147,36 @@ impl Vm {
             vm: config.name.clone(),
             source,
         })?;
+        let mut layer_config = LayerStoreConfig::new(config.layer_socket.clone());
+        layer_config.num_queues = config.layer_queues;
+        let layer_device = LayerStoreDevice::start(layer_config).map_err(|source| VmError::LayerDevice {
+            vm: config.name.clone(),
+            source,
+        })?;
+        let containers = Arc::new(ContainerTable::new(&state_dir.join("vms").join(&config.name).join("containers")));
         let progress = Arc::new(Mutex::new(Progress::default()));
         let (session_tx, session) = watch::channel(None);
+        let (events_tx, events_rx) = mpsc::channel(EVENT_BACKLOG);
         let keeper = tokio::spawn(keep_session(
             config.name.clone(),
             device.connector(),
             session_tx,
             progress.clone(),
+            events_tx,
         ));
+        let event_task = tokio::spawn(take_events(events_rx, Arc::clone(&containers), session.clone()));
         let vm = Self {
             config,
             device,
+            layer_device,
+            mapped_layers: Mutex::default(),
+            containers,
             qemu_config,
             qemu: Mutex::new(None),
             session,
             progress,
             keeper,
+            event_task,
         };
         if vm.qemu_config.is_some() {
             vm.launch()?;
@@ -231,7 +277,12 @@ impl Vm {
             let payload = vec![0x5a; payload_len];
             let started = Instant::now();
             let reply = session
-                .request(Op::Ping { payload: payload.clone() }, DEFAULT_REQUEST_TIMEOUT)
+                .request(
+                    Op::Ping {
+                        payload: payload.clone(),
+                    },
+                    DEFAULT_REQUEST_TIMEOUT,
+                )
                 .await
                 .map_err(|source| VmError::Session {
                     vm: self.config.name.clone(),
@@ -245,15 +296,84 @@ impl Vm {
         Ok(round_trips)
     }
 
-    /// Stops the VM: QEMU (if launched), the keeper, the device.
+    /// The containers the agent created in this VM.
+    pub fn containers(&self) -> &ContainerTable {
+        &self.containers
+    }
+
+    /// Maps a cached layer into this VM's layer store (once per VM: later containers share it)
+    /// and returns where the guest finds it. The pin keeps the layer in the cache while mapped.
+    pub fn map_layer(&self, layer: &LayerRecord, pin: PinGuard) -> Result<LayerExtent, VmError> {
+        let digest = layer.erofs_digest.to_string();
+        let mut mapped = lock(&self.mapped_layers);
+        if let Some((extent, _)) = mapped.get(&digest) {
+            return Ok(extent.clone());
+        }
+        let map_error = |reason: String| VmError::MapLayer {
+            vm: self.config.name.clone(),
+            digest: digest.clone(),
+            reason,
+        };
+        let source = FileSource::open(&layer.erofs_path).map_err(|err| map_error(format!("{}: {err}", layer.erofs_path.display())))?;
+        let extent = self
+            .layer_device
+            .extents()
+            .map_layer(&digest, Arc::new(source))
+            .map_err(|err: LayerStoreError| map_error(err.to_string()))?;
+        let extent = LayerExtent {
+            digest: digest.clone(),
+            offset: extent.offset,
+            length: extent.length,
+        };
+        mapped.insert(digest, (extent.clone(), pin));
+        Ok(extent)
+    }
+
+    /// Sends `op` to the shim (waiting up to `wait` for a session) and returns its reply.
+    pub async fn request(&self, op: Op, wait: Duration) -> Result<Reply, VmError> {
+        let session = self.session(wait).await?;
+        session
+            .request(op, DEFAULT_REQUEST_TIMEOUT)
+            .await
+            .map_err(|source| VmError::Session {
+                vm: self.config.name.clone(),
+                source,
+            })
+    }
+
+    /// Stops the VM: QEMU (if launched), the keeper, the devices.
     pub fn shutdown(self) {
         self.keeper.abort();
+        self.event_task.abort();
         if let Some(mut qemu) = lock(&self.qemu).take() {
             if let Err(err) = qemu.kill() {
                 warn!(vm = %self.config.name, %err, "stopping QEMU");
             }
         }
         self.device.shutdown();
+        self.layer_device.shutdown();
+    }
+}
+
+/// Takes the shim's events into the container table and gives the shim credit for output.
+async fn take_events(
+    mut events: mpsc::Receiver<Event>,
+    containers: Arc<ContainerTable>,
+    session: watch::Receiver<Option<Arc<ShimSession>>>,
+) {
+    while let Some(event) = events.recv().await {
+        let Some(credit) = containers.on_event(event) else {
+            continue;
+        };
+        let current = session.borrow().clone();
+        if let Some(session) = current {
+            // Not awaited here: event intake must not wait for a round trip.
+            tokio::spawn(async move {
+                if let Err(error) = session.request(credit, DEFAULT_REQUEST_TIMEOUT).await {
+                    debug!(%error, "output credit not delivered");
+                }
+            });
+        }
     }
 }
 
@@ -268,6 +388,7 @@ async fn keep_session(
     connector: VsockConnector,
     session_tx: watch::Sender<Option<Arc<ShimSession>>>,
     progress: Arc<Mutex<Progress>>,
+    events: mpsc::Sender<Event>,
 ) {
     let mut backoff = RECONNECT_MIN;
     loop {
@@ -278,6 +399,7 @@ async fn keep_session(
                 AGENT_SOFTWARE_VERSION,
                 HANDSHAKE_TIMEOUT,
                 gantry_proto::DEFAULT_MAX_FRAME_LEN,
+                events.clone(),
             )
             .await
             .map_err(|err| err.to_string()),

@@ -11,6 +11,7 @@ mod modules;
 mod reaper;
 mod server;
 mod storage;
+mod switch_root;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -34,6 +35,12 @@ fn main() {
         _ => {}
     }
     let pid1 = init::is_pid1();
+    // Containers need pivot_root, which the initramfs cannot give: move onto a tmpfs first.
+    if pid1 && switch_root::needed() {
+        let error = switch_root::switch_to_tmpfs();
+        // Logging is not up yet; the kernel console is stderr (or nothing at all).
+        eprintln!("gantry-shim: staying on the initramfs, switching root failed: {error}");
+    }
     // As PID 1 the mounts come first: /dev/console may only exist once devtmpfs is mounted, and
     // logging needs the console. Errors are logged as soon as logging works.
     let mount_result = pid1.then(init::mount_early_filesystems);

@@ -55,7 +55,7 @@ pub fn guest_image() -> GuestImage {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/guest"));
     let image = GuestImage {
-        kernel: dir.join("vmlinuz"),
+        kernel: dir.join("vmlinux"),
         initrd: dir.join("initramfs.img"),
     };
     assert!(
@@ -73,7 +73,10 @@ pub fn installed_debian_kernel_release() -> Result<String> {
         .args(["-W", "-f=${Depends}", "linux-image-amd64"])
         .output()
         .context("running dpkg-query")?;
-    ensure!(output.status.success(), "linux-image-amd64 is not installed");
+    ensure!(
+        output.status.success(),
+        "linux-image-amd64 is not installed"
+    );
     // e.g. "linux-image-6.1.0-56-amd64 (= 6.1.158-1)"
     let depends = String::from_utf8(output.stdout)?;
     let package = depends
@@ -81,7 +84,11 @@ pub fn installed_debian_kernel_release() -> Result<String> {
         .map(str::trim)
         .find_map(|dep| dep.strip_prefix("linux-image-"))
         .context("linux-image-amd64 depends on no linux-image-* package")?;
-    Ok(package.split_whitespace().next().unwrap_or_default().to_owned())
+    Ok(package
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
 }
 
 /// One VM in a test agent's configuration.
@@ -126,15 +133,20 @@ impl TestAgent {
         let guest = guest_image();
         let dir = tempfile::Builder::new().prefix("gantry-e2e-").tempdir()?;
         let api_socket = dir.path().join("agent.sock");
-        let mut config = format!("api_socket = {:?}\n", api_socket);
+        let mut config = format!(
+            "api_socket = {:?}\nstate_dir = {:?}\n",
+            api_socket,
+            dir.path().join("state")
+        );
         for vm in vms {
             write!(
                 config,
-                "\n[[vm]]\nname = {:?}\nguest_cid = {}\nvsock_socket = {:?}\n\
+                "\n[[vm]]\nname = {:?}\nguest_cid = {}\nvsock_socket = {:?}\nlayer_socket = {:?}\n\
                  [vm.launch]\nkernel = {:?}\ninitrd = {:?}\nmemory_mib = {}\nconsole_log = {:?}\n",
                 vm.name,
                 vm.guest_cid,
                 dir.path().join(format!("{}.vsock", vm.name)),
+                dir.path().join(format!("{}.blk", vm.name)),
                 guest.kernel,
                 guest.initrd,
                 vm.memory_mib,
@@ -164,7 +176,11 @@ impl TestAgent {
             if let Some(status) = agent.child.try_wait()? {
                 bail!("the agent exited with {status} at start:\n{}", agent.log());
             }
-            ensure!(Instant::now() < deadline, "no API socket after 20 s:\n{}", agent.log());
+            ensure!(
+                Instant::now() < deadline,
+                "no API socket after 20 s:\n{}",
+                agent.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(agent)
@@ -177,7 +193,8 @@ impl TestAgent {
 
     /// A VM's serial console so far.
     pub fn console(&self, vm: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{vm}.console.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(format!("{vm}.console.log")))
+            .unwrap_or_default()
     }
 
     /// Runs the agent's CLI against this agent.

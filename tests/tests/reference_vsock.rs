@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gantry_agent::qemu::{self, QemuConfig, QemuProcess};
 use gantry_proto::{
     DEFAULT_MAX_FRAME_LEN, Hello, Message, Op, PROTOCOL_VERSION, ProtocolVersion, Reply, Request,
     Response, SHIM_VSOCK_PORT, read_frame, write_frame,
 };
-use gantry_agent::qemu::{self, QemuConfig, QemuProcess};
 
 /// Guest CID given to the reference backend.
 const GUEST_CID: u32 = 3;

@@ -34,11 +34,16 @@ fn guest_info_reports_the_installed_kernel_through_the_agent() {
     assert_eq!(guest["shim_version"], env!("CARGO_PKG_VERSION"));
     let uptime = guest["uptime_ms"].as_u64().unwrap();
     let ready = guest["shim_ready_uptime_ms"].as_u64().unwrap();
-    assert!(ready > 0 && ready <= uptime, "shim ready at {ready} ms, uptime {uptime} ms");
+    assert!(
+        ready > 0 && ready <= uptime,
+        "shim ready at {ready} ms, uptime {uptime} ms"
+    );
 
     let status = agent.vm_status("vm0").unwrap();
     assert_eq!(status["connected"], true);
-    let boot_to_ready = status["boot_to_ready_ms"].as_u64().expect("a launched VM reports boot→ready");
+    let boot_to_ready = status["boot_to_ready_ms"]
+        .as_u64()
+        .expect("a launched VM reports boot→ready");
     println!(
         "vm0: boot to shim ready {boot_to_ready} ms, session setup {} µs, GuestInfo round trip {} µs",
         status["session_setup_us"], report["round_trip_us"]
@@ -51,14 +56,27 @@ fn two_vms_on_one_agent_each_reach_their_own_guest() {
     // Each VM was given a different memory size: a reply routed to the wrong guest shows.
     let vm0 = agent.wait_guest_info("vm0", BOOT_TIMEOUT).unwrap();
     let vm1 = agent.wait_guest_info("vm1", BOOT_TIMEOUT).unwrap();
-    let mib = |report: &serde_json::Value| report["guest"]["memory_total_bytes"].as_u64().unwrap() >> 20;
+    let mib =
+        |report: &serde_json::Value| report["guest"]["memory_total_bytes"].as_u64().unwrap() >> 20;
     let (vm0_mib, vm1_mib) = (mib(&vm0), mib(&vm1));
     // The kernel keeps some of it (about 55 MiB here), so the ranges are wide but do not overlap.
-    assert!((384..=512).contains(&vm0_mib), "vm0 reports {vm0_mib} MiB of its 512");
-    assert!((128..=256).contains(&vm1_mib), "vm1 reports {vm1_mib} MiB of its 256");
+    assert!(
+        (384..=512).contains(&vm0_mib),
+        "vm0 reports {vm0_mib} MiB of its 512"
+    );
+    assert!(
+        (128..=256).contains(&vm1_mib),
+        "vm1 reports {vm1_mib} MiB of its 256"
+    );
     // Both sessions stay usable side by side.
-    let ping = agent.cli(&["ping", "vm1", "--count", "20", "--size", "4096"]).unwrap();
-    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stderr));
+    let ping = agent
+        .cli(&["ping", "vm1", "--count", "20", "--size", "4096"])
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stderr)
+    );
     println!("{}", String::from_utf8_lossy(&ping.stdout).trim());
     let unknown = agent.cli(&["guest-info", "nope"]).unwrap();
     assert!(!unknown.status.success());
@@ -70,9 +88,15 @@ fn the_agent_reconnects_after_the_guest_restarts() {
     let agent = agent();
     let before = agent.wait_guest_info("vm2", BOOT_TIMEOUT).unwrap();
     let since_before = std::time::Instant::now();
-    let sessions_before = agent.vm_status("vm2").unwrap()["sessions"].as_u64().unwrap();
+    let sessions_before = agent.vm_status("vm2").unwrap()["sessions"]
+        .as_u64()
+        .unwrap();
     let restart = agent.cli(&["vm", "restart", "vm2"]).unwrap();
-    assert!(restart.status.success(), "{}", String::from_utf8_lossy(&restart.stderr));
+    assert!(
+        restart.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restart.stderr)
+    );
 
     let after = agent.wait_guest_info("vm2", BOOT_TIMEOUT).unwrap();
     let status = agent.vm_status("vm2").unwrap();

@@ -1,18 +1,23 @@
 //! The operator API server.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use gantry_proto::{Op, ProcessSpec, Reply};
 use serde::Deserialize;
 
-use super::{ApiErrorBody, GuestInfoReport, PingReport};
+use super::{ApiErrorBody, ContainerView, ExecRequest, GuestInfoReport, PingReport, RunUpdate};
+use crate::containers::logs::{ExitRecord, encode_record};
+use crate::containers::run::{RunError, RunProgress, expect_done, generate_name, run_container};
+use crate::containers::spec::{RunOptions, merge_env};
+use crate::daemon::Agent;
 use crate::vm::{Vm, VmError, VmStatus};
 
 /// Errors starting the server.
@@ -34,8 +39,13 @@ pub enum ApiServerError {
     Serve(std::io::Error),
 }
 
-/// The VMs the API serves, by name.
-pub type VmTable = Arc<BTreeMap<String, Vm>>;
+/// What the handlers share.
+pub type AgentState = Arc<Agent>;
+
+/// How long container operations wait for a shim that is reconnecting.
+const SHIM_WAIT: Duration = Duration::from_secs(10);
+/// Largest stdin write accepted in one request.
+const MAX_STDIN_BYTES: usize = 1 << 20;
 
 /// Binds `path` (replacing a stale socket file left by a dead agent).
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ApiServerError> {
@@ -54,24 +64,33 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ApiServerError> {
     })
 }
 
-/// The API's routes over `vms`.
-pub fn router(vms: VmTable) -> Router {
+/// The API's routes.
+pub fn router(agent: AgentState) -> Router {
     Router::new()
         .route("/v1/vms", get(list_vms))
         .route("/v1/vms/{vm}", get(vm_status))
         .route("/v1/vms/{vm}/guest-info", get(guest_info))
         .route("/v1/vms/{vm}/ping", post(ping))
         .route("/v1/vms/{vm}/restart", post(restart))
-        .with_state(vms)
+        .route("/v1/vms/{vm}/containers", post(run).get(list_containers))
+        .route("/v1/vms/{vm}/containers/{id}", axum::routing::delete(remove))
+        .route("/v1/vms/{vm}/containers/{id}/logs", get(logs))
+        .route("/v1/vms/{vm}/containers/{id}/exec", post(exec))
+        .route("/v1/vms/{vm}/containers/{id}/kill", post(kill))
+        .route("/v1/vms/{vm}/containers/{id}/wait", get(wait))
+        .route("/v1/vms/{vm}/containers/{id}/stats", get(stats))
+        .route("/v1/vms/{vm}/containers/{id}/stdin", post(stdin))
+        .route("/v1/images", get(images))
+        .with_state(agent)
 }
 
 /// Serves the API until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::UnixListener,
-    vms: VmTable,
+    agent: AgentState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApiServerError> {
-    axum::serve(listener, router(vms))
+    axum::serve(listener, router(agent))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ApiServerError::Serve)
@@ -90,17 +109,41 @@ impl From<VmError> for ApiError {
     fn from(err: VmError) -> Self {
         let status = match &err {
             VmError::NotConnected(_) => StatusCode::SERVICE_UNAVAILABLE,
-            VmError::Session { .. } | VmError::UnexpectedReply(_) => StatusCode::BAD_GATEWAY,
+            VmError::Session { source, .. } => match source {
+                crate::session::SessionError::Remote(reply) => match reply.kind {
+                    gantry_proto::ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                    gantry_proto::ErrorKind::AlreadyExists | gantry_proto::ErrorKind::InvalidState => {
+                        StatusCode::CONFLICT
+                    }
+                    gantry_proto::ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::BAD_GATEWAY,
+                },
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            VmError::UnexpectedReply(_) => StatusCode::BAD_GATEWAY,
             VmError::NotLaunched(_) => StatusCode::CONFLICT,
-            VmError::Device { .. } | VmError::Qemu { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            VmError::Device { .. }
+            | VmError::LayerDevice { .. }
+            | VmError::MapLayer { .. }
+            | VmError::Qemu { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, err.to_string())
     }
 }
 
-fn find<'a>(vms: &'a VmTable, name: &str) -> Result<&'a Vm, ApiError> {
-    vms.get(name).ok_or_else(|| {
-        let known: Vec<&str> = vms.keys().map(String::as_str).collect();
+impl From<RunError> for ApiError {
+    fn from(err: RunError) -> Self {
+        match err {
+            RunError::Vm(err) => err.into(),
+            RunError::Spec(_) | RunError::BadImage { .. } => ApiError(StatusCode::BAD_REQUEST, err.to_string()),
+            other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+        }
+    }
+}
+
+fn find<'a>(agent: &'a Agent, name: &str) -> Result<&'a Vm, ApiError> {
+    agent.vms.get(name).ok_or_else(|| {
+        let known: Vec<&str> = agent.vms.keys().map(String::as_str).collect();
         ApiError(
             StatusCode::NOT_FOUND,
             format!("no VM named {name:?}; this agent serves: {}", known.join(", ")),
@@ -108,15 +151,29 @@ fn find<'a>(vms: &'a VmTable, name: &str) -> Result<&'a Vm, ApiError> {
     })
 }
 
-async fn list_vms(State(vms): State<VmTable>) -> Json<Vec<VmStatus>> {
-    Json(vms.values().map(Vm::status).collect())
+fn done() -> Json<serde_json::Value> {
+    Json(serde_json::json!({}))
+}
+
+/// A streamed body fed by a channel.
+fn channel_body(receiver: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
+    Body::from_stream(futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|bytes| (Ok::<_, std::convert::Infallible>(bytes), receiver))
+    }))
+}
+
+async fn list_vms(State(agent): State<AgentState>) -> Json<Vec<VmStatus>> {
+    Json(agent.vms.values().map(Vm::status).collect())
 }
 
 async fn vm_status(
-    State(vms): State<VmTable>,
+    State(agent): State<AgentState>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<VmStatus>, ApiError> {
-    Ok(Json(find(&vms, &name)?.status()))
+    Ok(Json(find(&agent, &name)?.status()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,11 +184,11 @@ struct WaitQuery {
 }
 
 async fn guest_info(
-    State(vms): State<VmTable>,
+    State(agent): State<AgentState>,
     UrlPath(name): UrlPath<String>,
     Query(query): Query<WaitQuery>,
 ) -> Result<Json<GuestInfoReport>, ApiError> {
-    let vm = find(&vms, &name)?;
+    let vm = find(&agent, &name)?;
     let (guest, round_trip) = vm.guest_info(Duration::from_millis(query.wait_ms)).await?;
     Ok(Json(GuestInfoReport {
         vm: name,
@@ -157,7 +214,7 @@ const MAX_PINGS: u32 = 10_000;
 const MAX_PING_BYTES: usize = 1 << 20;
 
 async fn ping(
-    State(vms): State<VmTable>,
+    State(agent): State<AgentState>,
     UrlPath(name): UrlPath<String>,
     Query(query): Query<PingQuery>,
 ) -> Result<Json<PingReport>, ApiError> {
@@ -167,7 +224,7 @@ async fn ping(
             format!("count must be 1..={MAX_PINGS} and size at most {MAX_PING_BYTES} bytes"),
         ));
     }
-    let vm = find(&vms, &name)?;
+    let vm = find(&agent, &name)?;
     let round_trips = vm.ping(query.count, query.size).await?;
     Ok(Json(PingReport {
         vm: name,
@@ -176,13 +233,254 @@ async fn ping(
 }
 
 async fn restart(
-    State(vms): State<VmTable>,
+    State(agent): State<AgentState>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let vms = vms.clone();
+    find(&agent, &name)?;
     // Killing and reaping QEMU blocks; keep it off the async workers.
-    tokio::task::spawn_blocking(move || find(&vms, &name)?.restart().map_err(ApiError::from))
+    tokio::task::spawn_blocking(move || find(&agent, &name)?.restart().map_err(ApiError::from))
         .await
         .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))??;
-    Ok(Json(serde_json::json!({})))
+    Ok(done())
+}
+
+/// Creates and starts a container, streaming progress as NDJSON [`RunUpdate`] lines.
+async fn run(
+    State(agent): State<AgentState>,
+    UrlPath(name): UrlPath<String>,
+    Json(options): Json<RunOptions>,
+) -> Result<Response, ApiError> {
+    find(&agent, &name)?;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        fn line(update: RunUpdate) -> Bytes {
+            let mut json = serde_json::to_vec(&update).unwrap_or_default();
+            json.push(b'\n');
+            Bytes::from(json)
+        }
+        let progress_sender = sender.clone();
+        let progress: RunProgress = Arc::new(move |message: String| {
+            // A client that went away misses progress; the run itself goes on.
+            let _ = progress_sender.try_send(line(RunUpdate::Progress(message)));
+        });
+        let Some(vm) = agent.vms.get(&name) else { return };
+        let outcome = match run_container(&agent.images, vm, options, progress).await {
+            Ok(id) => RunUpdate::Started(id),
+            Err(err) => RunUpdate::Failed(err.to_string()),
+        };
+        let _ = sender.send(line(outcome)).await;
+    });
+    Ok(Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(channel_body(receiver))
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?)
+}
+
+async fn list_containers(
+    State(agent): State<AgentState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Vec<ContainerView>>, ApiError> {
+    let vm = find(&agent, &name)?;
+    let Reply::Containers(summaries) = vm.request(Op::ListContainers, SHIM_WAIT).await? else {
+        return Err(ApiError(StatusCode::BAD_GATEWAY, "the shim answered ListContainers wrongly".into()));
+    };
+    let views = summaries
+        .into_iter()
+        .map(|summary| {
+            let entry = vm.containers().get(&summary.container_id).ok();
+            ContainerView {
+                image: entry.as_ref().map(|e| e.image.clone()),
+                oom_killed: entry.as_ref().is_some_and(|e| e.oom_killed()),
+                created_unix: entry.as_ref().map(|e| e.created_unix),
+                id: summary.container_id,
+                state: summary.state,
+                pid: summary.pid,
+                exit: summary.exit,
+                layers: summary.layers,
+            }
+        })
+        .collect();
+    Ok(Json(views))
+}
+
+#[derive(Debug, Deserialize)]
+struct ProcessQuery {
+    exec: Option<String>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Streams a process's log records (see `containers::logs`), following until its end if asked.
+async fn logs(
+    State(agent): State<AgentState>,
+    UrlPath((name, id)): UrlPath<(String, String)>,
+    Query(query): Query<ProcessQuery>,
+) -> Result<Response, ApiError> {
+    let vm = find(&agent, &name)?;
+    let entry = vm
+        .containers()
+        .get(&id)
+        .map_err(|err| ApiError(StatusCode::NOT_FOUND, err.to_string()))?;
+    let log = entry
+        .log(query.exec.as_deref())
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no exec {:?} in {id}", query.exec)))?;
+    let reader = log
+        .reader(query.follow)
+        .await
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+    let stream = futures::stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        match reader.next_raw().await {
+            Ok(Some((kind, data))) => Some((Ok(Bytes::from(encode_record(kind, &data))), Some(reader))),
+            Ok(None) => None,
+            Err(err) => Some((Err(err), None)),
+        }
+    });
+    Ok(Response::builder()
+        .header("content-type", "application/octet-stream")
+        .body(Body::from_stream(stream))
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?)
+}
+
+async fn exec(
+    State(agent): State<AgentState>,
+    UrlPath((name, id)): UrlPath<(String, String)>,
+    Json(request): Json<ExecRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let vm = find(&agent, &name)?;
+    let entry = vm
+        .containers()
+        .get(&id)
+        .map_err(|err| ApiError(StatusCode::NOT_FOUND, err.to_string()))?;
+    let exec_id = request.exec_id.unwrap_or_else(generate_name);
+    let process = ProcessSpec {
+        args: request.command,
+        env: merge_env(&entry.process.env, &request.env).map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?,
+        cwd: request.workdir.unwrap_or_else(|| entry.process.cwd.clone()),
+        user: request.user.unwrap_or_else(|| entry.process.user.clone()),
+        stdin: false,
+    };
+    entry
+        .add_exec(&exec_id)
+        .map_err(|err| ApiError(StatusCode::CONFLICT, err.to_string()))?;
+    let op = Op::Exec { container_id: id, exec_id: exec_id.clone(), process };
+    expect_done(vm.request(op, SHIM_WAIT).await)?;
+    Ok(Json(serde_json::json!({ "exec_id": exec_id })))
+}
+
+#[derive(Debug, Deserialize)]
+struct KillQuery {
+    exec: Option<String>,
+    #[serde(default = "sigkill")]
+    signal: i32,
+}
+
+fn sigkill() -> i32 {
+    libc::SIGKILL
+}
+
+async fn kill(
+    State(agent): State<AgentState>,
+    UrlPath((name, id)): UrlPath<(String, String)>,
+    Query(query): Query<KillQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let vm = find(&agent, &name)?;
+    let op = Op::Signal { container_id: id, exec_id: query.exec, signal: query.signal };
+    expect_done(vm.request(op, SHIM_WAIT).await)?;
+    Ok(done())
+}
+
+async fn wait(
+    State(agent): State<AgentState>,
+    UrlPath((name, id)): UrlPath<(String, String)>,
+    Query(query): Query<ProcessQuery>,
+) -> Result<Json<ExitRecord>, ApiError> {
+    let vm = find(&agent, &name)?;
+    let is_main = query.exec.is_none();
+    let op = Op::Wait { container_id: id.clone(), exec_id: query.exec };
+    let status = match vm.request(op, SHIM_WAIT).await? {
+        Reply::Exited(status) => status,
+        other => return Err(ApiError(StatusCode::BAD_GATEWAY, format!("the shim answered {other:?} to Wait"))),
+    };
+    let oom_killed = is_main && vm.containers().get(&id).is_ok_and(|e| e.oom_killed());
+    Ok(Json(ExitRecord { status, oom_killed }))
+}
+
+async fn stats(
+    State(agent): State<AgentState>,
+    UrlPath((name, id)): UrlPath<(String, String)>,
+) -> Result<Json<gantry_proto::ContainerStats>, ApiError> {
+    let vm = find(&agent, &name)?;
+    match vm.request(Op::Stats { container_id: id }, SHIM_WAIT).await? {
+        Reply::Stats(stats) => Ok(Json(stats)),
+        other => Err(ApiError(StatusCode::BAD_GATEWAY, format!("the shim answered {other:?} to Stats"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct StdinQuery {
+    exec: Option<String>,
+    #[serde(default)]
+    close: bool,
+}
+
+async fn stdin(
+    State(agent): State<AgentState>,
+    UrlPath((name, id)): UrlPath<(String, String)>,
+    Query(query): Query<StdinQuery>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let vm = find(&agent, &name)?;
+    if body.len() > MAX_STDIN_BYTES {
+        return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {MAX_STDIN_BYTES} bytes per write")));
+    }
+    if !body.is_empty() {
+        let op = Op::WriteStdin { container_id: id.clone(), exec_id: query.exec.clone(), data: body.to_vec() };
+        expect_done(vm.request(op, SHIM_WAIT).await)?;
+    }
+    if query.close {
+        expect_done(vm.request(Op::CloseStdin { container_id: id, exec_id: query.exec }, SHIM_WAIT).await)?;
+    }
+    Ok(done())
+}
+
+#[derive(Debug, Deserialize)]
+struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn remove(
+    State(agent): State<AgentState>,
+    UrlPath((name, id)): UrlPath<(String, String)>,
+    Query(query): Query<RemoveQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let vm = find(&agent, &name)?;
+    if query.force {
+        let op = Op::Signal { container_id: id.clone(), exec_id: None, signal: libc::SIGKILL };
+        // Not running (or already gone) is fine for a forced removal.
+        if vm.request(op, SHIM_WAIT).await.is_ok() {
+            let _ = vm.request(Op::Wait { container_id: id.clone(), exec_id: None }, SHIM_WAIT).await;
+        }
+    }
+    match vm.request(Op::DeleteContainer { container_id: id.clone() }, SHIM_WAIT).await {
+        Ok(_) => {}
+        // The guest has no such container (a rebooted guest): forget the agent's record too.
+        Err(VmError::Session { source: crate::session::SessionError::Remote(reply), .. })
+            if reply.kind == gantry_proto::ErrorKind::NotFound && vm.containers().get(&id).is_ok() => {}
+        Err(err) => return Err(err.into()),
+    }
+    vm.containers().remove(&id);
+    Ok(done())
+}
+
+async fn images(State(agent): State<AgentState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let images = agent
+        .images
+        .cache
+        .images()
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+    serde_json::to_value(images)
+        .map(Json)
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))
 }

@@ -611,7 +611,7 @@ impl Runtime {
             Arc::clone(&window),
             Arc::clone(&sink),
         ));
-        if let Some(cgroup) = oom_cgroup {
+        if let Some(cgroup) = oom_cgroup.clone() {
             tokio::spawn(watch_oom(
                 cgroup,
                 Arc::clone(&sink),
@@ -630,6 +630,16 @@ impl Runtime {
                 tracing::debug!(container = %key.container_id, "output still open after exit; not waiting for it");
             }
             tracing::info!(container = %key.container_id, exec = ?key.exec_id, ?status, "process exited");
+            // The poller may not have seen an OOM kill that ended the process: the agent must
+            // hear of it before the exit, so look once more (a repeated Oom is harmless).
+            if let Some(cgroup) = &oom_cgroup
+                && cgroup.oom_kills() > 0
+            {
+                sink.send(Event::Oom {
+                    container_id: key.container_id.clone(),
+                })
+                .await;
+            }
             let _ = exit_tx.send(Some(status));
             sink.send(Event::Exit {
                 container_id: key.container_id,

@@ -1,0 +1,412 @@
+//! `run`, `ps`, `logs`, `exec`, `kill`, `rm`, `stats`, `images`: docker-shaped commands over the
+//! agent's API.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use clap::Args;
+use gantry_proto::{ContainerState, ExitStatus, OutputStream};
+use hyper::Method;
+
+use super::stream::BodyStream;
+use crate::api::client::ApiClient;
+use crate::api::{ContainerView, ExecRequest, RunUpdate, VmStatus};
+use crate::containers::logs::{ExitRecord, LogItem};
+use crate::containers::spec::{RunOptions, parse_size};
+
+/// Which VM (optional when the agent serves exactly one).
+#[derive(Debug, Clone, Args)]
+pub struct VmArg {
+    /// The VM; may be left out when the agent serves only one.
+    #[arg(long)]
+    pub vm: Option<String>,
+}
+
+/// `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    vm: VmArg,
+    /// Name the container (default: generated).
+    #[arg(long)]
+    name: Option<String>,
+    /// Remove the container when it exits.
+    #[arg(long)]
+    rm: bool,
+    /// Set an environment variable (KEY=VALUE); repeatable.
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Memory limit, e.g. 256m.
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPU limit as a fraction of one CPU, e.g. 0.5.
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Limit on the number of processes.
+    #[arg(long)]
+    pids_limit: Option<u64>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long)]
+    workdir: Option<String>,
+    /// User (name, uid, name:group or uid:gid).
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Replace the image's entrypoint.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Host name inside the container.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Size of the writable layer, e.g. 64m (default 256m).
+    #[arg(long)]
+    writable_layer: Option<String>,
+    /// Print no progress.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Print the time from `run` to the first output and to the exit on stderr.
+    #[arg(long)]
+    timing: bool,
+    /// The image: `default`, `oci:DIR[:NAME]`, or a registry reference.
+    image: String,
+    /// The command (replaces the image's Cmd).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// The VM to use: the one named, or the only one.
+pub async fn resolve_vm(client: &ApiClient, vm: &VmArg) -> anyhow::Result<String> {
+    if let Some(vm) = &vm.vm {
+        return Ok(vm.clone());
+    }
+    let vms: Vec<VmStatus> = client.get("/v1/vms").await?;
+    match vms.as_slice() {
+        [only] => Ok(only.name.clone()),
+        [] => bail!("the agent serves no VM"),
+        many => bail!(
+            "the agent serves several VMs ({}): choose one with --vm",
+            many.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// The exit code a shell would give for a container's exit (code, or 128 + signal).
+fn exit_code(record: &ExitRecord) -> ExitCode {
+    ExitCode::from((record.shell_code() & 0xff) as u8)
+}
+
+/// Streams a process's output to this terminal until it exits; returns how it ended.
+async fn follow(
+    client: &ApiClient,
+    vm: &str,
+    id: &str,
+    exec: Option<&str>,
+    first_output: &mut Option<Duration>,
+    started: Instant,
+) -> anyhow::Result<ExitRecord> {
+    let exec_query = exec.map(|e| format!("&exec={e}")).unwrap_or_default();
+    let body = client
+        .open(Method::GET, &format!("/v1/vms/{vm}/containers/{id}/logs?follow=true{exec_query}"), Vec::new())
+        .await?;
+    let mut records = BodyStream::new(body);
+    while let Some(item) = records.record().await? {
+        match item {
+            LogItem::Output(stream, data) => {
+                first_output.get_or_insert_with(|| started.elapsed());
+                match stream {
+                    OutputStream::Stdout => write_all(&mut std::io::stdout().lock(), &data)?,
+                    OutputStream::Stderr => write_all(&mut std::io::stderr().lock(), &data)?,
+                }
+            }
+            LogItem::Exit(record) => return Ok(record),
+        }
+    }
+    bail!("the agent's output stream ended before {id} exited")
+}
+
+fn write_all(out: &mut impl Write, data: &[u8]) -> anyhow::Result<()> {
+    out.write_all(data)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// `run`: create, start, stream the output, exit with the container's code.
+pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let vm = resolve_vm(client, &args.vm).await?;
+    let options = RunOptions {
+        image: args.image,
+        name: args.name,
+        command: args.command,
+        entrypoint: args.entrypoint.map(|e| vec![e]),
+        env: args.env,
+        workdir: args.workdir,
+        user: args.user,
+        hostname: args.hostname,
+        memory_bytes: args.memory.as_deref().map(parse_size).transpose()?,
+        cpus: args.cpus,
+        pids_limit: args.pids_limit,
+        writable_layer_bytes: args.writable_layer.as_deref().map(parse_size).transpose()?,
+        stdin: false,
+    };
+    let body = client
+        .open(Method::POST, &format!("/v1/vms/{vm}/containers"), serde_json::to_vec(&options)?)
+        .await?;
+    let mut updates = BodyStream::new(body);
+    let id = loop {
+        let line = updates
+            .line()
+            .await?
+            .ok_or_else(|| anyhow!("the agent closed the run stream without a result"))?;
+        match serde_json::from_slice::<RunUpdate>(&line).context("reading the run stream")? {
+            RunUpdate::Progress(message) if !args.quiet => eprintln!("{message}"),
+            RunUpdate::Progress(_) => {}
+            RunUpdate::Started(id) => break id,
+            RunUpdate::Failed(error) => bail!("{error}"),
+        }
+    };
+    let mut first_output = None;
+    let record = follow(client, &vm, &id, None, &mut first_output, started).await?;
+    if args.rm {
+        let _: serde_json::Value = client.delete(&format!("/v1/vms/{vm}/containers/{id}")).await?;
+    }
+    if args.timing {
+        let first = first_output.map_or_else(|| "no output".to_owned(), |d| format!("{} ms", d.as_millis()));
+        eprintln!("timing: run → first output {first}; run → exit {} ms", started.elapsed().as_millis());
+    }
+    if record.oom_killed {
+        eprintln!("{id}: killed by the kernel's OOM killer (memory limit reached)");
+    }
+    Ok(exit_code(&record))
+}
+
+/// `ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    #[command(flatten)]
+    vm: VmArg,
+    /// Show stopped containers too.
+    #[arg(short, long)]
+    all: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `ps`: the containers of a VM.
+pub async fn ps(client: &ApiClient, args: PsArgs) -> anyhow::Result<ExitCode> {
+    let vm = resolve_vm(client, &args.vm).await?;
+    let mut containers: Vec<ContainerView> = client.get(&format!("/v1/vms/{vm}/containers")).await?;
+    if !args.all {
+        containers.retain(|c| c.state != ContainerState::Stopped);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&containers)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<24} {:<28} {:<8} {:>7} {:<12} LAYERS", "NAME", "IMAGE", "STATE", "PID", "EXIT");
+    for c in containers {
+        let exit = match c.exit {
+            Some(ExitStatus::Code(code)) => format!("code {code}"),
+            Some(ExitStatus::Signal(signal)) => format!("signal {signal}"),
+            None => "-".into(),
+        };
+        println!(
+            "{:<24} {:<28} {:<8} {:>7} {:<12} {}",
+            c.id,
+            c.image.unwrap_or_else(|| "?".into()),
+            format!("{:?}", c.state).to_lowercase(),
+            c.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+            if c.oom_killed { format!("{exit} (OOM)") } else { exit },
+            c.layers.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    vm: VmArg,
+    /// Keep following until the process exits.
+    #[arg(short, long)]
+    follow: bool,
+    /// An exec's output instead of the main process's.
+    #[arg(long)]
+    exec: Option<String>,
+    /// The container.
+    name: String,
+}
+
+/// `logs`: what a container wrote.
+pub async fn logs(client: &ApiClient, args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let vm = resolve_vm(client, &args.vm).await?;
+    let exec_query = args.exec.map(|e| format!("&exec={e}")).unwrap_or_default();
+    let path = format!("/v1/vms/{vm}/containers/{}/logs?follow={}{exec_query}", args.name, args.follow);
+    let mut records = BodyStream::new(client.open(Method::GET, &path, Vec::new()).await?);
+    while let Some(item) = records.record().await? {
+        match item {
+            LogItem::Output(OutputStream::Stdout, data) => write_all(&mut std::io::stdout().lock(), &data)?,
+            LogItem::Output(OutputStream::Stderr, data) => write_all(&mut std::io::stderr().lock(), &data)?,
+            LogItem::Exit(_) => break,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    vm: VmArg,
+    /// Set an environment variable (KEY=VALUE); repeatable.
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Working directory.
+    #[arg(short = 'w', long)]
+    workdir: Option<String>,
+    /// User.
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// The container.
+    name: String,
+    /// The command.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    command: Vec<String>,
+}
+
+/// `exec`: run a command in a running container; exit with its code.
+pub async fn exec(client: &ApiClient, args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let vm = resolve_vm(client, &args.vm).await?;
+    let request = ExecRequest {
+        exec_id: None,
+        command: args.command,
+        env: args.env,
+        workdir: args.workdir,
+        user: args.user,
+    };
+    let answer: serde_json::Value = client
+        .post_json(&format!("/v1/vms/{vm}/containers/{}/exec", args.name), &request)
+        .await?;
+    let exec_id = answer["exec_id"].as_str().context("the agent named no exec")?.to_owned();
+    let record = follow(client, &vm, &args.name, Some(&exec_id), &mut None, started).await?;
+    Ok(exit_code(&record))
+}
+
+/// `kill`.
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    #[command(flatten)]
+    vm: VmArg,
+    /// The signal: a number or a name (TERM, SIGTERM).
+    #[arg(short, long, default_value = "KILL")]
+    signal: String,
+    /// The container.
+    name: String,
+}
+
+/// Parses `9`, `KILL` or `SIGKILL`.
+pub fn parse_signal(text: &str) -> anyhow::Result<i32> {
+    if let Ok(number) = text.parse::<i32>() {
+        return Ok(number);
+    }
+    let upper = text.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    nix::sys::signal::Signal::from_str(&name)
+        .map(|s| s as i32)
+        .map_err(|_| anyhow!("unknown signal {text:?}"))
+}
+
+/// `kill`: send a signal to a container's main process.
+pub async fn kill(client: &ApiClient, args: KillArgs) -> anyhow::Result<ExitCode> {
+    let vm = resolve_vm(client, &args.vm).await?;
+    let signal = parse_signal(&args.signal)?;
+    let _: serde_json::Value = client
+        .post(&format!("/v1/vms/{vm}/containers/{}/kill?signal={signal}", args.name))
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    #[command(flatten)]
+    vm: VmArg,
+    /// Kill the container first if it runs.
+    #[arg(short, long)]
+    force: bool,
+    /// The containers.
+    #[arg(required = true)]
+    names: Vec<String>,
+}
+
+/// `rm`: delete containers (their writable layer, mounts and cgroup).
+pub async fn rm(client: &ApiClient, args: RmArgs) -> anyhow::Result<ExitCode> {
+    let vm = resolve_vm(client, &args.vm).await?;
+    let mut failed = false;
+    for name in &args.names {
+        let path = format!("/v1/vms/{vm}/containers/{name}?force={}", args.force);
+        match client.delete::<serde_json::Value>(&path).await {
+            Ok(_) => println!("{name}"),
+            Err(err) => {
+                eprintln!("error: {name}: {err}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// `stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    vm: VmArg,
+    /// The container.
+    name: String,
+}
+
+/// `stats`: a container's cgroup figures.
+pub async fn stats(client: &ApiClient, args: StatsArgs) -> anyhow::Result<ExitCode> {
+    let vm = resolve_vm(client, &args.vm).await?;
+    let stats: serde_json::Value = client.get(&format!("/v1/vms/{vm}/containers/{}/stats", args.name)).await?;
+    println!("{}", serde_json::to_string_pretty(&stats)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `images`: the images in the agent's cache.
+pub async fn images(client: &ApiClient, json: bool) -> anyhow::Result<ExitCode> {
+    let images: Vec<serde_json::Value> = client.get("/v1/images").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&images)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<48} {:<20} {:>6}", "IMAGE", "MANIFEST", "LAYERS");
+    for image in images {
+        let digest = image["manifest_digest"].as_str().unwrap_or("?");
+        println!(
+            "{:<48} {:<20} {:>6}",
+            image["name"].as_str().unwrap_or("?"),
+            digest.get(..19).unwrap_or(digest),
+            image["layers"].as_array().map_or(0, Vec::len)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_by_number_and_name() {
+        assert_eq!(parse_signal("9").unwrap(), 9);
+        assert_eq!(parse_signal("TERM").unwrap(), libc::SIGTERM);
+        assert_eq!(parse_signal("sigusr1").unwrap(), libc::SIGUSR1);
+        assert!(parse_signal("NOPE").is_err());
+    }
+}

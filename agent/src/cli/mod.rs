@@ -1,0 +1,4 @@
+//! The operator CLI's container commands, on top of the API client.
+
+pub mod containers;
+pub mod stream;

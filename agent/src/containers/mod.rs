@@ -1,0 +1,258 @@
+//! The containers of one VM, as the agent knows them: their output logs, exits and OOM kills,
+//! fed by the shim's events. The shim is the authority on what runs; this table is what the
+//! agent keeps for the operator (logs, image names) and the credit it owes the shim.
+
+pub mod logs;
+pub mod run;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use gantry_proto::{ContainerId, Event, ExecId, Op, ProcessSpec};
+use tracing::warn;
+
+use logs::{ExitRecord, ProcessLog};
+
+/// Errors of the table.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerTableError {
+    /// The name is taken.
+    #[error("a container named {0:?} exists already in this VM")]
+    Exists(String),
+    /// No such container or exec.
+    #[error("no container {0:?} in this VM")]
+    NotFound(String),
+    /// A log file could not be created.
+    #[error("cannot create the log of {id}: {source}")]
+    Log {
+        /// The container.
+        id: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// One container the agent created.
+#[derive(Debug)]
+pub struct ContainerEntry {
+    /// Its name.
+    pub id: ContainerId,
+    /// The image it runs, as the operator named it.
+    pub image: String,
+    /// When it was created (Unix seconds).
+    pub created_unix: u64,
+    /// Its main process: `exec` takes its environment, working directory and user from it.
+    pub process: ProcessSpec,
+    dir: PathBuf,
+    main: Arc<ProcessLog>,
+    execs: Mutex<HashMap<ExecId, Arc<ProcessLog>>>,
+    oom_killed: AtomicBool,
+}
+
+impl ContainerEntry {
+    /// The log of the main process or of an exec.
+    pub fn log(&self, exec_id: Option<&str>) -> Option<Arc<ProcessLog>> {
+        match exec_id {
+            None => Some(Arc::clone(&self.main)),
+            Some(exec_id) => lock(&self.execs).get(exec_id).cloned(),
+        }
+    }
+
+    /// Starts the log of a new exec.
+    pub fn add_exec(&self, exec_id: &str) -> Result<Arc<ProcessLog>, ContainerTableError> {
+        let mut execs = lock(&self.execs);
+        if execs.contains_key(exec_id) {
+            return Err(ContainerTableError::Exists(format!("{}/{exec_id}", self.id)));
+        }
+        let log = ProcessLog::create(&self.dir.join(format!("exec-{exec_id}.log")))
+            .map(Arc::new)
+            .map_err(|source| ContainerTableError::Log { id: self.id.clone(), source })?;
+        execs.insert(exec_id.to_owned(), Arc::clone(&log));
+        Ok(log)
+    }
+
+    /// Whether the kernel OOM-killed a process of this container.
+    pub fn oom_killed(&self) -> bool {
+        self.oom_killed.load(Ordering::Relaxed)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// All containers the agent created in one VM.
+#[derive(Debug)]
+pub struct ContainerTable {
+    dir: PathBuf,
+    entries: Mutex<HashMap<ContainerId, Arc<ContainerEntry>>>,
+}
+
+impl ContainerTable {
+    /// A table keeping logs under `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            entries: Mutex::default(),
+        }
+    }
+
+    /// Records a new container (before it is created in the guest, so no output is missed).
+    pub fn insert(
+        &self,
+        id: &str,
+        image: &str,
+        process: &ProcessSpec,
+    ) -> Result<Arc<ContainerEntry>, ContainerTableError> {
+        let mut entries = lock(&self.entries);
+        if entries.contains_key(id) {
+            return Err(ContainerTableError::Exists(id.to_owned()));
+        }
+        let dir = self.dir.join(id);
+        let _ = std::fs::remove_dir_all(&dir);
+        let main = ProcessLog::create(&dir.join("main.log"))
+            .map(Arc::new)
+            .map_err(|source| ContainerTableError::Log { id: id.to_owned(), source })?;
+        let entry = Arc::new(ContainerEntry {
+            id: id.to_owned(),
+            image: image.to_owned(),
+            process: process.clone(),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            dir,
+            main,
+            execs: Mutex::default(),
+            oom_killed: AtomicBool::new(false),
+        });
+        entries.insert(id.to_owned(), Arc::clone(&entry));
+        Ok(entry)
+    }
+
+    /// A container.
+    pub fn get(&self, id: &str) -> Result<Arc<ContainerEntry>, ContainerTableError> {
+        lock(&self.entries)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ContainerTableError::NotFound(id.to_owned()))
+    }
+
+    /// Forgets a container and its logs.
+    pub fn remove(&self, id: &str) {
+        if let Some(entry) = lock(&self.entries).remove(id) {
+            let _ = std::fs::remove_dir_all(&entry.dir);
+        }
+    }
+
+    /// Every container, by name.
+    pub fn all(&self) -> Vec<Arc<ContainerEntry>> {
+        let mut all: Vec<_> = lock(&self.entries).values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// Takes in an event from the shim; returns the credit to give back for output.
+    ///
+    /// Output of a container the agent does not know (created by an earlier agent) is credited
+    /// and dropped, so that the process does not block forever.
+    pub fn on_event(&self, event: Event) -> Option<Op> {
+        match event {
+            Event::Output { container_id, exec_id, stream, data } => {
+                let log = lock(&self.entries)
+                    .get(&container_id)
+                    .and_then(|entry| entry.log(exec_id.as_deref()));
+                match log {
+                    Some(log) => {
+                        if let Err(error) = log.output(stream, &data) {
+                            warn!(container = %container_id, %error, "cannot write the container's log");
+                        }
+                    }
+                    None => warn!(container = %container_id, ?exec_id, "output of an unknown process dropped"),
+                }
+                let bytes = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                Some(Op::OutputCredit { container_id, exec_id, bytes })
+            }
+            Event::Exit { container_id, exec_id, status } => {
+                let entry = lock(&self.entries).get(&container_id).cloned();
+                if let Some(entry) = entry {
+                    let oom_killed = exec_id.is_none() && entry.oom_killed();
+                    if let Some(log) = entry.log(exec_id.as_deref()) {
+                        if let Err(error) = log.finish(ExitRecord { status, oom_killed }) {
+                            warn!(container = %container_id, %error, "cannot write the container's log");
+                        }
+                    }
+                }
+                None
+            }
+            Event::Oom { container_id } => {
+                if let Some(entry) = lock(&self.entries).get(&container_id) {
+                    entry.oom_killed.store(true, Ordering::Relaxed);
+                }
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_proto::{ExitStatus, OutputStream};
+    use logs::LogItem;
+
+    #[tokio::test]
+    async fn events_land_in_the_right_logs_and_output_is_credited() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = ContainerTable::new(dir.path());
+        let process = ProcessSpec {
+            args: vec!["sh".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+            stdin: false,
+        };
+        let entry = table.insert("c1", "default", &process).unwrap();
+        assert!(matches!(table.insert("c1", "default", &process), Err(ContainerTableError::Exists(_))));
+        entry.add_exec("e1").unwrap();
+
+        let credit = table.on_event(Event::Output {
+            container_id: "c1".into(),
+            exec_id: None,
+            stream: OutputStream::Stdout,
+            data: b"hello".to_vec(),
+        });
+        assert_eq!(credit, Some(Op::OutputCredit { container_id: "c1".into(), exec_id: None, bytes: 5 }));
+        table.on_event(Event::Output {
+            container_id: "c1".into(),
+            exec_id: Some("e1".into()),
+            stream: OutputStream::Stderr,
+            data: b"exec".to_vec(),
+        });
+        table.on_event(Event::Oom { container_id: "c1".into() });
+        table.on_event(Event::Exit { container_id: "c1".into(), exec_id: None, status: ExitStatus::Signal(9) });
+
+        let mut main = entry.log(None).unwrap().reader(true).await.unwrap();
+        assert_eq!(main.next().await.unwrap(), Some(LogItem::Output(OutputStream::Stdout, b"hello".to_vec())));
+        assert_eq!(
+            main.next().await.unwrap(),
+            Some(LogItem::Exit(ExitRecord { status: ExitStatus::Signal(9), oom_killed: true }))
+        );
+        let mut exec = entry.log(Some("e1")).unwrap().reader(false).await.unwrap();
+        assert_eq!(exec.next().await.unwrap(), Some(LogItem::Output(OutputStream::Stderr, b"exec".to_vec())));
+
+        // Output for nobody is still credited, so the guest process never blocks on it.
+        let credit = table.on_event(Event::Output {
+            container_id: "ghost".into(),
+            exec_id: None,
+            stream: OutputStream::Stdout,
+            data: vec![0; 10],
+        });
+        assert!(matches!(credit, Some(Op::OutputCredit { bytes: 10, .. })));
+        table.remove("c1");
+        assert!(table.get("c1").is_err());
+        assert!(!dir.path().join("c1").exists());
+    }
+}
