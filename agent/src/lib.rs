@@ -5,8 +5,8 @@
 
 pub mod api;
 pub mod blk;
-pub mod cli;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod containers;
 pub mod daemon;

@@ -85,6 +85,21 @@ enum Command {
     /// Work with image files (no agent needed).
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Pull an image into the card's cache (works with or without a running agent).
+    Pull(gantry_agent::cache::cli::PullArgs),
+    /// Remove an image from the cache (layers other images or running containers use stay).
+    Rmi(gantry_agent::cache::cli::RmiArgs),
+    /// Maintain the cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Remove leftovers of interrupted work and enforce the size budget.
+    Gc(gantry_agent::cache::cli::GcArgs),
+    /// List the images in a cache directory (without asking an agent).
+    Images(gantry_agent::cache::cli::ImagesArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,6 +127,16 @@ enum VmCommand {
     },
     /// Kill a VM's QEMU and boot it again (VMs the agent launched).
     Restart {
+        /// The VM's name.
+        vm: String,
+    },
+    /// What the guest holds for containers: layer mounts, loop devices, overlays, cgroups.
+    Resources {
+        /// The VM's name.
+        vm: String,
+    },
+    /// Check that the shim survives a garbage frame on a second connection.
+    Probe {
         /// The VM's name.
         vm: String,
     },
@@ -227,6 +252,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let _: serde_json::Value = client.post(&format!("/v1/vms/{vm}/restart")).await?;
             println!("{vm}: restarting");
         }
+        Command::Vm(VmCommand::Resources { vm }) => {
+            let resources: serde_json::Value =
+                client.get(&format!("/v1/vms/{vm}/resources")).await?;
+            println!("{}", serde_json::to_string_pretty(&resources)?);
+        }
+        Command::Vm(VmCommand::Probe { vm }) => {
+            let answer: serde_json::Value = client.post(&format!("/v1/vms/{vm}/probe")).await?;
+            println!(
+                "the shim closed the probe connection: {}",
+                answer["goodbye"]
+            );
+        }
         Command::Run(args) => return containers::run(&client, args).await,
         Command::Ps(args) => return containers::ps(&client, args).await,
         Command::Logs(args) => return containers::logs(&client, args).await,
@@ -235,6 +272,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm(args) => return containers::rm(&client, args).await,
         Command::Stats(args) => return containers::stats(&client, args).await,
         Command::Images { json } => return containers::images(&client, json).await,
+        Command::Pull(args) => gantry_agent::cache::cli::run_pull(&args).await?,
+        Command::Rmi(args) => gantry_agent::cache::cli::run_rmi(&args).await?,
+        Command::Cache(CacheCommand::Gc(args)) => gantry_agent::cache::cli::run_gc(&args).await?,
+        Command::Cache(CacheCommand::Images(args)) => {
+            gantry_agent::cache::cli::run_images(&args).await?
+        }
         Command::Image(ImageCommand::ConvertLayer(args)) => {
             gantry_agent::image::cli::run_convert_layer(&args)?;
         }

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::blk::{FileSource, LayerStoreConfig, LayerStoreDevice, LayerStoreDeviceError, LayerStoreError};
+use crate::blk::{
+    FileSource, LayerStoreConfig, LayerStoreDevice, LayerStoreDeviceError, LayerStoreError,
+};
 use crate::cache::{LayerRecord, PinGuard};
 use crate::config::VmConfig;
 use crate::containers::ContainerTable;
@@ -57,6 +59,14 @@ pub enum VmError {
         /// The layer.
         digest: String,
         /// Why.
+        reason: String,
+    },
+    /// The garbage probe did not get the answer a healthy shim gives.
+    #[error("VM {vm}: probe: {reason}")]
+    Probe {
+        /// The VM.
+        vm: String,
+        /// What happened instead.
         reason: String,
     },
     /// Its QEMU failed.
@@ -138,7 +148,11 @@ pub struct Vm {
 impl Vm {
     /// Starts the VM's devices, launches QEMU if configured, and starts keeping a shim session.
     /// Container logs go under `state_dir`.
-    pub fn start(config: VmConfig, qemu_config: Option<QemuConfig>, state_dir: &Path) -> Result<Self, VmError> {
+    pub fn start(
+        config: VmConfig,
+        qemu_config: Option<QemuConfig>,
+        state_dir: &Path,
+    ) -> Result<Self, VmError> {
         let device = VsockDevice::start(VsockDeviceConfig::new(
             config.vsock_socket.clone(),
             config.guest_cid,
@@ -149,11 +163,14 @@ impl Vm {
         })?;
         let mut layer_config = LayerStoreConfig::new(config.layer_socket.clone());
         layer_config.num_queues = config.layer_queues;
-        let layer_device = LayerStoreDevice::start(layer_config).map_err(|source| VmError::LayerDevice {
-            vm: config.name.clone(),
-            source,
-        })?;
-        let containers = Arc::new(ContainerTable::new(&state_dir.join("vms").join(&config.name).join("containers")));
+        let layer_device =
+            LayerStoreDevice::start(layer_config).map_err(|source| VmError::LayerDevice {
+                vm: config.name.clone(),
+                source,
+            })?;
+        let containers = Arc::new(ContainerTable::new(
+            &state_dir.join("vms").join(&config.name).join("containers"),
+        ));
         let progress = Arc::new(Mutex::new(Progress::default()));
         let (session_tx, session) = watch::channel(None);
         let (events_tx, events_rx) = mpsc::channel(EVENT_BACKLOG);
@@ -164,7 +181,11 @@ impl Vm {
             progress.clone(),
             events_tx,
         ));
-        let event_task = tokio::spawn(take_events(events_rx, Arc::clone(&containers), session.clone()));
+        let event_task = tokio::spawn(take_events(
+            events_rx,
+            Arc::clone(&containers),
+            session.clone(),
+        ));
         let vm = Self {
             config,
             device,
@@ -314,7 +335,8 @@ impl Vm {
             digest: digest.clone(),
             reason,
         };
-        let source = FileSource::open(&layer.erofs_path).map_err(|err| map_error(format!("{}: {err}", layer.erofs_path.display())))?;
+        let source = FileSource::open(&layer.erofs_path)
+            .map_err(|err| map_error(format!("{}: {err}", layer.erofs_path.display())))?;
         let extent = self
             .layer_device
             .extents()
@@ -339,6 +361,51 @@ impl Vm {
                 vm: self.config.name.clone(),
                 source,
             })
+    }
+
+    /// Checks that the shim survives garbage: opens a second connection, says hello, sends a frame
+    /// that does not decode, and returns the reason the shim gave for closing that connection.
+    /// The agent's own session and the guest's containers must be untouched by it.
+    pub async fn probe_with_garbage(&self) -> Result<String, VmError> {
+        use futures::{SinkExt, StreamExt};
+        use gantry_proto::{FrameCodec, Hello, Message};
+        use tokio::io::AsyncWriteExt;
+
+        let probe_error = |reason: String| VmError::Probe {
+            vm: self.config.name.clone(),
+            reason,
+        };
+        let stream = self
+            .device
+            .connector()
+            .connect(SHIM_VSOCK_PORT)
+            .await
+            .map_err(|err| probe_error(format!("connecting: {err}")))?;
+        let mut framed = tokio_util::codec::Framed::new(stream, FrameCodec::default());
+        framed
+            .send(Message::Hello(Hello::new(AGENT_SOFTWARE_VERSION)))
+            .await
+            .map_err(|err| probe_error(err.to_string()))?;
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await {
+            Ok(Some(Ok(Message::Hello(_)))) => {}
+            other => {
+                return Err(probe_error(format!(
+                    "expected the shim's Hello, got {other:?}"
+                )));
+            }
+        }
+        // A frame claiming 8 bytes that hold an impossible message variant.
+        framed
+            .get_mut()
+            .write_all(&[8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0])
+            .await
+            .map_err(|err| probe_error(err.to_string()))?;
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, framed.next()).await {
+            Ok(Some(Ok(Message::Goodbye { reason }))) => Ok(reason),
+            other => Err(probe_error(format!(
+                "expected Goodbye after garbage, got {other:?}"
+            ))),
+        }
     }
 
     /// Stops the VM: QEMU (if launched), the keeper, the devices.

@@ -87,6 +87,19 @@ const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
 const LO_KEY_SIZE: usize = 32;
 
+/// The disk's logical block size from sysfs (512 when it cannot be read).
+fn logical_block_size(disk: &Path) -> u32 {
+    let name = disk
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::fs::read_to_string(format!("/sys/block/{name}/queue/logical_block_size"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .filter(|size: &u32| size.is_power_of_two() && (512..=65536).contains(size))
+        .unwrap_or(512)
+}
+
 #[repr(C)]
 struct LoopInfo64 {
     lo_device: u64,
@@ -159,7 +172,10 @@ fn attach_loop(disk: &Path, extent: &LayerExtent) -> Result<(PathBuf, File), Sto
             .map_err(sys(format!("opening {}", path.display())))?;
         let config = LoopConfig {
             fd: backing.as_raw_fd() as u32,
-            block_size: 512,
+            // Direct I/O only engages when the loop's block size is at least the disk's; with a
+            // smaller one the kernel silently reads through the disk's page cache, whose
+            // readahead then runs past the layer into unmapped (IOERR) space.
+            block_size: logical_block_size(disk),
             info: LoopInfo64 {
                 lo_device: 0,
                 lo_inode: 0,
@@ -288,6 +304,52 @@ impl LayerMounts {
         self.mounts.remove(&key);
         Ok(())
     }
+}
+
+impl LayerMounts {
+    /// The mounted layers and how many containers use each.
+    pub fn report(&self) -> Vec<gantry_proto::LayerMountInfo> {
+        let mut report: Vec<_> = self
+            .mounts
+            .iter()
+            .map(|((digest, offset), mount)| gantry_proto::LayerMountInfo {
+                digest: digest.clone(),
+                offset: *offset,
+                users: u32::try_from(mount.users).unwrap_or(u32::MAX),
+            })
+            .collect();
+        report.sort_by(|a, b| (&a.digest, a.offset).cmp(&(&b.digest, b.offset)));
+        report
+    }
+}
+
+/// Loop devices that have a backing file, from `/sys/block/loop*/loop/backing_file`.
+pub fn loop_devices_in_use(sys_block: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(sys_block) else {
+        return Vec::new();
+    };
+    let mut in_use: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("loop"))
+        .filter(|name| sys_block.join(name).join("loop/backing_file").exists())
+        .map(|name| format!("/dev/{name}"))
+        .collect();
+    in_use.sort();
+    in_use
+}
+
+/// Overlay mounts in this mount namespace.
+pub fn overlay_mount_count() -> u32 {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| {
+            line.split(" - ")
+                .nth(1)
+                .is_some_and(|rest| rest.starts_with("overlay "))
+        })
+        .count() as u32
 }
 
 /// Turns a digest (`sha256:…`) into a safe file name.

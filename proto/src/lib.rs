@@ -21,8 +21,9 @@ pub use frame::{
 };
 pub use messages::{
     ContainerId, ContainerSpec, ContainerState, ContainerStats, ContainerSummary, ErrorKind,
-    ErrorReply, Event, ExecId, ExitStatus, GuestInfo, Hello, LayerExtent, Message, Op,
-    OutputStream, ProcessSpec, Reply, Request, RequestId, Resources, Response,
+    ErrorReply, Event, ExecId, ExitStatus, GuestInfo, GuestResources, Hello, LayerExtent,
+    LayerMountInfo, Message, Op, OutputStream, ProcessSpec, Reply, Request, RequestId, Resources,
+    Response,
 };
 pub use version::{PROTOCOL_VERSION, ProtocolVersion, VersionError, negotiate};
 

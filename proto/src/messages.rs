@@ -148,6 +148,35 @@ pub enum Op {
         /// Bytes consumed since the last credit.
         bytes: u32,
     },
+    /// Report what the guest holds for containers: layer mounts, loop devices, overlays,
+    /// cgroups. Answered with `Reply::GuestResources`.
+    GuestResources,
+}
+
+/// What the guest holds for containers, for operators and leak checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct GuestResources {
+    /// Mounted layers.
+    pub layer_mounts: Vec<LayerMountInfo>,
+    /// Loop devices with a backing file (`/dev/loopN`).
+    pub loop_devices: Vec<String>,
+    /// Overlay mounts (container roots) in the shim's namespace.
+    pub overlay_mounts: u32,
+    /// Container cgroups under the shim's cgroup.
+    pub container_cgroups: Vec<String>,
+}
+
+/// One mounted layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct LayerMountInfo {
+    /// The layer's digest.
+    pub digest: String,
+    /// Its extent's offset on the layer-store disk.
+    pub offset: u64,
+    /// Containers using the mount.
+    pub users: u32,
 }
 
 /// Everything the shim needs to create a container.
@@ -286,6 +315,8 @@ pub enum Reply {
     Containers(Vec<ContainerSummary>),
     /// For `Op::Stats`.
     Stats(ContainerStats),
+    /// For `Op::GuestResources`.
+    GuestResources(GuestResources),
 }
 
 /// A failed operation.

@@ -186,6 +186,11 @@ impl TestAgent {
         Ok(agent)
     }
 
+    /// The agent's API socket.
+    pub fn api_socket(&self) -> &Path {
+        &self.api_socket
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()

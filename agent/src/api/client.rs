@@ -73,7 +73,8 @@ impl ApiClient {
         path: &str,
         body: &B,
     ) -> Result<T, ApiClientError> {
-        self.call(Method::POST, path, serde_json::to_vec(body)?).await
+        self.call(Method::POST, path, serde_json::to_vec(body)?)
+            .await
     }
 
     /// `DELETE path`, decoding a JSON answer.

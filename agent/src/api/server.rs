@@ -72,8 +72,13 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/vms/{vm}/guest-info", get(guest_info))
         .route("/v1/vms/{vm}/ping", post(ping))
         .route("/v1/vms/{vm}/restart", post(restart))
+        .route("/v1/vms/{vm}/resources", get(resources))
+        .route("/v1/vms/{vm}/probe", post(probe))
         .route("/v1/vms/{vm}/containers", post(run).get(list_containers))
-        .route("/v1/vms/{vm}/containers/{id}", axum::routing::delete(remove))
+        .route(
+            "/v1/vms/{vm}/containers/{id}",
+            axum::routing::delete(remove),
+        )
         .route("/v1/vms/{vm}/containers/{id}/logs", get(logs))
         .route("/v1/vms/{vm}/containers/{id}/exec", post(exec))
         .route("/v1/vms/{vm}/containers/{id}/kill", post(kill))
@@ -112,15 +117,14 @@ impl From<VmError> for ApiError {
             VmError::Session { source, .. } => match source {
                 crate::session::SessionError::Remote(reply) => match reply.kind {
                     gantry_proto::ErrorKind::NotFound => StatusCode::NOT_FOUND,
-                    gantry_proto::ErrorKind::AlreadyExists | gantry_proto::ErrorKind::InvalidState => {
-                        StatusCode::CONFLICT
-                    }
+                    gantry_proto::ErrorKind::AlreadyExists
+                    | gantry_proto::ErrorKind::InvalidState => StatusCode::CONFLICT,
                     gantry_proto::ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
                     _ => StatusCode::BAD_GATEWAY,
                 },
                 _ => StatusCode::BAD_GATEWAY,
             },
-            VmError::UnexpectedReply(_) => StatusCode::BAD_GATEWAY,
+            VmError::UnexpectedReply(_) | VmError::Probe { .. } => StatusCode::BAD_GATEWAY,
             VmError::NotLaunched(_) => StatusCode::CONFLICT,
             VmError::Device { .. }
             | VmError::LayerDevice { .. }
@@ -135,7 +139,9 @@ impl From<RunError> for ApiError {
     fn from(err: RunError) -> Self {
         match err {
             RunError::Vm(err) => err.into(),
-            RunError::Spec(_) | RunError::BadImage { .. } => ApiError(StatusCode::BAD_REQUEST, err.to_string()),
+            RunError::Spec(_) | RunError::BadImage { .. } => {
+                ApiError(StatusCode::BAD_REQUEST, err.to_string())
+            }
             other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
     }
@@ -146,7 +152,10 @@ fn find<'a>(agent: &'a Agent, name: &str) -> Result<&'a Vm, ApiError> {
         let known: Vec<&str> = agent.vms.keys().map(String::as_str).collect();
         ApiError(
             StatusCode::NOT_FOUND,
-            format!("no VM named {name:?}; this agent serves: {}", known.join(", ")),
+            format!(
+                "no VM named {name:?}; this agent serves: {}",
+                known.join(", ")
+            ),
         )
     })
 }
@@ -157,12 +166,15 @@ fn done() -> Json<serde_json::Value> {
 
 /// A streamed body fed by a channel.
 fn channel_body(receiver: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
-    Body::from_stream(futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver
-            .recv()
-            .await
-            .map(|bytes| (Ok::<_, std::convert::Infallible>(bytes), receiver))
-    }))
+    Body::from_stream(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move {
+            receiver
+                .recv()
+                .await
+                .map(|bytes| (Ok::<_, std::convert::Infallible>(bytes), receiver))
+        },
+    ))
 }
 
 async fn list_vms(State(agent): State<AgentState>) -> Json<Vec<VmStatus>> {
@@ -244,6 +256,29 @@ async fn restart(
     Ok(done())
 }
 
+async fn resources(
+    State(agent): State<AgentState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<gantry_proto::GuestResources>, ApiError> {
+    let vm = find(&agent, &name)?;
+    match vm.request(Op::GuestResources, SHIM_WAIT).await? {
+        Reply::GuestResources(resources) => Ok(Json(resources)),
+        other => Err(ApiError(
+            StatusCode::BAD_GATEWAY,
+            format!("the shim answered {other:?} to GuestResources"),
+        )),
+    }
+}
+
+async fn probe(
+    State(agent): State<AgentState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let vm = find(&agent, &name)?;
+    let reason = vm.probe_with_garbage().await?;
+    Ok(Json(serde_json::json!({ "goodbye": reason })))
+}
+
 /// Creates and starts a container, streaming progress as NDJSON [`RunUpdate`] lines.
 async fn run(
     State(agent): State<AgentState>,
@@ -263,7 +298,9 @@ async fn run(
             // A client that went away misses progress; the run itself goes on.
             let _ = progress_sender.try_send(line(RunUpdate::Progress(message)));
         });
-        let Some(vm) = agent.vms.get(&name) else { return };
+        let Some(vm) = agent.vms.get(&name) else {
+            return;
+        };
         let outcome = match run_container(&agent.images, vm, options, progress).await {
             Ok(id) => RunUpdate::Started(id),
             Err(err) => RunUpdate::Failed(err.to_string()),
@@ -282,7 +319,10 @@ async fn list_containers(
 ) -> Result<Json<Vec<ContainerView>>, ApiError> {
     let vm = find(&agent, &name)?;
     let Reply::Containers(summaries) = vm.request(Op::ListContainers, SHIM_WAIT).await? else {
-        return Err(ApiError(StatusCode::BAD_GATEWAY, "the shim answered ListContainers wrongly".into()));
+        return Err(ApiError(
+            StatusCode::BAD_GATEWAY,
+            "the shim answered ListContainers wrongly".into(),
+        ));
     };
     let views = summaries
         .into_iter()
@@ -321,9 +361,12 @@ async fn logs(
         .containers()
         .get(&id)
         .map_err(|err| ApiError(StatusCode::NOT_FOUND, err.to_string()))?;
-    let log = entry
-        .log(query.exec.as_deref())
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no exec {:?} in {id}", query.exec)))?;
+    let log = entry.log(query.exec.as_deref()).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no exec {:?} in {id}", query.exec),
+        )
+    })?;
     let reader = log
         .reader(query.follow)
         .await
@@ -331,7 +374,9 @@ async fn logs(
     let stream = futures::stream::unfold(Some(reader), |reader| async move {
         let mut reader = reader?;
         match reader.next_raw().await {
-            Ok(Some((kind, data))) => Some((Ok(Bytes::from(encode_record(kind, &data))), Some(reader))),
+            Ok(Some((kind, data))) => {
+                Some((Ok(Bytes::from(encode_record(kind, &data))), Some(reader)))
+            }
             Ok(None) => None,
             Err(err) => Some((Err(err), None)),
         }
@@ -355,7 +400,8 @@ async fn exec(
     let exec_id = request.exec_id.unwrap_or_else(generate_name);
     let process = ProcessSpec {
         args: request.command,
-        env: merge_env(&entry.process.env, &request.env).map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?,
+        env: merge_env(&entry.process.env, &request.env)
+            .map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?,
         cwd: request.workdir.unwrap_or_else(|| entry.process.cwd.clone()),
         user: request.user.unwrap_or_else(|| entry.process.user.clone()),
         stdin: false,
@@ -363,7 +409,11 @@ async fn exec(
     entry
         .add_exec(&exec_id)
         .map_err(|err| ApiError(StatusCode::CONFLICT, err.to_string()))?;
-    let op = Op::Exec { container_id: id, exec_id: exec_id.clone(), process };
+    let op = Op::Exec {
+        container_id: id,
+        exec_id: exec_id.clone(),
+        process,
+    };
     expect_done(vm.request(op, SHIM_WAIT).await)?;
     Ok(Json(serde_json::json!({ "exec_id": exec_id })))
 }
@@ -385,7 +435,11 @@ async fn kill(
     Query(query): Query<KillQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let vm = find(&agent, &name)?;
-    let op = Op::Signal { container_id: id, exec_id: query.exec, signal: query.signal };
+    let op = Op::Signal {
+        container_id: id,
+        exec_id: query.exec,
+        signal: query.signal,
+    };
     expect_done(vm.request(op, SHIM_WAIT).await)?;
     Ok(done())
 }
@@ -397,10 +451,18 @@ async fn wait(
 ) -> Result<Json<ExitRecord>, ApiError> {
     let vm = find(&agent, &name)?;
     let is_main = query.exec.is_none();
-    let op = Op::Wait { container_id: id.clone(), exec_id: query.exec };
+    let op = Op::Wait {
+        container_id: id.clone(),
+        exec_id: query.exec,
+    };
     let status = match vm.request(op, SHIM_WAIT).await? {
         Reply::Exited(status) => status,
-        other => return Err(ApiError(StatusCode::BAD_GATEWAY, format!("the shim answered {other:?} to Wait"))),
+        other => {
+            return Err(ApiError(
+                StatusCode::BAD_GATEWAY,
+                format!("the shim answered {other:?} to Wait"),
+            ));
+        }
     };
     let oom_killed = is_main && vm.containers().get(&id).is_ok_and(|e| e.oom_killed());
     Ok(Json(ExitRecord { status, oom_killed }))
@@ -411,9 +473,15 @@ async fn stats(
     UrlPath((name, id)): UrlPath<(String, String)>,
 ) -> Result<Json<gantry_proto::ContainerStats>, ApiError> {
     let vm = find(&agent, &name)?;
-    match vm.request(Op::Stats { container_id: id }, SHIM_WAIT).await? {
+    match vm
+        .request(Op::Stats { container_id: id }, SHIM_WAIT)
+        .await?
+    {
         Reply::Stats(stats) => Ok(Json(stats)),
-        other => Err(ApiError(StatusCode::BAD_GATEWAY, format!("the shim answered {other:?} to Stats"))),
+        other => Err(ApiError(
+            StatusCode::BAD_GATEWAY,
+            format!("the shim answered {other:?} to Stats"),
+        )),
     }
 }
 
@@ -432,14 +500,30 @@ async fn stdin(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let vm = find(&agent, &name)?;
     if body.len() > MAX_STDIN_BYTES {
-        return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {MAX_STDIN_BYTES} bytes per write")));
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_STDIN_BYTES} bytes per write"),
+        ));
     }
     if !body.is_empty() {
-        let op = Op::WriteStdin { container_id: id.clone(), exec_id: query.exec.clone(), data: body.to_vec() };
+        let op = Op::WriteStdin {
+            container_id: id.clone(),
+            exec_id: query.exec.clone(),
+            data: body.to_vec(),
+        };
         expect_done(vm.request(op, SHIM_WAIT).await)?;
     }
     if query.close {
-        expect_done(vm.request(Op::CloseStdin { container_id: id, exec_id: query.exec }, SHIM_WAIT).await)?;
+        expect_done(
+            vm.request(
+                Op::CloseStdin {
+                    container_id: id,
+                    exec_id: query.exec,
+                },
+                SHIM_WAIT,
+            )
+            .await,
+        )?;
     }
     Ok(done())
 }
@@ -457,17 +541,40 @@ async fn remove(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let vm = find(&agent, &name)?;
     if query.force {
-        let op = Op::Signal { container_id: id.clone(), exec_id: None, signal: libc::SIGKILL };
+        let op = Op::Signal {
+            container_id: id.clone(),
+            exec_id: None,
+            signal: libc::SIGKILL,
+        };
         // Not running (or already gone) is fine for a forced removal.
         if vm.request(op, SHIM_WAIT).await.is_ok() {
-            let _ = vm.request(Op::Wait { container_id: id.clone(), exec_id: None }, SHIM_WAIT).await;
+            let _ = vm
+                .request(
+                    Op::Wait {
+                        container_id: id.clone(),
+                        exec_id: None,
+                    },
+                    SHIM_WAIT,
+                )
+                .await;
         }
     }
-    match vm.request(Op::DeleteContainer { container_id: id.clone() }, SHIM_WAIT).await {
+    match vm
+        .request(
+            Op::DeleteContainer {
+                container_id: id.clone(),
+            },
+            SHIM_WAIT,
+        )
+        .await
+    {
         Ok(_) => {}
         // The guest has no such container (a rebooted guest): forget the agent's record too.
-        Err(VmError::Session { source: crate::session::SessionError::Remote(reply), .. })
-            if reply.kind == gantry_proto::ErrorKind::NotFound && vm.containers().get(&id).is_ok() => {}
+        Err(VmError::Session {
+            source: crate::session::SessionError::Remote(reply),
+            ..
+        }) if reply.kind == gantry_proto::ErrorKind::NotFound
+            && vm.containers().get(&id).is_ok() => {}
         Err(err) => return Err(err.into()),
     }
     vm.containers().remove(&id);

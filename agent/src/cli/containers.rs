@@ -34,8 +34,11 @@ pub struct RunArgs {
     #[arg(long)]
     name: Option<String>,
     /// Remove the container when it exits.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "detach")]
     rm: bool,
+    /// Start the container and print its name instead of following its output.
+    #[arg(short, long)]
+    detach: bool,
     /// Set an environment variable (KEY=VALUE); repeatable.
     #[arg(short = 'e', long = "env")]
     env: Vec<String>,
@@ -87,7 +90,10 @@ pub async fn resolve_vm(client: &ApiClient, vm: &VmArg) -> anyhow::Result<String
         [] => bail!("the agent serves no VM"),
         many => bail!(
             "the agent serves several VMs ({}): choose one with --vm",
-            many.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -108,7 +114,11 @@ async fn follow(
 ) -> anyhow::Result<ExitRecord> {
     let exec_query = exec.map(|e| format!("&exec={e}")).unwrap_or_default();
     let body = client
-        .open(Method::GET, &format!("/v1/vms/{vm}/containers/{id}/logs?follow=true{exec_query}"), Vec::new())
+        .open(
+            Method::GET,
+            &format!("/v1/vms/{vm}/containers/{id}/logs?follow=true{exec_query}"),
+            Vec::new(),
+        )
         .await?;
     let mut records = BodyStream::new(body);
     while let Some(item) = records.record().await? {
@@ -152,7 +162,11 @@ pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> 
         stdin: false,
     };
     let body = client
-        .open(Method::POST, &format!("/v1/vms/{vm}/containers"), serde_json::to_vec(&options)?)
+        .open(
+            Method::POST,
+            &format!("/v1/vms/{vm}/containers"),
+            serde_json::to_vec(&options)?,
+        )
         .await?;
     let mut updates = BodyStream::new(body);
     let id = loop {
@@ -167,14 +181,26 @@ pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> 
             RunUpdate::Failed(error) => bail!("{error}"),
         }
     };
+    if args.detach {
+        println!("{id}");
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut first_output = None;
     let record = follow(client, &vm, &id, None, &mut first_output, started).await?;
     if args.rm {
-        let _: serde_json::Value = client.delete(&format!("/v1/vms/{vm}/containers/{id}")).await?;
+        let _: serde_json::Value = client
+            .delete(&format!("/v1/vms/{vm}/containers/{id}"))
+            .await?;
     }
     if args.timing {
-        let first = first_output.map_or_else(|| "no output".to_owned(), |d| format!("{} ms", d.as_millis()));
-        eprintln!("timing: run → first output {first}; run → exit {} ms", started.elapsed().as_millis());
+        let first = first_output.map_or_else(
+            || "no output".to_owned(),
+            |d| format!("{} ms", d.as_millis()),
+        );
+        eprintln!(
+            "timing: run → first output {first}; run → exit {} ms",
+            started.elapsed().as_millis()
+        );
     }
     if record.oom_killed {
         eprintln!("{id}: killed by the kernel's OOM killer (memory limit reached)");
@@ -198,7 +224,8 @@ pub struct PsArgs {
 /// `ps`: the containers of a VM.
 pub async fn ps(client: &ApiClient, args: PsArgs) -> anyhow::Result<ExitCode> {
     let vm = resolve_vm(client, &args.vm).await?;
-    let mut containers: Vec<ContainerView> = client.get(&format!("/v1/vms/{vm}/containers")).await?;
+    let mut containers: Vec<ContainerView> =
+        client.get(&format!("/v1/vms/{vm}/containers")).await?;
     if !args.all {
         containers.retain(|c| c.state != ContainerState::Stopped);
     }
@@ -206,7 +233,10 @@ pub async fn ps(client: &ApiClient, args: PsArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&containers)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<24} {:<28} {:<8} {:>7} {:<12} LAYERS", "NAME", "IMAGE", "STATE", "PID", "EXIT");
+    println!(
+        "{:<24} {:<28} {:<8} {:>7} {:<12} LAYERS",
+        "NAME", "IMAGE", "STATE", "PID", "EXIT"
+    );
     for c in containers {
         let exit = match c.exit {
             Some(ExitStatus::Code(code)) => format!("code {code}"),
@@ -219,7 +249,11 @@ pub async fn ps(client: &ApiClient, args: PsArgs) -> anyhow::Result<ExitCode> {
             c.image.unwrap_or_else(|| "?".into()),
             format!("{:?}", c.state).to_lowercase(),
             c.pid.map_or_else(|| "-".into(), |p| p.to_string()),
-            if c.oom_killed { format!("{exit} (OOM)") } else { exit },
+            if c.oom_killed {
+                format!("{exit} (OOM)")
+            } else {
+                exit
+            },
             c.layers.len()
         );
     }
@@ -245,12 +279,19 @@ pub struct LogsArgs {
 pub async fn logs(client: &ApiClient, args: LogsArgs) -> anyhow::Result<ExitCode> {
     let vm = resolve_vm(client, &args.vm).await?;
     let exec_query = args.exec.map(|e| format!("&exec={e}")).unwrap_or_default();
-    let path = format!("/v1/vms/{vm}/containers/{}/logs?follow={}{exec_query}", args.name, args.follow);
+    let path = format!(
+        "/v1/vms/{vm}/containers/{}/logs?follow={}{exec_query}",
+        args.name, args.follow
+    );
     let mut records = BodyStream::new(client.open(Method::GET, &path, Vec::new()).await?);
     while let Some(item) = records.record().await? {
         match item {
-            LogItem::Output(OutputStream::Stdout, data) => write_all(&mut std::io::stdout().lock(), &data)?,
-            LogItem::Output(OutputStream::Stderr, data) => write_all(&mut std::io::stderr().lock(), &data)?,
+            LogItem::Output(OutputStream::Stdout, data) => {
+                write_all(&mut std::io::stdout().lock(), &data)?
+            }
+            LogItem::Output(OutputStream::Stderr, data) => {
+                write_all(&mut std::io::stderr().lock(), &data)?
+            }
             LogItem::Exit(_) => break,
         }
     }
@@ -290,9 +331,15 @@ pub async fn exec(client: &ApiClient, args: ExecArgs) -> anyhow::Result<ExitCode
         user: args.user,
     };
     let answer: serde_json::Value = client
-        .post_json(&format!("/v1/vms/{vm}/containers/{}/exec", args.name), &request)
+        .post_json(
+            &format!("/v1/vms/{vm}/containers/{}/exec", args.name),
+            &request,
+        )
         .await?;
-    let exec_id = answer["exec_id"].as_str().context("the agent named no exec")?.to_owned();
+    let exec_id = answer["exec_id"]
+        .as_str()
+        .context("the agent named no exec")?
+        .to_owned();
     let record = follow(client, &vm, &args.name, Some(&exec_id), &mut None, started).await?;
     Ok(exit_code(&record))
 }
@@ -315,7 +362,11 @@ pub fn parse_signal(text: &str) -> anyhow::Result<i32> {
         return Ok(number);
     }
     let upper = text.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
     nix::sys::signal::Signal::from_str(&name)
         .map(|s| s as i32)
         .map_err(|_| anyhow!("unknown signal {text:?}"))
@@ -326,7 +377,10 @@ pub async fn kill(client: &ApiClient, args: KillArgs) -> anyhow::Result<ExitCode
     let vm = resolve_vm(client, &args.vm).await?;
     let signal = parse_signal(&args.signal)?;
     let _: serde_json::Value = client
-        .post(&format!("/v1/vms/{vm}/containers/{}/kill?signal={signal}", args.name))
+        .post(&format!(
+            "/v1/vms/{vm}/containers/{}/kill?signal={signal}",
+            args.name
+        ))
         .await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -358,7 +412,11 @@ pub async fn rm(client: &ApiClient, args: RmArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// `stats`.
@@ -373,7 +431,9 @@ pub struct StatsArgs {
 /// `stats`: a container's cgroup figures.
 pub async fn stats(client: &ApiClient, args: StatsArgs) -> anyhow::Result<ExitCode> {
     let vm = resolve_vm(client, &args.vm).await?;
-    let stats: serde_json::Value = client.get(&format!("/v1/vms/{vm}/containers/{}/stats", args.name)).await?;
+    let stats: serde_json::Value = client
+        .get(&format!("/v1/vms/{vm}/containers/{}/stats", args.name))
+        .await?;
     println!("{}", serde_json::to_string_pretty(&stats)?);
     Ok(ExitCode::SUCCESS)
 }

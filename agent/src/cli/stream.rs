@@ -28,7 +28,11 @@ pub struct BodyStream {
 impl BodyStream {
     /// Reads `body`.
     pub fn new(body: Incoming) -> Self {
-        Self { body, buffer: BytesMut::new(), ended: false }
+        Self {
+            body,
+            buffer: BytesMut::new(),
+            ended: false,
+        }
     }
 
     /// Reads more bytes; false at the end of the body.
@@ -67,7 +71,12 @@ impl BodyStream {
     pub async fn record(&mut self) -> Result<Option<LogItem>, StreamError> {
         loop {
             if self.buffer.len() >= 5 {
-                let len = u32::from_le_bytes([self.buffer[1], self.buffer[2], self.buffer[3], self.buffer[4]]);
+                let len = u32::from_le_bytes([
+                    self.buffer[1],
+                    self.buffer[2],
+                    self.buffer[3],
+                    self.buffer[4],
+                ]);
                 if len > MAX_RECORD {
                     return Err(StreamError::Malformed(format!("record of {len} bytes")));
                 }
@@ -84,7 +93,9 @@ impl BodyStream {
                 if self.buffer.is_empty() {
                     return Ok(None);
                 }
-                return Err(StreamError::Malformed("the stream ended inside a record".into()));
+                return Err(StreamError::Malformed(
+                    "the stream ended inside a record".into(),
+                ));
             }
         }
     }

@@ -94,7 +94,11 @@ impl ProcessLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).truncate(true).write(true).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(path)?;
         Ok(Self {
             path: path.to_owned(),
             file: Mutex::new(file),
@@ -104,7 +108,10 @@ impl ProcessLog {
 
     fn append(&self, kind: u8, data: &[u8]) -> std::io::Result<()> {
         let record = encode_record(kind, data);
-        self.file.lock().unwrap_or_else(|e| e.into_inner()).write_all(&record)?;
+        self.file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_all(&record)?;
         self.progress.send_modify(|p| {
             p.bytes += record.len() as u64;
             p.ended |= kind == KIND_EXIT;
@@ -165,7 +172,10 @@ impl LogReader {
                 self.file.read_exact(&mut header).await?;
                 let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
                 if len > MAX_RECORD {
-                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "log record too large"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "log record too large",
+                    ));
                 }
                 let mut data = vec![0u8; len as usize];
                 self.file.read_exact(&mut data).await?;
@@ -201,15 +211,26 @@ mod tests {
         log.output(OutputStream::Stdout, b"one").unwrap();
         let mut snapshot = log.reader(false).await.unwrap();
         let mut follower = log.reader(true).await.unwrap();
-        assert_eq!(snapshot.next().await.unwrap(), Some(LogItem::Output(OutputStream::Stdout, b"one".to_vec())));
-        assert_eq!(snapshot.next().await.unwrap(), None, "a snapshot ends at what was written");
+        assert_eq!(
+            snapshot.next().await.unwrap(),
+            Some(LogItem::Output(OutputStream::Stdout, b"one".to_vec()))
+        );
+        assert_eq!(
+            snapshot.next().await.unwrap(),
+            None,
+            "a snapshot ends at what was written"
+        );
 
         let writer = tokio::spawn({
             let log = log.clone();
             async move {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 log.output(OutputStream::Stderr, b"two").unwrap();
-                log.finish(ExitRecord { status: ExitStatus::Code(3), oom_killed: false }).unwrap();
+                log.finish(ExitRecord {
+                    status: ExitStatus::Code(3),
+                    oom_killed: false,
+                })
+                .unwrap();
             }
         });
         let mut items = Vec::new();
@@ -226,7 +247,10 @@ mod tests {
             vec![
                 LogItem::Output(OutputStream::Stdout, b"one".to_vec()),
                 LogItem::Output(OutputStream::Stderr, b"two".to_vec()),
-                LogItem::Exit(ExitRecord { status: ExitStatus::Code(3), oom_killed: false }),
+                LogItem::Exit(ExitRecord {
+                    status: ExitStatus::Code(3),
+                    oom_killed: false
+                }),
             ]
         );
         assert!(log.ended());
@@ -234,7 +258,21 @@ mod tests {
 
     #[test]
     fn shell_codes_follow_the_shell() {
-        assert_eq!(ExitRecord { status: ExitStatus::Code(4), oom_killed: false }.shell_code(), 4);
-        assert_eq!(ExitRecord { status: ExitStatus::Signal(9), oom_killed: true }.shell_code(), 137);
+        assert_eq!(
+            ExitRecord {
+                status: ExitStatus::Code(4),
+                oom_killed: false
+            }
+            .shell_code(),
+            4
+        );
+        assert_eq!(
+            ExitRecord {
+                status: ExitStatus::Signal(9),
+                oom_killed: true
+            }
+            .shell_code(),
+            137
+        );
     }
 }

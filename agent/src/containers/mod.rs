@@ -65,11 +65,17 @@ impl ContainerEntry {
     pub fn add_exec(&self, exec_id: &str) -> Result<Arc<ProcessLog>, ContainerTableError> {
         let mut execs = lock(&self.execs);
         if execs.contains_key(exec_id) {
-            return Err(ContainerTableError::Exists(format!("{}/{exec_id}", self.id)));
+            return Err(ContainerTableError::Exists(format!(
+                "{}/{exec_id}",
+                self.id
+            )));
         }
         let log = ProcessLog::create(&self.dir.join(format!("exec-{exec_id}.log")))
             .map(Arc::new)
-            .map_err(|source| ContainerTableError::Log { id: self.id.clone(), source })?;
+            .map_err(|source| ContainerTableError::Log {
+                id: self.id.clone(),
+                source,
+            })?;
         execs.insert(exec_id.to_owned(), Arc::clone(&log));
         Ok(log)
     }
@@ -115,7 +121,10 @@ impl ContainerTable {
         let _ = std::fs::remove_dir_all(&dir);
         let main = ProcessLog::create(&dir.join("main.log"))
             .map(Arc::new)
-            .map_err(|source| ContainerTableError::Log { id: id.to_owned(), source })?;
+            .map_err(|source| ContainerTableError::Log {
+                id: id.to_owned(),
+                source,
+            })?;
         let entry = Arc::new(ContainerEntry {
             id: id.to_owned(),
             image: image.to_owned(),
@@ -160,7 +169,12 @@ impl ContainerTable {
     /// and dropped, so that the process does not block forever.
     pub fn on_event(&self, event: Event) -> Option<Op> {
         match event {
-            Event::Output { container_id, exec_id, stream, data } => {
+            Event::Output {
+                container_id,
+                exec_id,
+                stream,
+                data,
+            } => {
                 let log = lock(&self.entries)
                     .get(&container_id)
                     .and_then(|entry| entry.log(exec_id.as_deref()));
@@ -170,12 +184,22 @@ impl ContainerTable {
                             warn!(container = %container_id, %error, "cannot write the container's log");
                         }
                     }
-                    None => warn!(container = %container_id, ?exec_id, "output of an unknown process dropped"),
+                    None => {
+                        warn!(container = %container_id, ?exec_id, "output of an unknown process dropped")
+                    }
                 }
                 let bytes = u32::try_from(data.len()).unwrap_or(u32::MAX);
-                Some(Op::OutputCredit { container_id, exec_id, bytes })
+                Some(Op::OutputCredit {
+                    container_id,
+                    exec_id,
+                    bytes,
+                })
             }
-            Event::Exit { container_id, exec_id, status } => {
+            Event::Exit {
+                container_id,
+                exec_id,
+                status,
+            } => {
                 let entry = lock(&self.entries).get(&container_id).cloned();
                 if let Some(entry) = entry {
                     let oom_killed = exec_id.is_none() && entry.oom_killed();
@@ -215,7 +239,10 @@ mod tests {
             stdin: false,
         };
         let entry = table.insert("c1", "default", &process).unwrap();
-        assert!(matches!(table.insert("c1", "default", &process), Err(ContainerTableError::Exists(_))));
+        assert!(matches!(
+            table.insert("c1", "default", &process),
+            Err(ContainerTableError::Exists(_))
+        ));
         entry.add_exec("e1").unwrap();
 
         let credit = table.on_event(Event::Output {
@@ -224,24 +251,46 @@ mod tests {
             stream: OutputStream::Stdout,
             data: b"hello".to_vec(),
         });
-        assert_eq!(credit, Some(Op::OutputCredit { container_id: "c1".into(), exec_id: None, bytes: 5 }));
+        assert_eq!(
+            credit,
+            Some(Op::OutputCredit {
+                container_id: "c1".into(),
+                exec_id: None,
+                bytes: 5
+            })
+        );
         table.on_event(Event::Output {
             container_id: "c1".into(),
             exec_id: Some("e1".into()),
             stream: OutputStream::Stderr,
             data: b"exec".to_vec(),
         });
-        table.on_event(Event::Oom { container_id: "c1".into() });
-        table.on_event(Event::Exit { container_id: "c1".into(), exec_id: None, status: ExitStatus::Signal(9) });
+        table.on_event(Event::Oom {
+            container_id: "c1".into(),
+        });
+        table.on_event(Event::Exit {
+            container_id: "c1".into(),
+            exec_id: None,
+            status: ExitStatus::Signal(9),
+        });
 
         let mut main = entry.log(None).unwrap().reader(true).await.unwrap();
-        assert_eq!(main.next().await.unwrap(), Some(LogItem::Output(OutputStream::Stdout, b"hello".to_vec())));
         assert_eq!(
             main.next().await.unwrap(),
-            Some(LogItem::Exit(ExitRecord { status: ExitStatus::Signal(9), oom_killed: true }))
+            Some(LogItem::Output(OutputStream::Stdout, b"hello".to_vec()))
+        );
+        assert_eq!(
+            main.next().await.unwrap(),
+            Some(LogItem::Exit(ExitRecord {
+                status: ExitStatus::Signal(9),
+                oom_killed: true
+            }))
         );
         let mut exec = entry.log(Some("e1")).unwrap().reader(false).await.unwrap();
-        assert_eq!(exec.next().await.unwrap(), Some(LogItem::Output(OutputStream::Stderr, b"exec".to_vec())));
+        assert_eq!(
+            exec.next().await.unwrap(),
+            Some(LogItem::Output(OutputStream::Stderr, b"exec".to_vec()))
+        );
 
         // Output for nobody is still credited, so the guest process never blocks on it.
         let credit = table.on_event(Event::Output {

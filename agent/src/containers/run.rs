@@ -10,8 +10,8 @@ use std::time::Duration;
 use gantry_proto::{ContainerSpec, Op, Reply};
 use sha2::{Digest as _, Sha256};
 
-use super::spec::{self, DEFAULT_WRITABLE_LAYER_BYTES, ImageDefaults, RunOptions, RunSpecError};
 use super::ContainerTableError;
+use super::spec::{self, DEFAULT_WRITABLE_LAYER_BYTES, ImageDefaults, RunOptions, RunSpecError};
 use crate::cache::{Cache, CacheError, ImageRecord};
 use crate::image::builder::{self, BuildError, DEFAULT_IMAGE_NAME};
 use crate::image::oci_layout::{OciLayout, OciLayoutSource};
@@ -92,10 +92,12 @@ pub fn parse_image(image: &str) -> Result<ImageRef, RunError> {
             name: name.to_owned(),
         });
     }
-    Reference::from_str(image).map(ImageRef::Registry).map_err(|err| RunError::BadImage {
-        image: image.to_owned(),
-        reason: err.to_string(),
-    })
+    Reference::from_str(image)
+        .map(ImageRef::Registry)
+        .map_err(|err| RunError::BadImage {
+            image: image.to_owned(),
+            reason: err.to_string(),
+        })
 }
 
 /// The card's images: the cache and where images come from.
@@ -107,6 +109,8 @@ pub struct ImageService {
     pub registry: RegistryClient,
     default_layout: PathBuf,
     busybox: PathBuf,
+    /// One build of the default image at a time: concurrent first `run`s must not race.
+    default_build: tokio::sync::Mutex<()>,
 }
 
 impl ImageService {
@@ -117,28 +121,44 @@ impl ImageService {
             registry,
             default_layout: state_dir.join("images").join("default"),
             busybox: busybox.to_owned(),
+            default_build: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Pulls `image` into the cache (a no-op for layers already there).
-    pub async fn pull(&self, image: &str, progress: &(dyn Fn(&PullEvent) + Send + Sync)) -> Result<ImageRecord, RunError> {
+    pub async fn pull(
+        &self,
+        image: &str,
+        progress: &(dyn Fn(&PullEvent) + Send + Sync),
+    ) -> Result<ImageRecord, RunError> {
         match parse_image(image)? {
             ImageRef::Default => {
+                let _single_flight = self.default_build.lock().await;
                 let (layout, busybox) = (self.default_layout.clone(), self.busybox.clone());
-                let dir = tokio::task::spawn_blocking(move || builder::ensure_default_image(&layout, &busybox))
-                    .await
-                    .map_err(|err| RunError::Internal(err.to_string()))??;
+                let dir = tokio::task::spawn_blocking(move || {
+                    builder::ensure_default_image(&layout, &busybox)
+                })
+                .await
+                .map_err(|err| RunError::Internal(err.to_string()))??;
                 self.pull_layout(&dir, DEFAULT_IMAGE_NAME, progress).await
             }
             ImageRef::Layout { dir, name } => self.pull_layout(&dir, &name, progress).await,
             ImageRef::Registry(reference) => {
-                let source = RegistrySource { client: &self.registry, reference: &reference };
+                let source = RegistrySource {
+                    client: &self.registry,
+                    reference: &reference,
+                };
                 Ok(self.cache.pull(&source, progress).await?)
             }
         }
     }
 
-    async fn pull_layout(&self, dir: &Path, name: &str, progress: &(dyn Fn(&PullEvent) + Send + Sync)) -> Result<ImageRecord, RunError> {
+    async fn pull_layout(
+        &self,
+        dir: &Path,
+        name: &str,
+        progress: &(dyn Fn(&PullEvent) + Send + Sync),
+    ) -> Result<ImageRecord, RunError> {
         let layout = OciLayout::open(dir).map_err(|err| RunError::BadImage {
             image: format!("oci:{}", dir.display()),
             reason: err.to_string(),
@@ -177,14 +197,35 @@ pub fn image_defaults(record: &ImageRecord) -> ImageDefaults {
 /// A progress line for a pull event.
 pub fn describe(event: &PullEvent) -> String {
     match event {
-        PullEvent::Resolved { image, manifest_digest, layers, total_bytes } => {
-            format!("{image}: {manifest_digest}, {layers} layer(s), {:.1} MiB", *total_bytes as f64 / (1 << 20) as f64)
+        PullEvent::Resolved {
+            image,
+            manifest_digest,
+            layers,
+            total_bytes,
+        } => {
+            format!(
+                "{image}: {manifest_digest}, {layers} layer(s), {:.1} MiB",
+                *total_bytes as f64 / (1 << 20) as f64
+            )
         }
         PullEvent::LayerCached { index, digest } => format!("layer {index} {digest}: cached"),
-        PullEvent::LayerStarted { index, digest, size } => {
-            format!("layer {index} {digest}: fetching and converting {:.1} MiB", *size as f64 / (1 << 20) as f64)
+        PullEvent::LayerStarted {
+            index,
+            digest,
+            size,
+        } => {
+            format!(
+                "layer {index} {digest}: fetching and converting {:.1} MiB",
+                *size as f64 / (1 << 20) as f64
+            )
         }
-        PullEvent::LayerDone { index, erofs_size, source, seconds, .. } => format!(
+        PullEvent::LayerDone {
+            index,
+            erofs_size,
+            source,
+            seconds,
+            ..
+        } => format!(
             "layer {index}: converted to EROFS ({:.1} MiB) from {source} in {seconds:.2} s",
             *erofs_size as f64 / (1 << 20) as f64
         ),
@@ -202,7 +243,14 @@ pub async fn run_container(
     progress: RunProgress,
 ) -> Result<String, RunError> {
     let id = options.name.clone().unwrap_or_else(generate_name);
-    progress(format!("pulling {}", if options.image.is_empty() { "default" } else { &options.image }));
+    progress(format!(
+        "pulling {}",
+        if options.image.is_empty() {
+            "default"
+        } else {
+            &options.image
+        }
+    ));
     // Typed as a trait object up front: an inferred closure type here trips rustc's
     // higher-ranked `Send` check once the future is spawned.
     let pull_progress: Box<dyn Fn(&PullEvent) + Send + Sync> = {
@@ -223,28 +271,54 @@ pub async fn run_container(
         ));
         layers.push(extent);
     }
-    let hostname = options
-        .hostname
-        .clone()
-        .unwrap_or_else(|| id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(63).collect());
-    vm.containers()
-        .insert(&id, if options.image.is_empty() { "default" } else { &options.image }, &process)?;
+    let hostname = options.hostname.clone().unwrap_or_else(|| {
+        id.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(63)
+            .collect()
+    });
+    vm.containers().insert(
+        &id,
+        if options.image.is_empty() {
+            "default"
+        } else {
+            &options.image
+        },
+        &process,
+    )?;
     let spec = ContainerSpec {
         container_id: id.clone(),
         layers,
         process,
         hostname,
         resources,
-        writable_layer_bytes: options.writable_layer_bytes.unwrap_or(DEFAULT_WRITABLE_LAYER_BYTES),
+        writable_layer_bytes: options
+            .writable_layer_bytes
+            .unwrap_or(DEFAULT_WRITABLE_LAYER_BYTES),
     };
     if let Err(err) = expect_done(vm.request(Op::CreateContainer(spec), SHIM_WAIT).await) {
         vm.containers().remove(&id);
         return Err(err);
     }
     progress(format!("created {id}"));
-    if let Err(err) = expect_done(vm.request(Op::StartContainer { container_id: id.clone() }, SHIM_WAIT).await) {
+    if let Err(err) = expect_done(
+        vm.request(
+            Op::StartContainer {
+                container_id: id.clone(),
+            },
+            SHIM_WAIT,
+        )
+        .await,
+    ) {
         // Leave nothing half-made behind: the container never ran.
-        let _ = vm.request(Op::DeleteContainer { container_id: id.clone() }, Duration::ZERO).await;
+        let _ = vm
+            .request(
+                Op::DeleteContainer {
+                    container_id: id.clone(),
+                },
+                Duration::ZERO,
+            )
+            .await;
         vm.containers().remove(&id);
         return Err(err);
     }
@@ -268,13 +342,22 @@ mod tests {
         assert_eq!(parse_image("default").unwrap(), ImageRef::Default);
         assert_eq!(
             parse_image("oci:/srv/layout:web").unwrap(),
-            ImageRef::Layout { dir: "/srv/layout".into(), name: "web".into() }
+            ImageRef::Layout {
+                dir: "/srv/layout".into(),
+                name: "web".into()
+            }
         );
         assert_eq!(
             parse_image("oci:/srv/layout").unwrap(),
-            ImageRef::Layout { dir: "/srv/layout".into(), name: String::new() }
+            ImageRef::Layout {
+                dir: "/srv/layout".into(),
+                name: String::new()
+            }
         );
-        assert!(matches!(parse_image("127.0.0.1:5000/repo:tag").unwrap(), ImageRef::Registry(_)));
+        assert!(matches!(
+            parse_image("127.0.0.1:5000/repo:tag").unwrap(),
+            ImageRef::Registry(_)
+        ));
         assert!(parse_image("UPPER/Case").is_err());
     }
 

@@ -80,7 +80,11 @@ pub fn process_spec(image: &ImageDefaults, run: &RunOptions) -> Result<ProcessSp
     let args: Vec<String> = match &run.entrypoint {
         Some(entrypoint) => entrypoint.iter().chain(&run.command).cloned().collect(),
         None => {
-            let cmd = if run.command.is_empty() { &image.cmd } else { &run.command };
+            let cmd = if run.command.is_empty() {
+                &image.cmd
+            } else {
+                &run.command
+            };
             image.entrypoint.iter().chain(cmd).cloned().collect()
         }
     };
@@ -143,7 +147,10 @@ pub fn parse_size(text: &str) -> Result<u64, RunSpecError> {
         _ => (lower, 0),
     };
     let value: u64 = digits.parse().map_err(|_| bad())?;
-    value.checked_mul(1u64 << shift).filter(|v| *v > 0).ok_or_else(bad)
+    value
+        .checked_mul(1u64 << shift)
+        .filter(|v| *v > 0)
+        .ok_or_else(bad)
 }
 
 #[cfg(test)]
@@ -163,13 +170,32 @@ mod tests {
     #[test]
     fn command_and_entrypoint_follow_docker() {
         let run = RunOptions::default();
-        assert_eq!(process_spec(&image(), &run).unwrap().args, ["/entry", "--serve"]);
-        let run = RunOptions { command: vec!["--debug".into()], ..Default::default() };
-        assert_eq!(process_spec(&image(), &run).unwrap().args, ["/entry", "--debug"]);
-        let run = RunOptions { entrypoint: Some(vec!["sh".into()]), ..Default::default() };
-        assert_eq!(process_spec(&image(), &run).unwrap().args, ["sh"], "Cmd is dropped with a new entrypoint");
+        assert_eq!(
+            process_spec(&image(), &run).unwrap().args,
+            ["/entry", "--serve"]
+        );
+        let run = RunOptions {
+            command: vec!["--debug".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            process_spec(&image(), &run).unwrap().args,
+            ["/entry", "--debug"]
+        );
+        let run = RunOptions {
+            entrypoint: Some(vec!["sh".into()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            process_spec(&image(), &run).unwrap().args,
+            ["sh"],
+            "Cmd is dropped with a new entrypoint"
+        );
         let empty = ImageDefaults::default();
-        assert_eq!(process_spec(&empty, &RunOptions::default()), Err(RunSpecError::NoCommand));
+        assert_eq!(
+            process_spec(&empty, &RunOptions::default()),
+            Err(RunSpecError::NoCommand)
+        );
     }
 
     #[test]
@@ -185,19 +211,42 @@ mod tests {
         assert_eq!(process.cwd, "/tmp");
         assert_eq!(process.user, "nobody");
         let defaults = process_spec(&image(), &RunOptions::default()).unwrap();
-        assert_eq!((defaults.cwd.as_str(), defaults.user.as_str()), ("/app", "app"));
-        assert_eq!(merge_env(&[], &["=x".into()]), Err(RunSpecError::BadEnv("=x".into())));
+        assert_eq!(
+            (defaults.cwd.as_str(), defaults.user.as_str()),
+            ("/app", "app")
+        );
+        assert_eq!(
+            merge_env(&[], &["=x".into()]),
+            Err(RunSpecError::BadEnv("=x".into()))
+        );
     }
 
     #[test]
     fn limits_translate_to_cgroup_values() {
-        let run = RunOptions { cpus: Some(0.5), memory_bytes: Some(1 << 28), pids_limit: Some(64), ..Default::default() };
+        let run = RunOptions {
+            cpus: Some(0.5),
+            memory_bytes: Some(1 << 28),
+            pids_limit: Some(64),
+            ..Default::default()
+        };
         let resources = resources(&run).unwrap();
         assert_eq!(resources.cpu_quota_us, Some(50_000));
         assert_eq!(resources.cpu_period_us, Some(CPU_PERIOD_US));
         assert_eq!(resources.memory_max_bytes, Some(1 << 28));
-        assert!(super::resources(&RunOptions { cpus: Some(0.0), ..Default::default() }).is_err());
-        assert!(super::resources(&RunOptions { cpus: Some(f64::NAN), ..Default::default() }).is_err());
+        assert!(
+            super::resources(&RunOptions {
+                cpus: Some(0.0),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            super::resources(&RunOptions {
+                cpus: Some(f64::NAN),
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 
     #[test]

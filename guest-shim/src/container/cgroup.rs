@@ -178,6 +178,21 @@ impl Cgroup {
     }
 }
 
+/// The container cgroups that exist now.
+pub fn existing() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(GANTRY_CGROUP)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.path().is_dir())
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// Reads `key value` lines (memory.events, cpu.stat) for one key.
 fn read_keyed(path: &Path, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;

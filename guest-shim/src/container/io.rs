@@ -19,16 +19,18 @@ pub const OUTPUT_WINDOW: u64 = 1 << 20;
 /// Largest output chunk in one event.
 pub const OUTPUT_CHUNK: usize = 32 * 1024;
 
-/// Where events go: the current agent connection, if any.
+/// Where events go: the newest agent connection still open. A second, short-lived connection
+/// (an operator's probe) must not strand events when it closes, so every attached connection is
+/// kept and events fall back to the next newest.
 #[derive(Debug)]
 pub struct EventSink {
-    current: watch::Sender<Option<(u64, mpsc::Sender<Message>)>>,
+    connections: watch::Sender<Vec<(u64, mpsc::Sender<Message>)>>,
 }
 
 impl Default for EventSink {
     fn default() -> Self {
         Self {
-            current: watch::channel(None).0,
+            connections: watch::channel(Vec::new()).0,
         }
     }
 }
@@ -37,35 +39,38 @@ impl EventSink {
     /// Makes `outgoing` the connection events go to; returns its generation for [`Self::detach`].
     pub fn attach(&self, outgoing: mpsc::Sender<Message>) -> u64 {
         let mut generation = 0;
-        self.current.send_modify(|current| {
-            generation = current.as_ref().map_or(1, |(g, _)| g + 1);
-            *current = Some((generation, outgoing));
+        self.connections.send_modify(|connections| {
+            generation = connections.last().map_or(1, |(g, _)| g + 1);
+            connections.push((generation, outgoing));
         });
         generation
     }
 
-    /// Stops sending to the connection of `generation`, if it is still the current one.
+    /// Forgets the connection of `generation`.
     pub fn detach(&self, generation: u64) {
-        self.current.send_if_modified(|current| {
-            if current.as_ref().is_some_and(|(g, _)| *g == generation) {
-                *current = None;
-                return true;
-            }
-            false
+        self.connections.send_if_modified(|connections| {
+            let before = connections.len();
+            connections.retain(|(g, _)| *g != generation);
+            connections.len() != before
         });
     }
 
-    /// Sends `event`, waiting for a connection if there is none.
+    /// Sends `event` to the newest open connection, waiting for one if there is none.
     pub async fn send(&self, event: Event) {
-        let mut current = self.current.subscribe();
+        let mut connections = self.connections.subscribe();
         loop {
-            let target = current.borrow_and_update().clone();
-            if let Some((_, outgoing)) = target
-                && outgoing.send(Message::Event(event.clone())).await.is_ok()
-            {
-                return;
+            let newest_first: Vec<mpsc::Sender<Message>> = connections
+                .borrow_and_update()
+                .iter()
+                .rev()
+                .map(|(_, outgoing)| outgoing.clone())
+                .collect();
+            for outgoing in newest_first {
+                if outgoing.send(Message::Event(event.clone())).await.is_ok() {
+                    return;
+                }
             }
-            if current.changed().await.is_err() {
+            if connections.changed().await.is_err() {
                 return;
             }
         }

@@ -278,6 +278,7 @@ impl Runtime {
                 exec_id,
                 bytes,
             } => self.credit(&container_id, exec_id.as_deref(), bytes),
+            Op::GuestResources => Ok(self.resources()),
             Op::GuestInfo | Op::Ping { .. } => return None,
         };
         Some(result.map_err(ErrorReply::from))
@@ -526,6 +527,16 @@ impl Runtime {
             .collect();
         containers.sort_by(|a, b| a.container_id.cmp(&b.container_id));
         Reply::Containers(containers)
+    }
+
+    fn resources(&self) -> Reply {
+        let layer_mounts = self.lock().layers.report();
+        Reply::GuestResources(gantry_proto::GuestResources {
+            layer_mounts,
+            loop_devices: crate::storage::loop_devices_in_use(Path::new("/sys/block")),
+            overlay_mounts: crate::storage::overlay_mount_count(),
+            container_cgroups: cgroup::existing(),
+        })
     }
 
     fn stats(&self, id: &str) -> Result<Reply, RuntimeError> {
