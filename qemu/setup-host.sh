@@ -13,6 +13,10 @@ packages=(
     binutils            # strip/readelf for the guest build
     zstd gzip           # layer and initramfs compression
     debootstrap         # realistic root file systems for image tests and benchmarks
+    docker-registry     # the reference OCI registry, started by tests on loopback
+    skopeo              # pushes test images, and the pull benchmark's yardstick
+    apache2-utils       # htpasswd for the registry auth tests
+    openssl             # certificates for the registry HTTPS tests
 )
 
 missing=()

@@ -399,9 +399,15 @@ mod tests {
     #[tokio::test]
     async fn a_silent_peer_times_out_the_handshake() {
         let (agent_end, _shim_end) = tokio::io::duplex(1024);
-        let err = ShimSession::establish(agent_end, "test", Duration::from_millis(50), 1 << 20, events())
-            .await
-            .unwrap_err();
+        let err = ShimSession::establish(
+            agent_end,
+            "test",
+            Duration::from_millis(50),
+            1 << 20,
+            events(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, SessionError::HandshakeTimeout(_)));
     }
 }

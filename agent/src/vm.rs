@@ -412,10 +412,10 @@ impl Vm {
     pub fn shutdown(self) {
         self.keeper.abort();
         self.event_task.abort();
-        if let Some(mut qemu) = lock(&self.qemu).take() {
-            if let Err(err) = qemu.kill() {
-                warn!(vm = %self.config.name, %err, "stopping QEMU");
-            }
+        if let Some(mut qemu) = lock(&self.qemu).take()
+            && let Err(err) = qemu.kill()
+        {
+            warn!(vm = %self.config.name, %err, "stopping QEMU");
         }
         self.device.shutdown();
         self.layer_device.shutdown();

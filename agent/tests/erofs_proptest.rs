@@ -120,7 +120,11 @@ fn attributes() -> impl Strategy<Value = Attributes> {
         0u32..0o10000,
         prop_oneof![Just(0u32), 0u32..70_000, any::<u32>()],
         prop_oneof![Just(0u32), 0u32..70_000, any::<u32>()],
-        prop_oneof![Just(1_700_000_000i64), 0i64..2_000_000_000, -1_000_000i64..0],
+        prop_oneof![
+            Just(1_700_000_000i64),
+            0i64..2_000_000_000,
+            -1_000_000i64..0
+        ],
         xattrs(),
     )
         .prop_map(|(mode, uid, gid, mtime, xattrs)| Attributes {
@@ -229,7 +233,8 @@ fn tree() -> impl Strategy<Value = Vec<Spec>> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 48,
+        // PROPTEST_CASES=1000 for a longer run.
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]

@@ -232,3 +232,36 @@ fn same_tar_gives_same_bytes_whatever_the_compression() {
         "the summary's digest is the image's SHA-256"
     );
 }
+
+#[test]
+fn the_cli_entry_point_converts_a_file() {
+    use gantry_agent::image::cli::{ConvertLayerArgs, run_convert_layer};
+    let dir = tempfile::tempdir().unwrap();
+    let tar = tar_of(&rich_tree(), LongNames::Pax);
+    let zst = zstd::encode_all(&tar[..], 3).unwrap();
+    let input = dir.path().join("layer.tar.zst");
+    std::fs::write(&input, zst).unwrap();
+    let output = dir.path().join("layer.erofs");
+    let args = ConvertLayerArgs {
+        input: input.display().to_string(),
+        output: output.clone(),
+        max_uncompressed_size: 1 << 30,
+        max_entries: 10_000,
+        no_holes: false,
+        sync: true,
+        json: true,
+    };
+    run_convert_layer(&args).unwrap();
+    let (library, _) = convert(&tar, dir.path(), "library", &ConvertOptions::default());
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(std::fs::read(&output).unwrap());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, library.digest);
+
+    let missing = ConvertLayerArgs {
+        input: dir.path().join("missing").display().to_string(),
+        ..args
+    };
+    let err = run_convert_layer(&missing).unwrap_err();
+    assert!(format!("{err:#}").contains("missing"), "{err:#}");
+}

@@ -479,3 +479,93 @@ fn twenty_containers_in_a_row_leave_no_mount_loop_device_or_cgroup() {
     let ps = cli(&["ps", "--vm", COUNTED, "-a", "--json"]);
     assert_eq!(text(&ps.stdout).trim(), "[]");
 }
+
+/// Debian's reference registry on a free loopback port, with a temporary store; killed on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("free port")
+            .port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("store").display()
+            ),
+        )
+        .expect("registry config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed (qemu/setup-host.sh installs it)");
+        let registry = Registry {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the registry did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn run_pulls_from_a_real_registry() {
+    let registry = Registry::start();
+    let mut app = LayerBuilder::new();
+    app.file("app/hello.txt", 0o644, "pulled from the registry\n")
+        .unwrap();
+    let config = ImageConfigSpec {
+        cmd: vec!["cat".into(), "/app/hello.txt".into()],
+        env: vec!["PATH=/bin:/usr/bin".into()],
+        ..Default::default()
+    };
+    let layout = fixture().images.path().join("to-push");
+    builder::write_image(&layout, "v1", &[busybox(), app], &config).expect("write image");
+    let reference = format!("127.0.0.1:{}/gantry/hello:v1", registry.port);
+    let push = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("skopeo is installed (qemu/setup-host.sh installs it)");
+    assert!(push.status.success(), "skopeo copy: {}", text(&push.stderr));
+
+    let output = cli(&["run", "--vm", SHARED, "--rm", &reference]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout), "pulled from the registry\n");
+    assert!(
+        text(&output.stderr).contains("2 layer(s)"),
+        "progress shows the pull: {}",
+        text(&output.stderr)
+    );
+
+    let images = cli(&["images", "--json"]);
+    assert!(
+        text(&images.stdout).contains(&reference),
+        "{}",
+        text(&images.stdout)
+    );
+}

@@ -307,10 +307,10 @@ async fn run(
         };
         let _ = sender.send(line(outcome)).await;
     });
-    Ok(Response::builder()
+    Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(channel_body(receiver))
-        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?)
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))
 }
 
 async fn list_containers(
@@ -381,10 +381,10 @@ async fn logs(
             Err(err) => Some((Err(err), None)),
         }
     });
-    Ok(Response::builder()
+    Response::builder()
         .header("content-type", "application/octet-stream")
         .body(Body::from_stream(stream))
-        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?)
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))
 }
 
 async fn exec(

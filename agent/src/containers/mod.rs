@@ -203,10 +203,10 @@ impl ContainerTable {
                 let entry = lock(&self.entries).get(&container_id).cloned();
                 if let Some(entry) = entry {
                     let oom_killed = exec_id.is_none() && entry.oom_killed();
-                    if let Some(log) = entry.log(exec_id.as_deref()) {
-                        if let Err(error) = log.finish(ExitRecord { status, oom_killed }) {
-                            warn!(container = %container_id, %error, "cannot write the container's log");
-                        }
+                    if let Some(log) = entry.log(exec_id.as_deref())
+                        && let Err(error) = log.finish(ExitRecord { status, oom_killed })
+                    {
+                        warn!(container = %container_id, %error, "cannot write the container's log");
                     }
                 }
                 None

@@ -57,9 +57,18 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
 
 #[derive(Debug, Clone)]
 enum Node {
-    Dir { mode: u32 },
-    File { mode: u32, data: Vec<u8>, uid: u64, gid: u64 },
-    Symlink { target: String },
+    Dir {
+        mode: u32,
+    },
+    File {
+        mode: u32,
+        data: Vec<u8>,
+        uid: u64,
+        gid: u64,
+    },
+    Symlink {
+        target: String,
+    },
 }
 
 /// One layer, as a set of paths (kept sorted, so the tar is deterministic).
@@ -76,7 +85,10 @@ impl LayerBuilder {
 
     fn insert(&mut self, path: &str, node: Node) -> Result<&mut Self, BuildError> {
         let clean = path.trim_start_matches("./").trim_end_matches('/');
-        if clean.is_empty() || clean.starts_with('/') || clean.split('/').any(|c| c == ".." || c.is_empty()) {
+        if clean.is_empty()
+            || clean.starts_with('/')
+            || clean.split('/').any(|c| c == ".." || c.is_empty())
+        {
             return Err(BuildError::BadPath(path.to_owned()));
         }
         self.nodes.insert(clean.to_owned(), node);
@@ -89,7 +101,12 @@ impl LayerBuilder {
     }
 
     /// A regular file owned by root.
-    pub fn file(&mut self, path: &str, mode: u32, data: impl Into<Vec<u8>>) -> Result<&mut Self, BuildError> {
+    pub fn file(
+        &mut self,
+        path: &str,
+        mode: u32,
+        data: impl Into<Vec<u8>>,
+    ) -> Result<&mut Self, BuildError> {
         self.file_owned(path, mode, data, 0, 0)
     }
 
@@ -102,18 +119,35 @@ impl LayerBuilder {
         uid: u64,
         gid: u64,
     ) -> Result<&mut Self, BuildError> {
-        self.insert(path, Node::File { mode, data: data.into(), uid, gid })
+        self.insert(
+            path,
+            Node::File {
+                mode,
+                data: data.into(),
+                uid,
+                gid,
+            },
+        )
     }
 
     /// A symbolic link.
     pub fn symlink(&mut self, path: &str, target: &str) -> Result<&mut Self, BuildError> {
-        self.insert(path, Node::Symlink { target: target.to_owned() })
+        self.insert(
+            path,
+            Node::Symlink {
+                target: target.to_owned(),
+            },
+        )
     }
 
     /// An OCI whiteout: `path` from lower layers is deleted.
     pub fn whiteout(&mut self, path: &str) -> Result<&mut Self, BuildError> {
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
-        let marker = if dir.is_empty() { format!(".wh.{name}") } else { format!("{dir}/.wh.{name}") };
+        let marker = if dir.is_empty() {
+            format!(".wh.{name}")
+        } else {
+            format!("{dir}/.wh.{name}")
+        };
         self.file(&marker, 0o644, Vec::new())
     }
 
@@ -139,7 +173,12 @@ impl LayerBuilder {
                     header.set_size(0);
                     tar.append_data(&mut header, format!("{path}/"), std::io::empty())
                 }
-                Node::File { mode, data, uid, gid } => {
+                Node::File {
+                    mode,
+                    data,
+                    uid,
+                    gid,
+                } => {
                     header.set_entry_type(tar::EntryType::Regular);
                     header.set_mode(*mode);
                     header.set_uid(*uid);
@@ -200,7 +239,8 @@ pub fn write_image(
 ) -> Result<String, BuildError> {
     std::fs::create_dir_all(layout).map_err(io_at(layout))?;
     let oci_layout = layout.join("oci-layout");
-    std::fs::write(&oci_layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_at(&oci_layout))?;
+    std::fs::write(&oci_layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .map_err(io_at(&oci_layout))?;
 
     let mut layer_descriptors = Vec::new();
     let mut diff_ids = Vec::new();
@@ -222,10 +262,18 @@ pub fn write_image(
             image_config.insert(key.to_owned(), value);
         }
     };
-    put("Entrypoint", json!(config.entrypoint), !config.entrypoint.is_empty());
+    put(
+        "Entrypoint",
+        json!(config.entrypoint),
+        !config.entrypoint.is_empty(),
+    );
     put("Cmd", json!(config.cmd), !config.cmd.is_empty());
     put("Env", json!(config.env), !config.env.is_empty());
-    put("WorkingDir", json!(config.working_dir), !config.working_dir.is_empty());
+    put(
+        "WorkingDir",
+        json!(config.working_dir),
+        !config.working_dir.is_empty(),
+    );
     put("User", json!(config.user), !config.user.is_empty());
     let config_json = serde_json::to_vec(&json!({
         "architecture": "amd64",
@@ -266,7 +314,10 @@ pub fn write_image(
 
 /// The default image's only layer: busybox, its applets as symlinks, and a minimal /etc.
 pub fn busybox_layer(busybox: &Path) -> Result<LayerBuilder, BuildError> {
-    let fail = |reason: String| BuildError::Busybox { path: busybox.to_owned(), reason };
+    let fail = |reason: String| BuildError::Busybox {
+        path: busybox.to_owned(),
+        reason,
+    };
     let binary = std::fs::read(busybox).map_err(|err| fail(err.to_string()))?;
     let listing = std::process::Command::new(busybox)
         .arg("--list-full")
@@ -276,7 +327,10 @@ pub fn busybox_layer(busybox: &Path) -> Result<LayerBuilder, BuildError> {
         return Err(fail("`busybox --list-full` failed".into()));
     }
     let mut layer = LayerBuilder::new();
-    for dir in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "root", "home", "var", "proc", "sys", "dev"] {
+    for dir in [
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "root", "home", "var", "proc", "sys",
+        "dev",
+    ] {
         layer.dir(dir, 0o755)?;
     }
     layer.dir("tmp", 0o1777)?;
@@ -316,7 +370,12 @@ pub fn ensure_default_image(layout: &Path, busybox: &Path) -> Result<PathBuf, Bu
     // Build beside and rename, so a crash never leaves a half-written default image.
     let partial = layout.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
-    write_image(&partial, DEFAULT_IMAGE_NAME, &[busybox_layer(busybox)?], &default_image_config())?;
+    write_image(
+        &partial,
+        DEFAULT_IMAGE_NAME,
+        &[busybox_layer(busybox)?],
+        &default_image_config(),
+    )?;
     std::fs::rename(&partial, layout).map_err(io_at(layout))?;
     Ok(layout.to_owned())
 }
@@ -327,9 +386,19 @@ mod tests {
 
     fn two_layers() -> Vec<LayerBuilder> {
         let mut base = LayerBuilder::new();
-        base.dir("etc", 0o755).unwrap().file("etc/a", 0o644, "a").unwrap().file("etc/b", 0o600, "b").unwrap();
+        base.dir("etc", 0o755)
+            .unwrap()
+            .file("etc/a", 0o644, "a")
+            .unwrap()
+            .file("etc/b", 0o600, "b")
+            .unwrap();
         let mut top = LayerBuilder::new();
-        top.whiteout("etc/a").unwrap().opaque("var").unwrap().symlink("etc/c", "b").unwrap();
+        top.whiteout("etc/a")
+            .unwrap()
+            .opaque("var")
+            .unwrap()
+            .symlink("etc/c", "b")
+            .unwrap();
         vec![base, top]
     }
 
@@ -342,7 +411,10 @@ mod tests {
         assert_eq!(first, second);
         let mut different = two_layers();
         different[0].file("etc/d", 0o644, "d").unwrap();
-        assert_ne!(first, write_image(&dir.path().join("three"), "x", &different, &config).unwrap());
+        assert_ne!(
+            first,
+            write_image(&dir.path().join("three"), "x", &different, &config).unwrap()
+        );
     }
 
     #[test]
@@ -372,7 +444,8 @@ mod tests {
         write_image(dir.path(), "a", &two_layers(), &config).unwrap();
         write_image(dir.path(), "b", &two_layers()[..1], &config).unwrap();
         let again = write_image(dir.path(), "a", &two_layers()[..1], &config).unwrap();
-        let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("index.json")).unwrap()).unwrap();
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("index.json")).unwrap()).unwrap();
         let manifests = index["manifests"].as_array().unwrap();
         assert_eq!(manifests.len(), 2);
         assert!(manifests.iter().any(|m| m["digest"] == again.as_str()));
@@ -381,11 +454,18 @@ mod tests {
     #[test]
     fn the_default_image_holds_busybox_and_its_applets() {
         if !Path::new(DEFAULT_BUSYBOX).exists() {
-            panic!("{DEFAULT_BUSYBOX} is missing: install busybox-static (qemu/setup-host.sh does)");
+            panic!(
+                "{DEFAULT_BUSYBOX} is missing: install busybox-static (qemu/setup-host.sh does)"
+            );
         }
         let layer = busybox_layer(Path::new(DEFAULT_BUSYBOX)).unwrap();
-        assert!(matches!(layer.nodes.get("bin/sh"), Some(Node::Symlink { target }) if target == "../bin/busybox"));
-        assert!(matches!(layer.nodes.get("bin/busybox"), Some(Node::File { mode: 0o755, .. })));
+        assert!(
+            matches!(layer.nodes.get("bin/sh"), Some(Node::Symlink { target }) if target == "../bin/busybox")
+        );
+        assert!(matches!(
+            layer.nodes.get("bin/busybox"),
+            Some(Node::File { mode: 0o755, .. })
+        ));
         assert!(layer.nodes.contains_key("etc/passwd"));
     }
 }

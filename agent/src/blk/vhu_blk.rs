@@ -1,0 +1,633 @@
+//! The vhost-user-blk backend: features, config space, and the request queues.
+//!
+//! Each request queue has its own worker thread (`vhost-user-backend` runs one epoll loop per
+//! entry of [`VhostUserBackend::queues_per_thread`]) and its own [`QueueWorker`] state, locked
+//! only by that thread (and briefly by the frontend thread when it stops or resets the queue).
+//! The extent table is read through a lock-free snapshot. So queues share no lock on the hot
+//! path, and a queue parked on slow data never holds up another.
+//!
+//! A request whose data a source cannot give yet ([`Poll::Pending`]) is parked on its queue; the
+//! source wakes the queue's wake eventfd (registered as [`WAKE_EVENT`] in that queue's thread)
+//! and the worker polls its parked requests again, completing them out of order.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Wake, Waker};
+use std::time::Duration;
+
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::QueueT;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap, VolatileSlice,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+
+use super::layer_store::{LayerStore, ReadError};
+use super::offload::{Job, OFFLOAD_THRESHOLD, OffloadPool};
+use super::virtio_blk::{
+    BlkConfig, ID_BYTES, Request, RequestType, SEG_MAX, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
+    Segment, device_id_bytes,
+};
+
+/// How long stopping a queue waits for large reads being copied.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest queue the frontend may configure.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+pub(super) type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// The virtio features the device offers.
+pub const DEVICE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_BLK_F_RO)
+    | (1 << VIRTIO_BLK_F_BLK_SIZE)
+    | (1 << VIRTIO_BLK_F_SEG_MAX)
+    | (1 << VIRTIO_BLK_F_MQ)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+
+/// Event id of a queue thread's wake eventfd (ids up to the queue count belong to the queues
+/// and the exit event).
+pub fn wake_event(num_queues: usize) -> u16 {
+    // num_queues is bounded by the config (at most u16::MAX - 1).
+    (num_queues as u16).saturating_add(1)
+}
+
+/// How a finished request is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Completion {
+    status: u8,
+    /// Bytes written into device-writable buffers, status byte included.
+    used_len: u32,
+}
+
+impl Completion {
+    fn status_only(status: u8) -> Completion {
+        Completion {
+            status,
+            used_len: 1,
+        }
+    }
+}
+
+/// A request waiting for a source's data.
+#[derive(Debug)]
+pub(super) struct Parked {
+    pub(super) head: u16,
+    pub(super) request: Request,
+    /// Bytes of the data already filled (pieces before the one that was not ready).
+    pub(super) completed: u64,
+}
+
+/// Wakes one queue thread: writes its wake eventfd.
+#[derive(Debug)]
+struct QueueWake {
+    notifier: EventNotifier,
+}
+
+impl Wake for QueueWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Err(e) = self.notifier.notify() {
+            warn!(error = %e, "layer store: cannot wake a queue");
+        }
+    }
+}
+
+/// State of one request queue, touched by its worker thread.
+struct QueueWorker {
+    mem: Option<Memory>,
+    event_idx: bool,
+    parked: Vec<Parked>,
+    waker: Waker,
+    /// The queue's vring, kept to complete parked requests when the frontend stops the queue.
+    vring: Option<VringRwLock>,
+    /// Helpers for large reads.
+    offload: OffloadPool,
+}
+
+impl std::fmt::Debug for QueueWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueWorker")
+            .field("event_idx", &self.event_idx)
+            .field("parked", &self.parked)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The vhost-user-blk backend of one device for one frontend session.
+#[derive(Debug)]
+pub struct BlkBackend {
+    store: LayerStore,
+    config: BlkConfig,
+    queues: Vec<Mutex<QueueWorker>>,
+    /// Read ends of the queues' wake eventfds, registered by the device with each queue's
+    /// worker thread as [`wake_event`].
+    wake_consumers: Vec<EventConsumer>,
+}
+
+impl BlkBackend {
+    /// A backend serving `store` with `num_queues` request queues, logical block size
+    /// `blk_size`, and `offload_threads` helper threads per queue for reads of at least
+    /// [`OFFLOAD_THRESHOLD`] bytes (0: every read on the queue thread).
+    pub fn new(
+        store: LayerStore,
+        num_queues: u16,
+        blk_size: u32,
+        offload_threads: usize,
+    ) -> io::Result<BlkBackend> {
+        let config = BlkConfig {
+            capacity_sectors: store.capacity() >> super::virtio_blk::SECTOR_SHIFT,
+            seg_max: SEG_MAX,
+            blk_size,
+            num_queues,
+        };
+        let mut queues = Vec::with_capacity(num_queues.into());
+        let mut wake_consumers = Vec::with_capacity(num_queues.into());
+        for index in 0..usize::from(num_queues) {
+            let (consumer, notifier) =
+                new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+            queues.push(Mutex::new(QueueWorker {
+                mem: None,
+                event_idx: false,
+                parked: Vec::new(),
+                waker: Waker::from(Arc::new(QueueWake { notifier })),
+                vring: None,
+                offload: OffloadPool::new(offload_threads, index)?,
+            }));
+            wake_consumers.push(consumer);
+        }
+        Ok(BlkBackend {
+            store,
+            config,
+            queues,
+            wake_consumers,
+        })
+    }
+
+    /// The wake eventfd of queue `index`, to register with that queue's worker thread.
+    pub fn wake_consumer(&self, index: usize) -> Option<&EventConsumer> {
+        self.wake_consumers.get(index)
+    }
+
+    /// The config space this backend exposes.
+    pub fn config(&self) -> BlkConfig {
+        self.config
+    }
+
+    fn queue(&self, index: usize) -> Option<MutexGuard<'_, QueueWorker>> {
+        self.queues
+            .get(index)
+            .map(|queue| queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Number of requests parked on queue `index` (for tests and metrics).
+    pub fn parked_requests(&self, index: usize) -> usize {
+        self.queue(index).map_or(0, |worker| worker.parked.len())
+    }
+
+    /// Fails every parked request of every queue (the session ends or the device resets).
+    pub(crate) fn fail_all_parked(&self) {
+        for index in 0..self.queues.len() {
+            if let Some(mut worker) = self.queue(index) {
+                worker.fail_parked();
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        DEVICE_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // CONFIG: the frontend reads capacity, seg_max, blk_size and num_queues from us.
+        // MQ: the frontend asks how many queues we have.
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn reset_device(&self) {
+        self.fail_all_parked();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        for index in 0..self.queues.len() {
+            if let Some(mut worker) = self.queue(index) {
+                worker.event_idx = enabled;
+            }
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config.read(offset, size)
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // Nothing in virtio-blk's config is writable without VIRTIO_BLK_F_CONFIG_WCE.
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "layer store config space is read-only",
+        ))
+    }
+
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        for index in 0..self.queues.len() {
+            if let Some(mut worker) = self.queue(index) {
+                worker.mem = Some(mem.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue.
+        (0..self.queues.len()).map(|index| 1u64 << index).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The frontend stops the queue (guest reset, VM stop): requests parked on a source
+        // cannot outlive it, so they fail now rather than vanish.
+        // Large reads still being copied finish first: the frontend expects no more writes to
+        // guest memory for this queue once it is stopped.
+        if let Some(mut worker) = self.queue(queue_index as usize) {
+            worker.offload.wait_idle(STOP_TIMEOUT);
+            worker.collect_offloaded();
+            worker.fail_parked();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // One queue per thread: the thread's only vring is queue `thread_id`.
+        let (Some(vring), Some(mut worker)) = (vrings.first(), self.queue(thread_id)) else {
+            return Ok(());
+        };
+        if worker.vring.is_none() {
+            worker.vring = Some(vring.clone());
+        }
+        if device_event == wake_event(self.queues.len()) {
+            if let Some(consumer) = self.wake_consumers.get(thread_id) {
+                // Non-blocking: EAGAIN only means another wake already drained it.
+                let _ = consumer.consume();
+            }
+            worker.collect_offloaded();
+            worker.retry_parked(vring, &self.store);
+        } else {
+            worker.process_queue(vring, &self.store);
+        }
+        // Errors are never returned: an error would stop the worker thread for good, and
+        // nothing the guest does may do that.
+        Ok(())
+    }
+}
+
+impl QueueWorker {
+    /// Serves every request the driver queued.
+    fn process_queue(&mut self, vring: &VringRwLock, store: &LayerStore) {
+        let Some(atomic) = self.mem.clone() else {
+            return;
+        };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return;
+        }
+        let capacity = store.capacity();
+        let mut used_any = false;
+        loop {
+            if self.event_idx {
+                let _ = state.disable_notification();
+            }
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                let completion = match Request::parse(chain, &*mem, capacity) {
+                    Ok(request) if is_large_read(&request) => {
+                        let job = Job {
+                            head,
+                            request,
+                            mem: atomic.clone(),
+                            store: store.clone(),
+                            waker: self.waker.clone(),
+                            vring: vring.clone(),
+                        };
+                        match self.offload.submit(job) {
+                            Ok(()) => continue,
+                            Err(job) => match self.execute_here(job.head, job.request, &mem, store)
+                            {
+                                Some(used_len) => used_len,
+                                None => continue,
+                            },
+                        }
+                    }
+                    Ok(request) => match self.execute_here(head, request, &mem, store) {
+                        Some(used_len) => used_len,
+                        None => continue,
+                    },
+                    Err(rejected) => {
+                        debug!(head, error = %rejected.error, "layer store: malformed request");
+                        match rejected.status {
+                            Some(status) => {
+                                finish(&*mem, status, Completion::status_only(STATUS_IOERR))
+                            }
+                            None => 0,
+                        }
+                    }
+                };
+                if let Err(e) = state.add_used(head, completion) {
+                    warn!(error = %e, "layer store: cannot return a request");
+                }
+                used_any = true;
+            }
+            if !self.event_idx {
+                break;
+            }
+            match state.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(error = %e, "layer store: cannot enable notifications");
+                    break;
+                }
+            }
+        }
+        if used_any && state.needs_notification().unwrap_or(true) {
+            let _ = state.signal_used_queue();
+        }
+    }
+
+    /// Executes a request on the queue thread: returns the used length, or `None` if it was
+    /// parked.
+    fn execute_here(
+        &mut self,
+        head: u16,
+        request: Request,
+        mem: &GuestMemoryMmap,
+        store: &LayerStore,
+    ) -> Option<u32> {
+        let mut completed = 0;
+        match execute(&request, mem, store, &mut completed, &self.waker) {
+            Poll::Ready(completion) => Some(finish(mem, request.status, completion)),
+            Poll::Pending => {
+                debug!(head, sector = request.sector, "layer store: request parked");
+                self.parked.push(Parked {
+                    head,
+                    request,
+                    completed,
+                });
+                None
+            }
+        }
+    }
+
+    /// Parks the large reads a source was not ready for when a helper tried them.
+    fn collect_offloaded(&mut self) {
+        self.parked.extend(self.offload.take_parked());
+    }
+
+    /// Polls the parked requests again; completes those whose data is now there.
+    fn retry_parked(&mut self, vring: &VringRwLock, store: &LayerStore) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let Some(atomic) = self.mem.clone() else {
+            return;
+        };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        let mut used_any = false;
+        let mut index = 0;
+        while let Some(parked) = self.parked.get_mut(index) {
+            match execute(
+                &parked.request,
+                &mem,
+                store,
+                &mut parked.completed,
+                &self.waker,
+            ) {
+                Poll::Pending => index += 1,
+                Poll::Ready(completion) => {
+                    let parked = self.parked.swap_remove(index);
+                    let used_len = finish(&*mem, parked.request.status, completion);
+                    if let Err(e) = state.add_used(parked.head, used_len) {
+                        warn!(error = %e, "layer store: cannot return a parked request");
+                    }
+                    used_any = true;
+                }
+            }
+        }
+        if used_any && state.needs_notification().unwrap_or(true) {
+            let _ = state.signal_used_queue();
+        }
+    }
+
+    /// Completes every parked request with `VIRTIO_BLK_S_IOERR`.
+    fn fail_parked(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let parked = std::mem::take(&mut self.parked);
+        let (Some(atomic), Some(vring)) = (self.mem.clone(), self.vring.clone()) else {
+            return;
+        };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        for request in parked {
+            let used_len = finish(
+                &*mem,
+                request.request.status,
+                Completion::status_only(STATUS_IOERR),
+            );
+            if let Err(e) = state.add_used(request.head, used_len) {
+                debug!(error = %e, "layer store: cannot fail a parked request");
+            }
+        }
+        let _ = state.signal_used_queue();
+    }
+}
+
+/// Whether a request is a read large enough for the helpers.
+fn is_large_read(request: &Request) -> bool {
+    request.request_type == RequestType::In && request.data_len >= OFFLOAD_THRESHOLD
+}
+
+/// Writes the status byte; returns the used length to report (0 if the status byte could not
+/// be written, so the driver sees nothing was written).
+pub(super) fn finish<M: GuestMemoryBackend>(
+    mem: &M,
+    status: GuestAddress,
+    completion: Completion,
+) -> u32 {
+    match mem.write_obj(completion.status, status) {
+        Ok(()) => completion.used_len,
+        Err(e) => {
+            debug!(error = %e, "layer store: cannot write a status byte");
+            0
+        }
+    }
+}
+
+/// Executes a parsed request. `completed` carries a read's progress across polls: the bytes of
+/// its data already filled. Returns [`Poll::Pending`] if a source has not got the data yet.
+pub(super) fn execute(
+    request: &Request,
+    mem: &GuestMemoryMmap,
+    store: &LayerStore,
+    completed: &mut u64,
+    waker: &Waker,
+) -> Poll<Completion> {
+    match request.request_type {
+        RequestType::In => match read(request, mem, store, completed, waker) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => {
+                // data_len is bounded by MAX_CHAIN_DESCRIPTORS u32 lengths, and the used length
+                // of a valid chain fits u32 (virtio bounds chains to 4 GiB).
+                let used_len =
+                    u32::try_from(request.data_len.saturating_add(1)).unwrap_or(u32::MAX);
+                Poll::Ready(Completion {
+                    status: STATUS_OK,
+                    used_len,
+                })
+            }
+            Poll::Ready(Err(error)) => {
+                debug!(sector = request.sector, error = %error, "layer store: read failed");
+                Poll::Ready(Completion::status_only(STATUS_IOERR))
+            }
+        },
+        RequestType::GetId => Poll::Ready(get_id(request, mem)),
+        // Nothing is ever cached for writing: a flush has nothing to do.
+        RequestType::Flush => Poll::Ready(Completion::status_only(STATUS_OK)),
+        // Read-only device: the spec asks for IOERR on writes when VIRTIO_BLK_F_RO is offered.
+        RequestType::Out => Poll::Ready(Completion::status_only(STATUS_IOERR)),
+        // Features not offered: refused explicitly.
+        RequestType::Discard | RequestType::WriteZeroes | RequestType::Unsupported(_) => {
+            Poll::Ready(Completion::status_only(STATUS_UNSUPP))
+        }
+    }
+}
+
+fn get_id<M: GuestMemoryBackend>(request: &Request, mem: &M) -> Completion {
+    let id = device_id_bytes();
+    let mut written = 0usize;
+    for segment in &request.data {
+        let Some(bytes) = id.get(written..) else {
+            break;
+        };
+        let take = bytes.len().min(segment.len as usize);
+        let Some(part) = bytes.get(..take) else {
+            break;
+        };
+        if mem.write_slice(part, segment.addr).is_err() {
+            return Completion::status_only(STATUS_IOERR);
+        }
+        written += take;
+        if written >= ID_BYTES {
+            break;
+        }
+    }
+    Completion {
+        status: STATUS_OK,
+        // written <= ID_BYTES.
+        used_len: written as u32 + 1,
+    }
+}
+
+/// Fills an `In` request's buffers from the extent table, piece by piece (a piece is the part
+/// of the range inside one region of the table), resuming after `completed` bytes.
+fn read(
+    request: &Request,
+    mem: &GuestMemoryMmap,
+    store: &LayerStore,
+    completed: &mut u64,
+    waker: &Waker,
+) -> Poll<Result<(), ReadError>> {
+    // A fresh snapshot on every poll: a layer unmapped while a request was parked is no
+    // longer readable.
+    let snapshot = store.snapshot();
+    let (start, end) = request.byte_range();
+    while *completed < request.data_len {
+        let offset = start + *completed;
+        let piece = match snapshot.piece_len(offset, end - offset) {
+            Ok(piece) => piece,
+            Err(error) => return Poll::Ready(Err(error)),
+        };
+        let Some(bufs) = guest_slices(mem, &request.data, *completed, piece) else {
+            return Poll::Ready(Err(ReadError::GuestMemory));
+        };
+        match snapshot.read_piece(offset, &bufs, waker) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            Poll::Ready(Ok(())) => *completed += piece,
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
+/// The guest memory for bytes `[skip, skip + len)` of the request's data, as slices.
+fn guest_slices<'m>(
+    mem: &'m GuestMemoryMmap,
+    data: &[Segment],
+    skip: u64,
+    len: u64,
+) -> Option<Vec<VolatileSlice<'m>>> {
+    let mut slices = Vec::with_capacity(data.len().min(8));
+    let mut position = 0u64;
+    let mut wanted = len;
+    for segment in data {
+        if wanted == 0 {
+            break;
+        }
+        let segment_len = u64::from(segment.len);
+        let segment_end = position + segment_len;
+        if segment_end <= skip {
+            position = segment_end;
+            continue;
+        }
+        let within = skip.saturating_sub(position);
+        let take = (segment_len - within).min(wanted);
+        let addr = segment.addr.checked_add(within)?;
+        for slice in mem.get_slices(addr, usize::try_from(take).ok()?) {
+            slices.push(slice.ok()?);
+        }
+        wanted -= take;
+        position = segment_end;
+    }
+    (wanted == 0).then_some(slices)
+}

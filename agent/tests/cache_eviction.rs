@@ -1,0 +1,144 @@
+//! Cache maintenance: LRU eviction under a budget, pinning, `rmi` and `gc`.
+//! Images come from OCI layout directories (the same pipeline as registry pulls).
+
+mod registry_common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use gantry_agent::cache::{Cache, CacheConfig, ImageRecord};
+use gantry_agent::image::oci_layout::{OciLayout, OciLayoutSource};
+use gantry_agent::image::pull::no_progress;
+use registry_common::*;
+
+/// A layout with images `img0..img{n}`, each one unique 256 KiB layer, plus `pair` sharing
+/// img0's layer.
+fn layout(dir: &Path, n: u64) -> OciLayout {
+    let mut builder = LayoutBuilder::new(dir);
+    for i in 0..n {
+        let layer = layer(&[Entry::File("data", noise(256 << 10, i))]);
+        builder.simple_image(&format!("img{i}"), &[layer]);
+    }
+    let shared = layer(&[Entry::File("data", noise(256 << 10, 0))]);
+    let extra = layer(&[Entry::File("extra", b"x".to_vec())]);
+    builder.simple_image("pair", &[shared, extra]);
+    OciLayout::open(dir).unwrap()
+}
+
+async fn pull(cache: &Cache, layout: &OciLayout, name: &str) -> ImageRecord {
+    let record = cache
+        .pull(&OciLayoutSource::new(layout, name), &no_progress)
+        .await
+        .unwrap();
+    // Distinct LRU timestamps.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    record
+}
+
+fn present(cache: &Cache, record: &ImageRecord) -> bool {
+    record
+        .layers
+        .iter()
+        .all(|l| cache.layer(&l.blob_digest).unwrap().is_some())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lru_eviction_under_budget_spares_pinned_layers() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = layout(&work.path().join("layout"), 4);
+
+    // Measure one image's footprint.
+    let probe = Cache::open(&work.path().join("probe"), CacheConfig::default()).unwrap();
+    pull(&probe, &layout, "img0").await;
+    let one = probe.layers_bytes().unwrap();
+    assert!(one > 256 << 10);
+
+    let cache_dir = work.path().join("cache");
+    let config = CacheConfig {
+        budget_bytes: one * 2 + one / 2,
+        ..CacheConfig::default()
+    };
+    let cache = Cache::open(&cache_dir, config).unwrap();
+    let a = pull(&cache, &layout, "img0").await;
+    let pins = cache.pin_image(&a).unwrap();
+    let b = pull(&cache, &layout, "img1").await;
+    let c = pull(&cache, &layout, "img2").await;
+    // Over budget after c: a is the least recently used but pinned, so b goes.
+    assert!(present(&cache, &a), "a pinned layer was evicted");
+    assert!(!present(&cache, &b));
+    assert!(present(&cache, &c));
+    assert!(cache.layers_bytes().unwrap() <= one * 2 + one / 2);
+    let images = cache.images().unwrap();
+    let b_status = images.iter().find(|i| i.record.name == b.name).unwrap();
+    assert_eq!(
+        b_status.missing_layers,
+        vec![b.layers[0].blob_digest.clone()]
+    );
+
+    // Unpinned, a is the least recently used and goes next.
+    drop(pins);
+    let d = pull(&cache, &layout, "img3").await;
+    assert!(!present(&cache, &a));
+    assert!(present(&cache, &c) && present(&cache, &d));
+
+    // Pulling b again fetches its evicted layer.
+    let b_again = pull(&cache, &layout, "img1").await;
+    assert!(present(&cache, &b_again));
+    assert_consistent(&cache_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmi_removes_only_layers_no_other_image_uses() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = layout(&work.path().join("layout"), 2);
+    let cache_dir = work.path().join("cache");
+    let cache = Cache::open(&cache_dir, CacheConfig::default()).unwrap();
+    let img0 = pull(&cache, &layout, "img0").await;
+    let pair = pull(&cache, &layout, "pair").await;
+    let img1 = pull(&cache, &layout, "img1").await;
+    assert_eq!(pair.layers[0], img0.layers[0]);
+    assert_eq!(list(&cache_dir.join("layers")).len(), 3);
+
+    // pair's own layer goes; the one img0 shares stays.
+    let report = cache.remove_image(&pair.name).await.unwrap();
+    assert_eq!(report.layers_removed.len(), 1);
+    assert_eq!(report.layers_removed[0].0, pair.layers[1].blob_digest);
+    assert!(present(&cache, &img0));
+    assert!(cache.image(&pair.name).unwrap().is_none());
+
+    // A pinned layer survives its image's removal, and gc takes it once unpinned.
+    let pin = cache.pin(&img1.layers[0]).unwrap();
+    let report = cache.remove_image(&img1.name).await.unwrap();
+    assert!(report.layers_removed.is_empty());
+    assert_eq!(report.pinned_kept, vec![img1.layers[0].blob_digest.clone()]);
+    assert!(cache.layer(&img1.layers[0].blob_digest).unwrap().is_some());
+    drop(pin);
+    let report = cache.gc().await.unwrap();
+    assert_eq!(report.layers_removed.len(), 1);
+    assert!(cache.layer(&img1.layers[0].blob_digest).unwrap().is_none());
+    assert!(cache.pin(&img1.layers[0]).is_err());
+
+    assert!(cache.remove_image("no/such:image").await.is_err());
+    assert_consistent(&cache_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_removes_unowned_temporary_work_only() {
+    let work = tempfile::tempdir().unwrap();
+    let cache_dir = work.path().join("cache");
+    let cache = Cache::open(&cache_dir, CacheConfig::default()).unwrap();
+    // Stale work from a dead process, and work of a live one (this process holds its lock).
+    let stale = cache_dir.join("tmp/999999-0");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("owner.lock"), b"").unwrap();
+    std::fs::write(stale.join("image.erofs"), vec![0; 4096]).unwrap();
+    let live = cache.begin_build().unwrap();
+    std::fs::write(live.image_path(), b"partial").unwrap();
+
+    let report = cache.gc().await.unwrap();
+    assert_eq!(report.temp_removed, 1);
+    assert!(!stale.exists());
+    assert!(live.image_path().exists());
+    drop(live);
+    assert!(list(&cache_dir.join("tmp")).is_empty());
+}
