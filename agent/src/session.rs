@@ -84,7 +84,7 @@ impl ShimSession {
             Some(Ok(other)) => {
                 return Err(SessionError::Protocol(format!(
                     "expected Hello as the first frame, got {}",
-                    message_kind(&other)
+                    other.kind()
                 )));
             }
             Some(Err(err)) => return Err(SessionError::Protocol(err.to_string())),
@@ -206,7 +206,7 @@ where
             Ok(other) => {
                 return format!(
                     "protocol error: the shim sent {} after the handshake",
-                    message_kind(&other)
+                    other.kind()
                 );
             }
             Err(FrameError::Io(err)) => return format!("connection error: {err}"),
@@ -229,16 +229,6 @@ where
         }
     }
     "session dropped".to_owned()
-}
-
-fn message_kind(message: &Message) -> &'static str {
-    match message {
-        Message::Hello(_) => "Hello",
-        Message::Request(_) => "Request",
-        Message::Response(_) => "Response",
-        Message::Event(_) => "Event",
-        Message::Goodbye { .. } => "Goodbye",
-    }
 }
 
 #[cfg(test)]

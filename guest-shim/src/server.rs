@@ -171,7 +171,7 @@ where
         }
         Some(Ok(Message::Hello(hello))) => hello,
         Some(Ok(other)) => {
-            let reason = format!("expected Hello, got {}", message_kind(&other));
+            let reason = format!("expected Hello, got {}", other.kind());
             say_goodbye(&mut frames_out, reason.clone()).await;
             return Err(ConnectionError::Protocol(reason));
         }
@@ -230,7 +230,7 @@ where
                 break Ok(());
             }
             other => {
-                let reason = format!("unexpected {} from the agent", message_kind(&other));
+                let reason = format!("unexpected {} from the agent", other.kind());
                 let _ = outgoing
                     .send(Message::Goodbye {
                         reason: reason.clone(),
@@ -298,17 +298,6 @@ fn guest_info_reply(state: &ShimState) -> Result<Reply, ErrorReply> {
         uptime_ms: facts.uptime_ms,
         shim_ready_uptime_ms: state.ready_uptime_ms,
     }))
-}
-
-/// A message's kind, for logs and `Goodbye` reasons (never its untrusted content).
-fn message_kind(message: &Message) -> &'static str {
-    match message {
-        Message::Hello(_) => "Hello",
-        Message::Request(_) => "Request",
-        Message::Response(_) => "Response",
-        Message::Event(_) => "Event",
-        Message::Goodbye { .. } => "Goodbye",
-    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,19 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// The message's kind, for logs and `Goodbye` reasons (never its untrusted content).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Request(_) => "Request",
+            Message::Response(_) => "Response",
+            Message::Event(_) => "Event",
+            Message::Goodbye { .. } => "Goodbye",
+        }
+    }
+}
+
 /// The opening frame: who is speaking and which protocol it speaks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
