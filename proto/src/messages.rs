@@ -164,6 +164,12 @@ pub enum Op {
     /// Report what the guest holds for containers: layer mounts, loop devices, overlays,
     /// cgroups. Answered with `Reply::GuestResources`.
     GuestResources,
+    /// Run a command directly in the shim's namespaces: no container, no mounts. The floor that
+    /// container start latency is measured against. Answered with `Reply::Baseline`.
+    SpawnBaseline {
+        /// `argv`, with a path or a name found in the shim's `PATH`.
+        args: Vec<String>,
+    },
 }
 
 /// What the guest holds for containers, for operators and leak checks.
@@ -330,6 +336,13 @@ pub enum Reply {
     Stats(ContainerStats),
     /// For `Op::GuestResources`.
     GuestResources(GuestResources),
+    /// For `Op::SpawnBaseline`.
+    Baseline {
+        /// Standard output, at most 64 KiB.
+        output: Vec<u8>,
+        /// How it ended.
+        exit: ExitStatus,
+    },
 }
 
 /// A failed operation.

@@ -10,6 +10,7 @@
 //! | POST | `/v1/vms/{vm}/restart` | `{}` |
 //! | GET | `/v1/vms/{vm}/resources` | `GuestResources` (layer mounts, loop devices, cgroups) |
 //! | POST | `/v1/vms/{vm}/probe` | `{"goodbye": …}`: the shim's answer to a garbage frame |
+//! | POST | `/v1/vms/{vm}/baseline` (body `{"args": […]}`) | `{"output", "exit"}`: a plain spawn in the shim |
 //! | POST | `/v1/vms/{vm}/containers` (body `RunOptions`) | NDJSON [`RunUpdate`]s |
 //! | GET | `/v1/vms/{vm}/containers` | `[ContainerView]` |
 //! | GET | `/v1/vms/{vm}/containers/{id}/logs?follow=B&exec=E` | log records (see `containers::logs`) |

@@ -74,6 +74,7 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/vms/{vm}/restart", post(restart))
         .route("/v1/vms/{vm}/resources", get(resources))
         .route("/v1/vms/{vm}/probe", post(probe))
+        .route("/v1/vms/{vm}/baseline", post(baseline))
         .route("/v1/vms/{vm}/containers", post(run).get(list_containers))
         .route(
             "/v1/vms/{vm}/containers/{id}",
@@ -277,6 +278,33 @@ async fn probe(
     let vm = find(&agent, &name)?;
     let reason = vm.probe_with_garbage().await?;
     Ok(Json(serde_json::json!({ "goodbye": reason })))
+}
+
+#[derive(Debug, Deserialize)]
+struct BaselineRequest {
+    args: Vec<String>,
+}
+
+/// Runs a command directly in the guest's shim, with no container: the floor of start latency.
+async fn baseline(
+    State(agent): State<AgentState>,
+    UrlPath(name): UrlPath<String>,
+    Json(request): Json<BaselineRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let vm = find(&agent, &name)?;
+    match vm
+        .request(Op::SpawnBaseline { args: request.args }, SHIM_WAIT)
+        .await?
+    {
+        Reply::Baseline { output, exit } => Ok(Json(serde_json::json!({
+            "output": String::from_utf8_lossy(&output),
+            "exit": exit,
+        }))),
+        other => Err(ApiError(
+            StatusCode::BAD_GATEWAY,
+            format!("the shim answered {other:?} to SpawnBaseline"),
+        )),
+    }
 }
 
 /// Creates and starts a container, streaming progress as NDJSON [`RunUpdate`] lines.

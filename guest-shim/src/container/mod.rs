@@ -279,6 +279,7 @@ impl Runtime {
                 bytes,
             } => self.credit(&container_id, exec_id.as_deref(), bytes),
             Op::GuestResources => Ok(self.resources()),
+            Op::SpawnBaseline { args } => self.spawn_baseline(args).await,
             Op::GuestInfo | Op::Ping { .. } => return None,
         };
         Some(result.map_err(ErrorReply::from))
@@ -527,6 +528,42 @@ impl Runtime {
             .collect();
         containers.sort_by(|a, b| a.container_id.cmp(&b.container_id));
         Reply::Containers(containers)
+    }
+
+    /// Runs `args` as a plain child of the shim (the benchmark's floor).
+    async fn spawn_baseline(&self, args: Vec<String>) -> Result<Reply, RuntimeError> {
+        /// Output kept of a baseline run.
+        const MAX_OUTPUT: u64 = 64 * 1024;
+        let (program, rest) = args
+            .split_first()
+            .ok_or_else(|| SpecError::Invalid("no command to run".into()))?;
+        let mut child = std::process::Command::new(program)
+            .args(rest)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|err| {
+                RuntimeError::Launch(LaunchError::Failed(format!("{program}: {err}")))
+            })?;
+        let pid = child.id() as i32;
+        let stdout = child.stdout.take();
+        // The reaper collects the child; the handle is not waited on.
+        drop(child);
+        let output = tokio::task::spawn_blocking(move || {
+            let mut output = Vec::new();
+            if let Some(stdout) = stdout {
+                let _ = std::io::Read::read_to_end(
+                    &mut std::io::Read::take(stdout, MAX_OUTPUT),
+                    &mut output,
+                );
+            }
+            output
+        })
+        .await
+        .map_err(|err| RuntimeError::Sys(err.to_string()))?;
+        let exit = self.reaper.wait(pid).await;
+        Ok(Reply::Baseline { output, exit })
     }
 
     fn resources(&self) -> Reply {
