@@ -391,6 +391,16 @@ impl Rootfs {
         let rootfs = Self {
             base: base.to_owned(),
         };
+        // Anything failing after the tmpfs is mounted must not leave it behind.
+        if let Err(error) = rootfs.mount_overlay(lower_dirs) {
+            let _ = rootfs.unmount();
+            return Err(error);
+        }
+        Ok(rootfs)
+    }
+
+    fn mount_overlay(&self, lower_dirs: &[PathBuf]) -> Result<(), StorageError> {
+        let base = &self.base;
         for dir in ["upper", "work", "rootfs"] {
             std::fs::create_dir(base.join(dir)).map_err(sys(format!("creating {dir}")))?;
         }
@@ -408,13 +418,13 @@ impl Rootfs {
         );
         mount(
             Some("overlay"),
-            &rootfs.path(),
+            &self.path(),
             Some("overlay"),
             MsFlags::empty(),
             Some(options.as_str()),
         )
         .map_err(errno("mounting the overlay root file system"))?;
-        Ok(rootfs)
+        Ok(())
     }
 
     /// The merged root file system.
