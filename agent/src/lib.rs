@@ -13,5 +13,6 @@ pub mod daemon;
 pub mod image;
 pub mod qemu;
 pub mod session;
+pub mod vhost_user;
 pub mod vm;
 pub mod vsock;

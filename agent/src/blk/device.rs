@@ -10,24 +10,19 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use thiserror::Error;
-use tracing::{info, warn};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use tracing::info;
+use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::layer_store::{DEFAULT_CAPACITY, LayerStore, LayerStoreError};
 use super::offload::DEFAULT_OFFLOAD_THREADS;
 use super::vhu_blk::{BlkBackend, wake_event};
+use crate::vhost_user::{self, FrontendLoop, Session, SetupError};
 
 /// Request queues offered when none is configured.
 pub const DEFAULT_NUM_QUEUES: u16 = 2;
@@ -36,8 +31,6 @@ pub const MAX_NUM_QUEUES: u16 = 64;
 /// Logical block size advertised when none is configured: the page size and EROFS's block size,
 /// so every guest read is page-aligned.
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
-/// Pause after a failed accept, so a persistent error does not spin.
-const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 /// Errors of the layer-store device.
 #[derive(Debug, Error)]
@@ -111,35 +104,12 @@ impl LayerStoreConfig {
     }
 }
 
-/// State shared by the device handle and its serving thread.
-struct Shared {
-    config: LayerStoreConfig,
-    store: LayerStore,
-    stopping: AtomicBool,
-    /// Disconnects the current frontend (on shutdown).
-    frontend: Mutex<Option<ShutdownHandle>>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("config", &self.config)
-            .field("stopping", &self.stopping)
-            .finish_non_exhaustive()
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// One VM's layer-store device (vhost-user-blk backend).
 #[derive(Debug)]
 pub struct LayerStoreDevice {
-    shared: Arc<Shared>,
-    /// A second fd of the listening socket, used to wake the serving thread's `accept`.
-    listener_waker: UnixListener,
-    thread: Option<JoinHandle<()>>,
+    config: LayerStoreConfig,
+    store: LayerStore,
+    frontends: FrontendLoop,
 }
 
 impl LayerStoreDevice {
@@ -150,148 +120,71 @@ impl LayerStoreDevice {
         config.validate()?;
         let store = LayerStore::new(config.capacity)?;
         let path = config.socket_path.clone();
-        remove_stale_socket(&path)?;
-        let listener = UnixListener::bind(&path).map_err(|source| LayerStoreDeviceError::Bind {
-            path: path.clone(),
-            source,
+        let listener = vhost_user::bind(&path).map_err(|e| LayerStoreDeviceError::Bind {
+            path: e.path,
+            source: e.source,
         })?;
-        let listener_waker = listener.try_clone()?;
-        let shared = Arc::new(Shared {
+        let (session_config, session_store) = (config.clone(), store.clone());
+        let frontends = FrontendLoop::start(listener, &path, "layer-store".into(), move || {
+            new_session(&session_config, &session_store)
+        })?;
+        info!(path = %path.display(), queues = config.num_queues, "layer store: device listening");
+        Ok(LayerStoreDevice {
             config,
             store,
-            stopping: AtomicBool::new(false),
-            frontend: Mutex::new(None),
-        });
-        let thread_shared = shared.clone();
-        let thread = thread::Builder::new()
-            .name("layer-store".into())
-            .spawn(move || serve(&thread_shared, Listener::from(listener)))?;
-        info!(path = %path.display(), queues = shared.config.num_queues, "layer store: device listening");
-        Ok(LayerStoreDevice {
-            shared,
-            listener_waker,
-            thread: Some(thread),
+            frontends,
         })
     }
 
     /// The device's extent table: map and unmap layers while the VM runs.
     pub fn extents(&self) -> LayerStore {
-        self.shared.store.clone()
+        self.store.clone()
     }
 
     /// The configuration the device runs with.
     pub fn config(&self) -> &LayerStoreConfig {
-        &self.shared.config
+        &self.config
     }
 
     /// Stops the threads (the attached frontend, if any, is disconnected) and removes the
     /// socket file.
     pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        // SAFETY: shutdown(2) on a socket fd we own (`listener_waker` lives as long as `self`);
-        // it only wakes a blocked accept and touches no memory.
-        unsafe {
-            libc::shutdown(self.listener_waker.as_raw_fd(), libc::SHUT_RDWR);
-        }
-        if let Some(frontend) = lock(&self.shared.frontend).as_ref() {
-            frontend.shutdown();
-        }
-        if thread.join().is_err() {
-            warn!("layer store: serving thread panicked");
-        }
-        let _ = std::fs::remove_file(&self.shared.config.socket_path);
-    }
-}
-
-impl Drop for LayerStoreDevice {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Removes a leftover socket file from an earlier run; refuses to delete anything else.
-fn remove_stale_socket(path: &Path) -> Result<(), LayerStoreDeviceError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => Ok(std::fs::remove_file(path)?),
-        Ok(_) => Err(LayerStoreDeviceError::Bind {
-            path: path.to_owned(),
-            source: io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(LayerStoreDeviceError::Io(e)),
+        self.frontends.stop();
     }
 }
 
 /// Builds one session's daemon: a fresh backend over the device's table, with each queue's
-/// wake eventfd registered in that queue's worker thread.
+/// wake eventfd registered in that queue's worker thread. Parked requests fail when the
+/// frontend goes.
 fn new_session(
-    shared: &Shared,
-) -> Result<(Arc<BlkBackend>, VhostUserDaemon<Arc<BlkBackend>>), String> {
-    let config = &shared.config;
+    config: &LayerStoreConfig,
+    store: &LayerStore,
+) -> Result<Session<Arc<BlkBackend>>, SetupError> {
+    let retry = SetupError::Retry;
     let backend = BlkBackend::new(
-        shared.store.clone(),
+        store.clone(),
         config.num_queues,
         config.block_size,
         config.large_read_threads,
     )
-    .map_err(|e| format!("cannot create backend: {e}"))?;
+    .map_err(|e| retry(format!("cannot create backend: {e}")))?;
     let backend = Arc::new(backend);
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let daemon = VhostUserDaemon::new("layer-store".into(), backend.clone(), memory)
-        .map_err(|e| format!("cannot create vhost-user daemon: {e}"))?;
+        .map_err(|e| retry(format!("cannot create vhost-user daemon: {e}")))?;
     let handlers = daemon.get_epoll_handlers();
     let event = wake_event(usize::from(config.num_queues));
     for (index, handler) in handlers.iter().enumerate() {
         let consumer = backend
             .wake_consumer(index)
-            .ok_or_else(|| "more worker threads than queues".to_owned())?;
+            .ok_or_else(|| retry("more worker threads than queues".to_owned()))?;
         handler
             .register_listener(consumer.as_raw_fd(), EventSet::IN, u64::from(event))
-            .map_err(|e| format!("cannot watch queue {index}'s wake event: {e}"))?;
+            .map_err(|e| retry(format!("cannot watch queue {index}'s wake event: {e}")))?;
     }
-    Ok((backend, daemon))
-}
-
-/// The serving loop: one frontend session after another until the device stops.
-fn serve(shared: &Shared, mut listener: Listener) {
-    while !shared.stopping.load(Ordering::SeqCst) {
-        let (backend, mut daemon) = match new_session(shared) {
-            Ok(session) => session,
-            Err(e) => {
-                warn!(error = %e, "layer store: cannot set up a session");
-                thread::sleep(ACCEPT_RETRY_DELAY);
-                continue;
-            }
-        };
-        if let Err(e) = daemon.start(&mut listener) {
-            if !shared.stopping.load(Ordering::SeqCst) {
-                warn!(error = %e, "layer store: accepting a frontend failed");
-                thread::sleep(ACCEPT_RETRY_DELAY);
-            }
-            continue;
-        }
-        *lock(&shared.frontend) = daemon.shutdown_handle();
-        if shared.stopping.load(Ordering::SeqCst) {
-            daemon.request_shutdown();
-        }
-        info!("layer store: frontend attached");
-
-        let result = daemon.wait();
-
-        *lock(&shared.frontend) = None;
-        backend.fail_all_parked();
-        match result {
-            Ok(()) => info!("layer store: frontend detached"),
-            Err(e) => info!(error = %e, "layer store: frontend session ended"),
-        }
-        // Dropping the daemon stops and joins its worker threads.
-        drop(daemon);
-    }
+    Ok(Session {
+        daemon,
+        on_attach: Box::new(|| {}),
+        on_detach: Box::new(move || backend.fail_all_parked()),
+    })
 }

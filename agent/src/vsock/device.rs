@@ -6,25 +6,20 @@
 //! frontend session the vhost-user request thread and the worker thread of `vhost-user-backend`.
 
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::oneshot;
-use tracing::{info, warn};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use tracing::info;
+use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BACKEND_EVENT, VsockBackend};
 use super::requests::{ConnectRequest, RequestQueue};
+use crate::vhost_user::{self, FrontendLoop, Session, SetupError};
 
 /// Default receive buffer advertised to the guest per connection.
 pub const DEFAULT_CONN_BUFFER_SIZE: u32 = 256 * 1024;
@@ -32,8 +27,6 @@ pub const DEFAULT_CONN_BUFFER_SIZE: u32 = 256 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// Default time the guest has to accept a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause after a failed accept, so a persistent error does not spin.
-const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(200);
 
 /// Errors of the vsock device and its connector.
 #[derive(Debug, Error)]
@@ -116,18 +109,14 @@ impl VsockDeviceConfig {
 /// State shared by the device handle, its serving thread and its connectors.
 struct Shared {
     config: VsockDeviceConfig,
-    stopping: AtomicBool,
     /// The current frontend session's request queue, if a frontend is attached.
     session: Mutex<Option<Arc<RequestQueue>>>,
-    /// Disconnects the current frontend (on shutdown).
-    frontend: Mutex<Option<ShutdownHandle>>,
 }
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
             .field("config", &self.config)
-            .field("stopping", &self.stopping)
             .field("attached", &lock(&self.session).is_some())
             .finish_non_exhaustive()
     }
@@ -141,9 +130,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct VsockDevice {
     shared: Arc<Shared>,
-    /// A second fd of the listening socket, used to wake the serving thread's `accept`.
-    listener_waker: UnixListener,
-    thread: Option<JoinHandle<()>>,
+    frontends: FrontendLoop,
 }
 
 impl VsockDevice {
@@ -154,29 +141,20 @@ impl VsockDevice {
     pub fn start(config: VsockDeviceConfig) -> Result<VsockDevice, VsockError> {
         config.validate()?;
         let path = config.socket_path.clone();
-        remove_stale_socket(&path)?;
-        let listener = UnixListener::bind(&path).map_err(|source| VsockError::Bind {
-            path: path.clone(),
-            source,
+        let listener = vhost_user::bind(&path).map_err(|e| VsockError::Bind {
+            path: e.path,
+            source: e.source,
         })?;
-        let listener_waker = listener.try_clone()?;
         let shared = Arc::new(Shared {
             config,
-            stopping: AtomicBool::new(false),
             session: Mutex::new(None),
-            frontend: Mutex::new(None),
         });
-        let thread_shared = shared.clone();
+        let session_shared = shared.clone();
         let name = format!("vsock-cid{}", shared.config.guest_cid);
-        let thread = thread::Builder::new()
-            .name(name)
-            .spawn(move || serve(&thread_shared, Listener::from(listener)))?;
+        let frontends =
+            FrontendLoop::start(listener, &path, name, move || new_session(&session_shared))?;
         info!(path = %path.display(), cid = shared.config.guest_cid, "vsock: device listening");
-        Ok(VsockDevice {
-            shared,
-            listener_waker,
-            thread: Some(thread),
-        })
+        Ok(VsockDevice { shared, frontends })
     }
 
     /// A handle that opens streams into this device's guest.
@@ -189,120 +167,47 @@ impl VsockDevice {
     /// Stops the threads (the attached frontend, if any, is disconnected and every stream
     /// closed) and removes the socket file.
     pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        // SAFETY: shutdown(2) on a socket fd we own (`listener_waker` lives as long as `self`);
-        // it only wakes a blocked accept and touches no memory.
-        unsafe {
-            libc::shutdown(self.listener_waker.as_raw_fd(), libc::SHUT_RDWR);
-        }
-        if let Some(frontend) = lock(&self.shared.frontend).as_ref() {
-            frontend.shutdown();
-        }
-        if thread.join().is_err() {
-            warn!("vsock: serving thread panicked");
-        }
-        let _ = std::fs::remove_file(&self.shared.config.socket_path);
+        self.frontends.stop();
     }
 }
 
-impl Drop for VsockDevice {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Removes a leftover socket file from an earlier run; refuses to delete anything else.
-fn remove_stale_socket(path: &Path) -> Result<(), VsockError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => Ok(std::fs::remove_file(path)?),
-        Ok(_) => Err(VsockError::Bind {
-            path: path.to_owned(),
-            source: io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VsockError::Io(e)),
-    }
-}
-
-/// The serving loop: one frontend session after another until the device stops.
-fn serve(shared: &Shared, mut listener: Listener) {
+/// Builds one session: a fresh backend whose host-stream events are watched by the daemon's
+/// worker; connectors reach the guest through it while the frontend is attached.
+fn new_session(shared: &Arc<Shared>) -> Result<Session<Arc<VsockBackend>>, SetupError> {
     let config = &shared.config;
-    while !shared.stopping.load(Ordering::SeqCst) {
-        let backend = match VsockBackend::new(
-            config.guest_cid,
-            config.conn_buffer_size,
-            config.max_connections,
-        ) {
-            Ok(backend) => Arc::new(backend),
-            Err(e) => {
-                warn!(error = %e, "vsock: cannot create backend");
-                thread::sleep(ACCEPT_RETRY_DELAY);
-                continue;
-            }
-        };
-        let name = format!("vsock-cid{}-vhost", config.guest_cid);
-        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = match VhostUserDaemon::new(name, backend.clone(), memory) {
-            Ok(daemon) => daemon,
-            Err(e) => {
-                warn!(error = %e, "vsock: cannot create vhost-user daemon");
-                thread::sleep(ACCEPT_RETRY_DELAY);
-                continue;
-            }
-        };
-        let registered = daemon.get_epoll_handlers().first().map(|handler| {
-            handler.register_listener(
-                backend.host_events_fd(),
-                EventSet::IN,
-                u64::from(BACKEND_EVENT),
-            )
-        });
-        match registered {
-            Some(Ok(())) => {}
-            Some(Err(e)) => {
-                warn!(error = %e, "vsock: cannot watch host streams");
-                thread::sleep(ACCEPT_RETRY_DELAY);
-                continue;
-            }
-            None => {
-                warn!("vsock: vhost-user daemon has no worker");
-                return;
-            }
-        }
-
-        if let Err(e) = daemon.start(&mut listener) {
-            if !shared.stopping.load(Ordering::SeqCst) {
-                warn!(error = %e, "vsock: accepting a frontend failed");
-                thread::sleep(ACCEPT_RETRY_DELAY);
-            }
-            continue;
-        }
-        *lock(&shared.frontend) = daemon.shutdown_handle();
-        if shared.stopping.load(Ordering::SeqCst) {
-            daemon.request_shutdown();
-        }
-        *lock(&shared.session) = Some(backend.requests());
-        info!(cid = config.guest_cid, "vsock: frontend attached");
-
-        let result = daemon.wait();
-
-        *lock(&shared.session) = None;
-        *lock(&shared.frontend) = None;
-        backend.disconnect();
-        match result {
-            Ok(()) => info!(cid = config.guest_cid, "vsock: frontend detached"),
-            Err(e) => info!(cid = config.guest_cid, error = %e, "vsock: frontend session ended"),
-        }
-        // Dropping the daemon stops and joins its worker thread.
-        drop(daemon);
-    }
+    let backend = VsockBackend::new(
+        config.guest_cid,
+        config.conn_buffer_size,
+        config.max_connections,
+    )
+    .map(Arc::new)
+    .map_err(|e| SetupError::Retry(format!("cannot create backend: {e}")))?;
+    let name = format!("vsock-cid{}-vhost", config.guest_cid);
+    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let daemon = VhostUserDaemon::new(name, backend.clone(), memory)
+        .map_err(|e| SetupError::Retry(format!("cannot create vhost-user daemon: {e}")))?;
+    let handler = daemon
+        .get_epoll_handlers()
+        .first()
+        .cloned()
+        .ok_or_else(|| SetupError::Fatal("vhost-user daemon has no worker".into()))?;
+    handler
+        .register_listener(
+            backend.host_events_fd(),
+            EventSet::IN,
+            u64::from(BACKEND_EVENT),
+        )
+        .map_err(|e| SetupError::Retry(format!("cannot watch host streams: {e}")))?;
+    let (attach_shared, requests) = (shared.clone(), backend.requests());
+    let detach_shared = shared.clone();
+    Ok(Session {
+        daemon,
+        on_attach: Box::new(move || *lock(&attach_shared.session) = Some(requests)),
+        on_detach: Box::new(move || {
+            *lock(&detach_shared.session) = None;
+            backend.disconnect();
+        }),
+    })
 }
 
 /// Opens streams into one VM's guest. Cheap to clone; usable from any thread or task.
