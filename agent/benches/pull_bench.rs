@@ -17,9 +17,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use gantry_agent::cache::{Cache, CacheConfig};
-use gantry_agent::image::pull::no_progress;
-use gantry_agent::image::reference::Reference;
-use gantry_agent::image::registry::{RegistryClient, RegistryConfig, RegistrySource};
+use gantry_agent::images::pull::{no_progress, pull};
+use gantry_oci::reference::Reference;
+use gantry_oci::registry::{RegistryClient, RegistryConfig, RegistrySource};
 use registry_common::{LayoutBuilder, Registry};
 use serde_json::json;
 
@@ -98,16 +98,16 @@ fn main() {
         let cache = Cache::open(&cache_dir, CacheConfig::default()).expect("cache");
         let client = RegistryClient::new(RegistryConfig::default()).expect("client");
         let reference: Reference = image.parse().expect("reference");
-        cache
-            .pull(
-                &RegistrySource {
-                    client: &client,
-                    reference: &reference,
-                },
-                &no_progress,
-            )
-            .await
-            .expect("pull")
+        pull(
+            &cache,
+            &RegistrySource {
+                client: &client,
+                reference: &reference,
+            },
+            &no_progress,
+        )
+        .await
+        .expect("pull")
     });
     let gantry = started.elapsed().as_secs_f64();
 

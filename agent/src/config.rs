@@ -48,7 +48,7 @@ pub struct AgentConfig {
     pub cache_budget_bytes: u64,
     /// Registries: mirrors, credentials, CAs, insecure hosts, platform.
     #[serde(default)]
-    pub registry: crate::image::registry::config::RegistryConfig,
+    pub registry: gantry_oci::registry::RegistryConfig,
     /// The VMs this agent is the device for.
     #[serde(rename = "vm", default)]
     pub vms: Vec<VmConfig>,
@@ -102,7 +102,7 @@ fn default_state_dir() -> PathBuf {
 }
 
 fn default_busybox() -> PathBuf {
-    PathBuf::from(crate::image::builder::DEFAULT_BUSYBOX)
+    PathBuf::from(crate::images::default_image::DEFAULT_BUSYBOX)
 }
 
 fn default_layer_queues() -> u16 {

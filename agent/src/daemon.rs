@@ -3,25 +3,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use gantry_oci::registry::{RegistryClient, RegistryError};
 use tracing::{info, warn};
 
 use crate::api::server::{self, ApiServerError};
 use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::config::{AgentConfig, LaunchConfig, VmConfig};
-use crate::containers::run::ImageService;
-use crate::image::registry::client::RegistryClient;
-use crate::image::registry::client::RegistryError;
-use crate::qemu::{LayerStoreDevice as QemuLayerStore, QemuConfig};
+use crate::images::ImageService;
+use crate::qemu::{LayerStoreDisk, QemuConfig};
+use crate::state::Agent;
 use crate::vm::{Vm, VmError};
-
-/// Everything the agent serves: its VMs and the card's images.
-#[derive(Debug)]
-pub struct Agent {
-    /// The attached VMs, by name.
-    pub vms: BTreeMap<String, Vm>,
-    /// The shared image cache and image sources.
-    pub images: ImageService,
-}
 
 /// Errors running the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +47,7 @@ pub fn qemu_config(vm: &VmConfig, launch: &LaunchConfig) -> QemuConfig {
         console_log,
     );
     config.qemu_binary = launch.qemu.clone();
-    let mut layer_store = QemuLayerStore::new(&vm.layer_socket);
+    let mut layer_store = LayerStoreDisk::new(&vm.layer_socket);
     layer_store.num_queues = vm.layer_queues;
     config.layer_store = Some(layer_store);
     config.memory_mib = launch.memory_mib;

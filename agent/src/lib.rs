@@ -2,6 +2,13 @@
 //!
 //! It is the device for each attached VM (vhost-user backends for the layer store and the vsock
 //! control channel), it keeps the image cache, and it drives the shim inside each guest.
+//!
+//! Devices: [`blk`] (the layer store), [`vsock`] (the control channel), [`vhost_user`] (what the
+//! two share). Images: [`cache`] (content-addressed layers), [`images`] (image service, pull,
+//! default image). Containers: [`containers`] (run, logs, specs), [`session`] (one shim session),
+//! [`vm`] (one attached VM), [`qemu`] (the launch recipe). The daemon: [`config`], [`state`],
+//! [`daemon`], [`api`] (the server). The operator: [`cli`]. Formats, the registry client and the
+//! API types are the `gantry-erofs`, `gantry-oci` and `gantry-api` crates.
 
 pub mod api;
 pub mod blk;
@@ -10,9 +17,11 @@ pub mod cli;
 pub mod config;
 pub mod containers;
 pub mod daemon;
-pub mod image;
+pub mod images;
 pub mod qemu;
 pub mod session;
+pub mod state;
+pub mod sync;
 pub mod vhost_user;
 pub mod vm;
 pub mod vsock;

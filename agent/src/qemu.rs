@@ -99,16 +99,17 @@ impl Accel {
     }
 }
 
-/// The layer-store block device (`vhost-user-blk-pci`) served by the agent.
+/// How QEMU attaches the layer store: a `vhost-user-blk-pci` disk whose backend is the agent's
+/// [`crate::blk::LayerStoreDevice`] on `socket`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerStoreDevice {
+pub struct LayerStoreDisk {
     /// The vhost-user socket of the agent's block backend.
     pub socket: PathBuf,
     /// Number of request queues the guest driver may use (at most what the backend offers).
     pub num_queues: u16,
 }
 
-impl LayerStoreDevice {
+impl LayerStoreDisk {
     /// A layer-store device on `socket` with [`DEFAULT_LAYER_STORE_QUEUES`] queues.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
@@ -136,7 +137,7 @@ pub struct QemuConfig {
     /// The vhost-user socket of the vsock backend (the agent's control channel to the shim).
     pub vsock_socket: PathBuf,
     /// The layer-store block device, if the VM gets one.
-    pub layer_store: Option<LayerStoreDevice>,
+    pub layer_store: Option<LayerStoreDisk>,
     /// File receiving the guest's serial console (kernel log and shim log).
     pub serial_log: PathBuf,
     /// Kernel command-line words appended after [`BASE_KERNEL_CMDLINE`].
@@ -505,7 +506,7 @@ mod tests {
     #[test]
     fn layer_store_adds_a_vhost_user_blk_device() {
         let mut config = config();
-        config.layer_store = Some(LayerStoreDevice {
+        config.layer_store = Some(LayerStoreDisk {
             socket: "/run/vm1/blk.sock".into(),
             num_queues: 2,
         });
@@ -575,7 +576,7 @@ mod tests {
         ));
 
         let mut config = self::config();
-        config.layer_store = Some(LayerStoreDevice {
+        config.layer_store = Some(LayerStoreDisk {
             socket: "/b.sock".into(),
             num_queues: 0,
         });

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use std::collections::HashMap;
 use std::path::Path;
 
+use gantry_api::VmStatus;
 use gantry_proto::{Event, GuestInfo, LayerExtent, Op, Reply, SHIM_VSOCK_PORT};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -20,6 +20,7 @@ use crate::config::VmConfig;
 use crate::containers::ContainerTable;
 use crate::qemu::{QemuConfig, QemuError, QemuProcess};
 use crate::session::{SessionError, ShimSession};
+use crate::sync::lock;
 use crate::vsock::{VsockConnector, VsockDevice, VsockDeviceConfig, VsockError};
 
 /// The agent's software version, sent in its `Hello`.
@@ -94,29 +95,6 @@ pub enum VmError {
     /// The agent did not launch this VM's QEMU, so it cannot restart it.
     #[error("VM {0}: the agent did not launch this VM, so it cannot restart it")]
     NotLaunched(String),
-}
-
-/// What the operator sees of a VM.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VmStatus {
-    /// Its name.
-    pub name: String,
-    /// Its vsock CID.
-    pub guest_cid: u64,
-    /// Whether a shim session is up now.
-    pub connected: bool,
-    /// Sessions established since the agent started (reconnects make it grow).
-    pub sessions: u64,
-    /// The shim's software version, while connected.
-    pub shim_version: Option<String>,
-    /// Whether the agent launched (and owns) its QEMU.
-    pub launched: bool,
-    /// For a launched VM: from QEMU's start to the shim's `Hello`, for the latest boot.
-    pub boot_to_ready_ms: Option<u64>,
-    /// Time to open the vsock connection and exchange `Hello`s, for the latest session.
-    pub session_setup_us: Option<u64>,
-    /// Why the latest connection attempt or session failed, if it did.
-    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -442,11 +420,6 @@ async fn take_events(
             });
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic elsewhere while holding the lock leaves plain data behind; keep serving.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Keeps a session with the shim open for as long as the agent runs.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gantry_agent::blk::{FileSource, LayerStoreConfig, LayerStoreDevice};
-use gantry_agent::qemu::{LayerStoreDevice as QemuLayerStore, QemuConfig, QemuProcess};
+use gantry_agent::qemu::{LayerStoreDisk, QemuConfig, QemuProcess};
 use gantry_agent::vsock::{VsockDevice, VsockDeviceConfig};
 use sha2::{Digest, Sha256};
 
@@ -251,7 +251,7 @@ fn a_guest_reads_layers_from_the_layer_store() {
 
     let serial = work.path().join("serial.log");
     let mut qemu_config = QemuConfig::new(&kernel, &initramfs, &vsock_socket, &serial);
-    qemu_config.layer_store = Some(QemuLayerStore {
+    qemu_config.layer_store = Some(LayerStoreDisk {
         socket: blk_socket.clone(),
         num_queues: 2,
     });

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use gantry_agent::cache::{Cache, CacheConfig, ImageRecord};
-use gantry_agent::image::oci_layout::{OciLayout, OciLayoutSource};
-use gantry_agent::image::pull::no_progress;
+use gantry_agent::images::pull::{self, no_progress};
+use gantry_oci::layout::{OciLayout, OciLayoutSource};
 use registry_common::*;
 
 /// A layout with images `img0..img{n}`, each one unique 256 KiB layer, plus `pair` sharing
@@ -26,8 +26,7 @@ fn layout(dir: &Path, n: u64) -> OciLayout {
 }
 
 async fn pull(cache: &Cache, layout: &OciLayout, name: &str) -> ImageRecord {
-    let record = cache
-        .pull(&OciLayoutSource::new(layout, name), &no_progress)
+    let record = pull::pull(cache, &OciLayoutSource::new(layout, name), &no_progress)
         .await
         .unwrap();
     // Distinct LRU timestamps.

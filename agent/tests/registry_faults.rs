@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use gantry_agent::cache::Cache;
-use gantry_agent::image::pull::{PullEvent, no_progress};
-use gantry_agent::image::reference::Reference;
-use gantry_agent::image::registry::{RegistryClient, RegistryConfig, RegistrySource};
+use gantry_agent::images::pull::{self, PullEvent, no_progress};
+use gantry_oci::reference::Reference;
+use gantry_oci::registry::{RegistryClient, RegistryConfig, RegistrySource};
 use registry_common::*;
 
 /// A registry with the usual two-layer image pushed as `fault/app:v1`.
@@ -31,16 +31,16 @@ async fn pull(
 ) -> Result<gantry_agent::cache::ImageRecord, String> {
     let client = RegistryClient::new(config).unwrap();
     let reference: Reference = image.parse().unwrap();
-    cache
-        .pull(
-            &RegistrySource {
-                client: &client,
-                reference: &reference,
-            },
-            &no_progress,
-        )
-        .await
-        .map_err(|e| e.to_string())
+    pull::pull(
+        cache,
+        &RegistrySource {
+            client: &client,
+            reference: &reference,
+        },
+        &no_progress,
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,16 +383,16 @@ async fn killed_mid_pull_restart_completes() {
     let client = RegistryClient::new(fast_config()).unwrap();
     let reference: Reference = image.parse().unwrap();
     let events = Mutex::new(Vec::new());
-    let record = cache
-        .pull(
-            &RegistrySource {
-                client: &client,
-                reference: &reference,
-            },
-            &|e: &PullEvent| events.lock().unwrap().push(e.clone()),
-        )
-        .await
-        .unwrap();
+    let record = pull::pull(
+        &cache,
+        &RegistrySource {
+            client: &client,
+            reference: &reference,
+        },
+        &|e: &PullEvent| events.lock().unwrap().push(e.clone()),
+    )
+    .await
+    .unwrap();
     assert_eq!(record.layers.len(), 3);
     let events = events.lock().unwrap();
     let cached = events
@@ -405,4 +405,83 @@ async fn killed_mid_pull_restart_completes() {
         .count();
     assert_eq!((cached, fetched), (2, 1));
     assert_consistent(&cache_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranged_reads_return_exactly_the_range_asked_for() {
+    if !tools_available() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (registry, built) = registry_with_image(work.path());
+    let blob = std::fs::read(
+        work.path()
+            .join("layout/blobs/sha256")
+            .join(built.layer_digests[1].hex()),
+    )
+    .unwrap();
+    let descriptor = gantry_oci::manifest::Descriptor {
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        digest: built.layer_digests[1].clone(),
+        size: built.layer_sizes[1],
+        platform: None,
+        annotations: Default::default(),
+        urls: Vec::new(),
+    };
+    assert!(blob.len() > 3000, "the layer is large enough to cut");
+    let proxy = FaultProxy::start(&format!("http://{}", registry.host())).await;
+    let client = RegistryClient::new(fast_config()).unwrap();
+    let reference: Reference = format!("{}/fault/app:v1", proxy.host()).parse().unwrap();
+
+    let read = client
+        .fetch_blob_range(&reference, &descriptor, 1000..3000)
+        .await
+        .unwrap();
+    assert_eq!(&read.bytes[..], &blob[1000..3000]);
+    assert!(!read.ranges_ignored);
+    assert_eq!(proxy.range_requests(), 1);
+    let last = client
+        .fetch_blob_range(
+            &reference,
+            &descriptor,
+            blob.len() as u64 - 1..blob.len() as u64,
+        )
+        .await
+        .unwrap();
+    assert_eq!(&last.bytes[..], &blob[blob.len() - 1..]);
+
+    // A server that ignores Range still yields exactly the range, and says so.
+    proxy.faults.ignore_ranges.store(true, Ordering::SeqCst);
+    let read = client
+        .fetch_blob_range(&reference, &descriptor, 1000..3000)
+        .await
+        .unwrap();
+    assert_eq!(&read.bytes[..], &blob[1000..3000]);
+    assert!(read.ranges_ignored);
+
+    // Ranges outside the blob are refused before any request.
+    let requests = proxy.request_count();
+    let (high, low) = (3000, 1000);
+    for bad in [5..5, high..low, 0..blob.len() as u64 + 1] {
+        let error = client
+            .fetch_blob_range(&reference, &descriptor, bad.clone())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cannot read bytes"), "{bad:?}: {error}");
+    }
+    assert_eq!(proxy.request_count(), requests);
+
+    // A failing mirror falls through to the registry itself.
+    proxy.faults.always_fail.store(true, Ordering::SeqCst);
+    let mut config = fast_config();
+    config.mirrors.insert(registry.host(), vec![proxy.url()]);
+    let client = RegistryClient::new(config).unwrap();
+    let reference: Reference = format!("{}/fault/app:v1", registry.host()).parse().unwrap();
+    let read = client
+        .fetch_blob_range(&reference, &descriptor, 0..10)
+        .await
+        .unwrap();
+    assert_eq!(&read.bytes[..], &blob[..10]);
+    assert!(read.url.contains(&registry.host()), "{}", read.url);
 }

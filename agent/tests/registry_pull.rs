@@ -6,11 +6,11 @@ mod registry_common;
 use std::sync::Mutex;
 
 use gantry_agent::cache::Cache;
-use gantry_agent::image::oci_layout::{OciLayout, OciLayoutSource};
-use gantry_agent::image::pull::{PullEvent, no_progress};
-use gantry_agent::image::reference::Reference;
-use gantry_agent::image::registry::auth::CredentialStore;
-use gantry_agent::image::registry::{RegistryClient, RegistrySource};
+use gantry_agent::images::pull::{PullEvent, no_progress, pull};
+use gantry_oci::layout::{OciLayout, OciLayoutSource};
+use gantry_oci::reference::Reference;
+use gantry_oci::registry::auth::CredentialStore;
+use gantry_oci::registry::{RegistryClient, RegistrySource};
 use registry_common::*;
 use serde_json::json;
 
@@ -34,16 +34,16 @@ async fn pull_from_registry_converts_and_records_the_image() {
     let client = RegistryClient::new(fast_config()).unwrap();
     let image = reference(&format!("{}/test/app:v1", registry.host()));
     let events = Mutex::new(Vec::new());
-    let record = cache
-        .pull(
-            &RegistrySource {
-                client: &client,
-                reference: &image,
-            },
-            &|e: &PullEvent| events.lock().unwrap().push(e.clone()),
-        )
-        .await
-        .unwrap();
+    let record = pull(
+        &cache,
+        &RegistrySource {
+            client: &client,
+            reference: &image,
+        },
+        &|e: &PullEvent| events.lock().unwrap().push(e.clone()),
+    )
+    .await
+    .unwrap();
 
     assert_eq!(record.name, format!("{}/test/app:v1", registry.host()));
     assert_eq!(record.manifest_digest, built.manifest_digest);
@@ -65,7 +65,7 @@ async fn pull_from_registry_converts_and_records_the_image() {
         let bytes = std::fs::read(&layer.erofs_path).unwrap();
         assert_eq!(bytes.len() as u64, layer.erofs_size);
         assert_eq!(
-            gantry_agent::image::reference::Digest::of(&bytes),
+            gantry_oci::reference::Digest::of(&bytes),
             layer.erofs_digest
         );
         let bitmap = gantry_agent::cache::bitmap::ChunkBitmap::open(&layer.bitmap_path).unwrap();
@@ -103,16 +103,16 @@ async fn pull_from_registry_converts_and_records_the_image() {
     assert!(images[0].missing_layers.is_empty());
     assert_eq!(images[0].record, record);
     let events = Mutex::new(Vec::new());
-    let again = cache
-        .pull(
-            &RegistrySource {
-                client: &client,
-                reference: &image,
-            },
-            &|e: &PullEvent| events.lock().unwrap().push(e.clone()),
-        )
-        .await
-        .unwrap();
+    let again = pull(
+        &cache,
+        &RegistrySource {
+            client: &client,
+            reference: &image,
+        },
+        &|e: &PullEvent| events.lock().unwrap().push(e.clone()),
+    )
+    .await
+    .unwrap();
     assert_eq!(again.layers, record.layers);
     let cached = events
         .lock()
@@ -128,32 +128,32 @@ async fn pull_from_registry_converts_and_records_the_image() {
         registry.host(),
         built.manifest_digest
     ));
-    let record = cache
-        .pull(
-            &RegistrySource {
-                client: &client,
-                reference: &by_digest,
-            },
-            &no_progress,
-        )
-        .await
-        .unwrap();
+    let record = pull(
+        &cache,
+        &RegistrySource {
+            client: &client,
+            reference: &by_digest,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap();
     assert_eq!(record.manifest_digest, built.manifest_digest);
     assert_eq!(cache.images().unwrap().len(), 2);
 
     // A missing tag is a clean error naming the registry.
     let missing = reference(&format!("{}/test/app:nope", registry.host()));
-    let error = cache
-        .pull(
-            &RegistrySource {
-                client: &client,
-                reference: &missing,
-            },
-            &no_progress,
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = pull(
+        &cache,
+        &RegistrySource {
+            client: &client,
+            reference: &missing,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(
         error.contains("404") && error.contains(&registry.host()),
         "{error}"
@@ -181,16 +181,16 @@ async fn multi_platform_index_picks_the_configured_platform() {
     let image = reference(&format!("{}/test/multi", registry.host()));
     let cache = open_cache(&work.path().join("cache"));
     let client = RegistryClient::new(fast_config()).unwrap();
-    let record = cache
-        .pull(
-            &RegistrySource {
-                client: &client,
-                reference: &image,
-            },
-            &no_progress,
-        )
-        .await
-        .unwrap();
+    let record = pull(
+        &cache,
+        &RegistrySource {
+            client: &client,
+            reference: &image,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap();
     assert_eq!(record.manifest_digest, amd_built.manifest_digest);
     assert!(record.index_digest.is_some());
 
@@ -198,33 +198,33 @@ async fn multi_platform_index_picks_the_configured_platform() {
     config.platform = "linux/arm64".into();
     let arm_client = RegistryClient::new(config).unwrap();
     let arm_cache = open_cache(&work.path().join("cache-arm"));
-    let record = arm_cache
-        .pull(
-            &RegistrySource {
-                client: &arm_client,
-                reference: &image,
-            },
-            &no_progress,
-        )
-        .await
-        .unwrap();
+    let record = pull(
+        &arm_cache,
+        &RegistrySource {
+            client: &arm_client,
+            reference: &image,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap();
     assert_eq!(record.manifest_digest, arm_built.manifest_digest);
     assert_eq!(record.layers[0].blob_digest, arm_built.layer_digests[0]);
 
     let mut config = fast_config();
     config.platform = "linux/riscv64".into();
     let none = RegistryClient::new(config).unwrap();
-    let error = arm_cache
-        .pull(
-            &RegistrySource {
-                client: &none,
-                reference: &image,
-            },
-            &no_progress,
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = pull(
+        &arm_cache,
+        &RegistrySource {
+            client: &none,
+            reference: &image,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(
         error.contains("no manifest for platform linux/riscv64"),
         "{error}"
@@ -246,23 +246,23 @@ async fn basic_auth_with_htpasswd_and_a_docker_config_file() {
     let cache = open_cache(&cache_dir);
 
     let anonymous = RegistryClient::new(fast_config()).unwrap();
-    let error = cache
-        .pull(
-            &RegistrySource {
-                client: &anonymous,
-                reference: &image,
-            },
-            &no_progress,
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = pull(
+        &cache,
+        &RegistrySource {
+            client: &anonymous,
+            reference: &image,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(error.contains("unauthorized"), "{error}");
 
     let mut wrong = CredentialStore::default();
     wrong.insert(
         &registry.host(),
-        gantry_agent::image::registry::auth::Credential {
+        gantry_oci::registry::auth::Credential {
             username: "gantry".into(),
             password: "wrong".into(),
         },
@@ -270,17 +270,17 @@ async fn basic_auth_with_htpasswd_and_a_docker_config_file() {
     let wrong_client = RegistryClient::new(fast_config())
         .unwrap()
         .with_credentials(wrong);
-    let error = cache
-        .pull(
-            &RegistrySource {
-                client: &wrong_client,
-                reference: &image,
-            },
-            &no_progress,
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = pull(
+        &cache,
+        &RegistrySource {
+            client: &wrong_client,
+            reference: &image,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(error.contains("unauthorized"), "{error}");
     assert!(cache.images().unwrap().is_empty());
 
@@ -292,16 +292,16 @@ async fn basic_auth_with_htpasswd_and_a_docker_config_file() {
         "s3cret",
     ));
     let client = RegistryClient::new(config).unwrap();
-    let record = cache
-        .pull(
-            &RegistrySource {
-                client: &client,
-                reference: &image,
-            },
-            &no_progress,
-        )
-        .await
-        .unwrap();
+    let record = pull(
+        &cache,
+        &RegistrySource {
+            client: &client,
+            reference: &image,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap();
     assert_eq!(record.layers.len(), 2);
     assert_consistent(&cache_dir);
 }
@@ -327,16 +327,16 @@ async fn bearer_token_flow_refreshes_an_expired_token_mid_pull() {
     let image = reference(&format!("{}/tok/app:v1", proxy.host()));
     let cache = open_cache(&work.path().join("cache"));
     let client = RegistryClient::new(fast_config()).unwrap();
-    let record = cache
-        .pull(
-            &RegistrySource {
-                client: &client,
-                reference: &image,
-            },
-            &no_progress,
-        )
-        .await
-        .unwrap();
+    let record = pull(
+        &cache,
+        &RegistrySource {
+            client: &client,
+            reference: &image,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap();
     assert_eq!(record.layers.len(), 2);
     let tokens = proxy.log.lock().unwrap().token_requests;
     assert!(
@@ -375,10 +375,10 @@ async fn concurrent_pulls_fetch_each_layer_once() {
         reference: &image_b,
     };
     let (r1, r2, r3, r4) = tokio::join!(
-        cache.pull(&source_a, &no_progress),
-        cache.pull(&source_a, &no_progress),
-        other.pull(&source_b, &no_progress),
-        cache.pull(&source_b, &no_progress),
+        pull(&cache, &source_a, &no_progress),
+        pull(&cache, &source_a, &no_progress),
+        pull(&other, &source_b, &no_progress),
+        pull(&cache, &source_b, &no_progress),
     );
     let (r1, r2, r3, r4) = (r1.unwrap(), r2.unwrap(), r3.unwrap(), r4.unwrap());
     assert_eq!(r1.layers, r2.layers);
@@ -405,10 +405,13 @@ async fn oci_layout_source_verifies_every_blob() {
     let cache = open_cache(&cache_dir);
     let opened = OciLayout::open(&layout.root).unwrap();
     assert_eq!(opened.names(), ["default"]);
-    let record = cache
-        .pull(&OciLayoutSource::new(&opened, "default"), &no_progress)
-        .await
-        .unwrap();
+    let record = pull(
+        &cache,
+        &OciLayoutSource::new(&opened, "default"),
+        &no_progress,
+    )
+    .await
+    .unwrap();
     assert_eq!(record.manifest_digest, built.manifest_digest);
     assert_eq!(record.layers.len(), 2);
     assert!(
@@ -417,11 +420,14 @@ async fn oci_layout_source_verifies_every_blob() {
             .unwrap()
             .is_some()
     );
-    let error = cache
-        .pull(&OciLayoutSource::new(&opened, "other"), &no_progress)
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = pull(
+        &cache,
+        &OciLayoutSource::new(&opened, "other"),
+        &no_progress,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(error.contains("no image named \"other\""), "{error}");
 
     // A tampered layer in a second layout: the error names the file; nothing is cached.
@@ -436,11 +442,14 @@ async fn oci_layout_source_verifies_every_blob() {
     bytes[middle] ^= 1;
     std::fs::write(&blob, bytes).unwrap();
     let bad_layout = OciLayout::open(&bad.root).unwrap();
-    let error = cache
-        .pull(&OciLayoutSource::new(&bad_layout, "default"), &no_progress)
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = pull(
+        &cache,
+        &OciLayoutSource::new(&bad_layout, "default"),
+        &no_progress,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(
         error.contains("digest mismatch")
             && error.contains(&bad_built.layer_digests[1].hex()[..12]),
@@ -470,16 +479,16 @@ async fn https_mirror_with_a_custom_ca() {
     config.retries = 0;
     config.mirrors.insert(registry.host(), vec![https.clone()]);
     let client = RegistryClient::new(config.clone()).unwrap();
-    let error = cache
-        .pull(
-            &RegistrySource {
-                client: &client,
-                reference: &image,
-            },
-            &no_progress,
-        )
-        .await
-        .unwrap_err();
+    let error = pull(
+        &cache,
+        &RegistrySource {
+            client: &client,
+            reference: &image,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap_err();
     assert!(
         format!("{error:?}").contains("InvalidCertificate"),
         "{error:?}"
@@ -488,15 +497,15 @@ async fn https_mirror_with_a_custom_ca() {
 
     config.ca_files = vec![ca];
     let client = RegistryClient::new(config).unwrap();
-    let record = cache
-        .pull(
-            &RegistrySource {
-                client: &client,
-                reference: &image,
-            },
-            &no_progress,
-        )
-        .await
-        .unwrap();
+    let record = pull(
+        &cache,
+        &RegistrySource {
+            client: &client,
+            reference: &image,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap();
     assert_eq!(record.layers.len(), 2);
 }

@@ -11,6 +11,7 @@ mod codec;
 mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+mod handshake;
 mod messages;
 mod version;
 
@@ -19,13 +20,14 @@ pub use frame::{
     DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, FrameError, MAX_FRAME_LEN_CAP, decode_payload,
     encode_frame, read_frame, write_frame,
 };
+pub use handshake::{VersionError, negotiate};
 pub use messages::{
     ContainerId, ContainerSpec, ContainerState, ContainerStats, ContainerSummary, ErrorKind,
     ErrorReply, Event, ExecId, ExitStatus, GuestInfo, GuestResources, Hello, LayerExtent,
     LayerMountInfo, Message, Op, OutputStream, ProcessSpec, Reply, Request, RequestId, Resources,
     Response,
 };
-pub use version::{PROTOCOL_VERSION, ProtocolVersion, VersionError, negotiate};
+pub use version::{PROTOCOL_VERSION, ProtocolVersion};
 
 /// The vsock port the shim listens on inside the guest.
 pub const SHIM_VSOCK_PORT: u32 = 10240;

@@ -7,11 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use gantry_agent::api::RunUpdate;
-use gantry_agent::api::client::ApiClient;
-use gantry_agent::cli::stream::BodyStream;
-use gantry_agent::containers::logs::LogItem;
-use gantry_agent::containers::spec::RunOptions;
+use gantry_api::records::LogItem;
+use gantry_api::stream::BodyStream;
+use gantry_api::{ApiClient, RunOptions, RunUpdate};
 use gantry_e2e::{TestAgent, TestVm};
 use hyper::Method;
 

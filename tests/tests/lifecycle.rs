@@ -11,8 +11,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use gantry_agent::image::builder::{self, ImageConfigSpec, LayerBuilder};
+use gantry_agent::images::default_image;
 use gantry_e2e::{TestAgent, TestVm, agent_binary};
+use gantry_oci::builder::{self, ImageConfigSpec, LayerBuilder};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const SHARED: &str = "vm-a";
@@ -136,7 +137,7 @@ fn image(name: &str, layers: &[LayerBuilder], config: &ImageConfigSpec) -> Strin
 }
 
 fn busybox() -> LayerBuilder {
-    builder::busybox_layer(Path::new(builder::DEFAULT_BUSYBOX)).expect("busybox layer")
+    default_image::busybox_layer(Path::new(default_image::DEFAULT_BUSYBOX)).expect("busybox layer")
 }
 
 #[test]
@@ -281,7 +282,7 @@ fn whiteouts_and_opaque_directories_across_layers_behave_as_in_docker() {
     let reference = image(
         "layered",
         &[busybox(), base, top],
-        &builder::default_image_config(),
+        &default_image::default_image_config(),
     );
     let script = "ls /data; echo --; ls /opaque; echo --; cat /data/kept; test -e /data/deleted || echo deleted-is-gone";
     let output = run(SHARED, &["--rm", &reference, "sh", "-c", script]);

@@ -13,12 +13,17 @@ use axum::{Json, Router};
 use gantry_proto::{Op, ProcessSpec, Reply};
 use serde::Deserialize;
 
-use super::{ApiErrorBody, ContainerView, ExecRequest, GuestInfoReport, PingReport, RunUpdate};
-use crate::containers::logs::{ExitRecord, encode_record};
+use gantry_api::records::{ExitRecord, encode_record};
+use gantry_api::{
+    ApiErrorBody, ContainerView, ExecRequest, GuestInfoReport, PingReport, RunOptions, RunUpdate,
+    VmStatus,
+};
+
 use crate::containers::run::{RunError, RunProgress, expect_done, generate_name, run_container};
-use crate::containers::spec::{RunOptions, merge_env};
-use crate::daemon::Agent;
-use crate::vm::{Vm, VmError, VmStatus};
+use crate::containers::spec::merge_env;
+use crate::images::ImageError;
+use crate::state::Agent;
+use crate::vm::{Vm, VmError};
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +145,7 @@ impl From<RunError> for ApiError {
     fn from(err: RunError) -> Self {
         match err {
             RunError::Vm(err) => err.into(),
-            RunError::Spec(_) | RunError::BadImage { .. } => {
+            RunError::Spec(_) | RunError::Image(ImageError::BadImage { .. }) => {
                 ApiError(StatusCode::BAD_REQUEST, err.to_string())
             }
             other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
@@ -378,7 +383,7 @@ struct ProcessQuery {
     follow: bool,
 }
 
-/// Streams a process's log records (see `containers::logs`), following until its end if asked.
+/// Streams a process's log records (`gantry_api::records`), following until its end if asked.
 async fn logs(
     State(agent): State<AgentState>,
     UrlPath((name, id)): UrlPath<(String, String)>,

@@ -370,7 +370,7 @@ impl LayerStore {
     fn state(&self) -> MutexGuard<'_, State> {
         // The state is rebuilt from scratch on every change, so a panic elsewhere cannot leave
         // it half-updated.
-        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.inner.state)
     }
 
     /// Maps a layer at a fresh 1 MiB-aligned offset and publishes it to the queue threads (and

@@ -25,11 +25,14 @@
 //! - `virtio_blk`: wire constants, config space, `Request::parse` (parsing only);
 //! - `source`: the `BlockSource` trait and the file-backed source;
 //! - `layer_store`: the per-VM extent table, its header, and reads through it;
-//! - `vhu_blk`: the `VhostUserBackend`: features, config, queue threads, request execution;
+//! - `execute`: what a parsed request does (reads into guest memory, `GET_ID`, refusals),
+//!   independent of the transport;
+//! - `vhu_blk`: the vhost-user transport: features, config, queue threads, parking;
 //! - `offload`: each queue's helper threads for large reads;
 //! - `device`: the listening socket and the frontend reconnect loop.
 
 mod device;
+mod execute;
 pub mod layer_store;
 mod offload;
 pub mod source;

@@ -21,8 +21,8 @@ use tracing::warn;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::GuestAddressSpace;
 
+use super::execute::{Memory, Parked, execute, finish};
 use super::layer_store::LayerStore;
-use super::vhu_blk::{Memory, Parked, execute, finish};
 use super::virtio_blk::Request;
 
 /// Reads of at least this many bytes go to the helpers.
@@ -55,7 +55,7 @@ struct Shared {
 
 impl Shared {
     fn finished(&self) -> MutexGuard<'_, Finished> {
-        self.finished.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.finished)
     }
 }
 
@@ -143,7 +143,7 @@ impl Drop for OffloadPool {
 fn helper(receiver: &Mutex<Receiver<Job>>, shared: &Shared) {
     loop {
         let job = {
-            let receiver = receiver.lock().unwrap_or_else(|e| e.into_inner());
+            let receiver = crate::sync::lock(receiver);
             match receiver.recv() {
                 Ok(job) => job,
                 Err(_) => return,

@@ -1,4 +1,5 @@
-//! Where a mapped layer's bytes come from: the [`BlockSource`] trait, and [`FileSource`], a
+//! Where a mapped layer's bytes come from: the [`BlockSource`] trait (the one seam between the data
+//! path and where bytes come from: the lazy layer source implements it too), and [`FileSource`], a
 //! layer whose bytes are all present in a file (the cache's uncompressed EROFS image).
 //!
 //! A source reads straight into guest memory (a list of [`VolatileSlice`]s), so the data path

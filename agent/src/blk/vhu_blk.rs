@@ -1,4 +1,5 @@
-//! The vhost-user-blk backend: features, config space, and the request queues.
+//! The vhost-user-blk transport: features, config space, and the request queues. What a request
+//! does is in `execute`; this file only moves requests between the vrings and it.
 //!
 //! Each request queue has its own worker thread (`vhost-user-backend` runs one epoll loop per
 //! entry of [`VhostUserBackend::queues_per_thread`]) and its own [`QueueWorker`] state, locked
@@ -26,29 +27,22 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::QueueT;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap, VolatileSlice,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
-use super::layer_store::{LayerStore, ReadError};
+use super::execute::{Completion, Memory, Parked, execute, finish};
+use super::layer_store::LayerStore;
 use super::offload::{Job, OFFLOAD_THRESHOLD, OffloadPool};
-use super::virtio_blk::{
-    BlkConfig, ID_BYTES, Request, RequestType, SEG_MAX, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
-    Segment, device_id_bytes,
-};
+use super::virtio_blk::{BlkConfig, Request, RequestType, SEG_MAX, STATUS_IOERR};
 
 /// How long stopping a queue waits for large reads being copied.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest queue the frontend may configure.
 pub const MAX_QUEUE_SIZE: usize = 1024;
-
-pub(super) type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// The virtio features the device offers.
 pub const DEVICE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
@@ -64,32 +58,6 @@ pub const DEVICE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
 pub fn wake_event(num_queues: usize) -> u16 {
     // num_queues is bounded by the config (at most u16::MAX - 1).
     (num_queues as u16).saturating_add(1)
-}
-
-/// How a finished request is answered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Completion {
-    status: u8,
-    /// Bytes written into device-writable buffers, status byte included.
-    used_len: u32,
-}
-
-impl Completion {
-    fn status_only(status: u8) -> Completion {
-        Completion {
-            status,
-            used_len: 1,
-        }
-    }
-}
-
-/// A request waiting for a source's data.
-#[derive(Debug)]
-pub(super) struct Parked {
-    pub(super) head: u16,
-    pub(super) request: Request,
-    /// Bytes of the data already filled (pieces before the one that was not ready).
-    pub(super) completed: u64,
 }
 
 /// Wakes one queue thread: writes its wake eventfd.
@@ -486,148 +454,4 @@ impl QueueWorker {
 /// Whether a request is a read large enough for the helpers.
 fn is_large_read(request: &Request) -> bool {
     request.request_type == RequestType::In && request.data_len >= OFFLOAD_THRESHOLD
-}
-
-/// Writes the status byte; returns the used length to report (0 if the status byte could not
-/// be written, so the driver sees nothing was written).
-pub(super) fn finish<M: GuestMemoryBackend>(
-    mem: &M,
-    status: GuestAddress,
-    completion: Completion,
-) -> u32 {
-    match mem.write_obj(completion.status, status) {
-        Ok(()) => completion.used_len,
-        Err(e) => {
-            debug!(error = %e, "layer store: cannot write a status byte");
-            0
-        }
-    }
-}
-
-/// Executes a parsed request. `completed` carries a read's progress across polls: the bytes of
-/// its data already filled. Returns [`Poll::Pending`] if a source has not got the data yet.
-pub(super) fn execute(
-    request: &Request,
-    mem: &GuestMemoryMmap,
-    store: &LayerStore,
-    completed: &mut u64,
-    waker: &Waker,
-) -> Poll<Completion> {
-    match request.request_type {
-        RequestType::In => match read(request, mem, store, completed, waker) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(())) => {
-                // data_len is bounded by MAX_CHAIN_DESCRIPTORS u32 lengths, and the used length
-                // of a valid chain fits u32 (virtio bounds chains to 4 GiB).
-                let used_len =
-                    u32::try_from(request.data_len.saturating_add(1)).unwrap_or(u32::MAX);
-                Poll::Ready(Completion {
-                    status: STATUS_OK,
-                    used_len,
-                })
-            }
-            Poll::Ready(Err(error)) => {
-                debug!(sector = request.sector, error = %error, "layer store: read failed");
-                Poll::Ready(Completion::status_only(STATUS_IOERR))
-            }
-        },
-        RequestType::GetId => Poll::Ready(get_id(request, mem)),
-        // Nothing is ever cached for writing: a flush has nothing to do.
-        RequestType::Flush => Poll::Ready(Completion::status_only(STATUS_OK)),
-        // Read-only device: the spec asks for IOERR on writes when VIRTIO_BLK_F_RO is offered.
-        RequestType::Out => Poll::Ready(Completion::status_only(STATUS_IOERR)),
-        // Features not offered: refused explicitly.
-        RequestType::Discard | RequestType::WriteZeroes | RequestType::Unsupported(_) => {
-            Poll::Ready(Completion::status_only(STATUS_UNSUPP))
-        }
-    }
-}
-
-fn get_id<M: GuestMemoryBackend>(request: &Request, mem: &M) -> Completion {
-    let id = device_id_bytes();
-    let mut written = 0usize;
-    for segment in &request.data {
-        let Some(bytes) = id.get(written..) else {
-            break;
-        };
-        let take = bytes.len().min(segment.len as usize);
-        let Some(part) = bytes.get(..take) else {
-            break;
-        };
-        if mem.write_slice(part, segment.addr).is_err() {
-            return Completion::status_only(STATUS_IOERR);
-        }
-        written += take;
-        if written >= ID_BYTES {
-            break;
-        }
-    }
-    Completion {
-        status: STATUS_OK,
-        // written <= ID_BYTES.
-        used_len: written as u32 + 1,
-    }
-}
-
-/// Fills an `In` request's buffers from the extent table, piece by piece (a piece is the part
-/// of the range inside one region of the table), resuming after `completed` bytes.
-fn read(
-    request: &Request,
-    mem: &GuestMemoryMmap,
-    store: &LayerStore,
-    completed: &mut u64,
-    waker: &Waker,
-) -> Poll<Result<(), ReadError>> {
-    // A fresh snapshot on every poll: a layer unmapped while a request was parked is no
-    // longer readable.
-    let snapshot = store.snapshot();
-    let (start, end) = request.byte_range();
-    while *completed < request.data_len {
-        let offset = start + *completed;
-        let piece = match snapshot.piece_len(offset, end - offset) {
-            Ok(piece) => piece,
-            Err(error) => return Poll::Ready(Err(error)),
-        };
-        let Some(bufs) = guest_slices(mem, &request.data, *completed, piece) else {
-            return Poll::Ready(Err(ReadError::GuestMemory));
-        };
-        match snapshot.read_piece(offset, &bufs, waker) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-            Poll::Ready(Ok(())) => *completed += piece,
-        }
-    }
-    Poll::Ready(Ok(()))
-}
-
-/// The guest memory for bytes `[skip, skip + len)` of the request's data, as slices.
-fn guest_slices<'m>(
-    mem: &'m GuestMemoryMmap,
-    data: &[Segment],
-    skip: u64,
-    len: u64,
-) -> Option<Vec<VolatileSlice<'m>>> {
-    let mut slices = Vec::with_capacity(data.len().min(8));
-    let mut position = 0u64;
-    let mut wanted = len;
-    for segment in data {
-        if wanted == 0 {
-            break;
-        }
-        let segment_len = u64::from(segment.len);
-        let segment_end = position + segment_len;
-        if segment_end <= skip {
-            position = segment_end;
-            continue;
-        }
-        let within = skip.saturating_sub(position);
-        let take = (segment_len - within).min(wanted);
-        let addr = segment.addr.checked_add(within)?;
-        for slice in mem.get_slices(addr, usize::try_from(take).ok()?) {
-            slices.push(slice.ok()?);
-        }
-        wanted -= take;
-        position = segment_end;
-    }
-    (wanted == 0).then_some(slices)
 }

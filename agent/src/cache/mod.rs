@@ -23,7 +23,6 @@
 //! the modification time of `layer.json`, touched on every pin.
 
 pub mod bitmap;
-pub mod cli;
 pub mod fsutil;
 pub mod lock;
 
@@ -35,16 +34,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use gantry_oci::manifest::{Descriptor, ImageConfiguration};
+use gantry_oci::{ConvertOptions, ConvertSummary, Digest};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use self::bitmap::{BitmapError, ChunkBitmap, DEFAULT_CHUNK_SIZE};
 use self::fsutil::{sync_dir, unique_suffix, write_atomic};
 use self::lock::{FileLock, LockMode};
-use crate::image::layer::{ConvertOptions, ConvertSummary};
-use crate::image::pull::{ImageSource, Progress, PullError};
-use crate::image::reference::Digest;
-use crate::image::registry::manifest::{Descriptor, ImageConfiguration};
+use crate::sync::lock;
 
 const IMAGE_FILE: &str = "image.erofs";
 const BITMAP_FILE: &str = "chunks.bitmap";
@@ -314,15 +312,6 @@ impl Cache {
         }
     }
 
-    /// Pulls an image from `source` (see [`crate::image::pull`]).
-    pub async fn pull<S: ImageSource>(
-        &self,
-        source: &S,
-        progress: Progress<'_>,
-    ) -> Result<ImageRecord, PullError> {
-        crate::image::pull::pull(self, source, progress).await
-    }
-
     fn layer_dir(&self, digest: &Digest) -> PathBuf {
         self.root.join("layers").join(digest.file_name())
     }
@@ -409,10 +398,7 @@ impl Cache {
     /// Takes the single-flight lock of a layer: one holder at a time across tasks and processes.
     pub async fn lock_layer(&self, digest: &Digest) -> Result<LayerSlot, CacheError> {
         let mutex = {
-            let mut in_flight = self
-                .in_flight
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut in_flight = lock(&self.in_flight);
             in_flight.entry(digest.clone()).or_default().clone()
         };
         let in_process = mutex.lock_owned().await;

@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
+use gantry_api::records::{ExitRecord, LogItem};
+use gantry_api::stream::BodyStream;
+use gantry_api::{ApiClient, ContainerView, ExecRequest, RunOptions, RunUpdate, VmStatus};
 use gantry_proto::{ContainerState, ExitStatus, OutputStream};
 use hyper::Method;
 
-use super::stream::BodyStream;
-use crate::api::client::ApiClient;
-use crate::api::{ContainerView, ExecRequest, RunUpdate, VmStatus};
-use crate::containers::logs::{ExitRecord, LogItem};
-use crate::containers::spec::{RunOptions, parse_size};
+use super::parse_limit;
 
 /// Which VM (optional when the agent serves exactly one).
 #[derive(Debug, Clone, Args)]
@@ -155,10 +154,14 @@ pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> 
         workdir: args.workdir,
         user: args.user,
         hostname: args.hostname,
-        memory_bytes: args.memory.as_deref().map(parse_size).transpose()?,
+        memory_bytes: args.memory.as_deref().map(parse_limit).transpose()?,
         cpus: args.cpus,
         pids_limit: args.pids_limit,
-        writable_layer_bytes: args.writable_layer.as_deref().map(parse_size).transpose()?,
+        writable_layer_bytes: args
+            .writable_layer
+            .as_deref()
+            .map(parse_limit)
+            .transpose()?,
         stdin: false,
     };
     let body = client

@@ -1,4 +1,274 @@
-//! The operator CLI's container commands, on top of the API client.
+//! The operator CLI: the command tree and every command but `serve`'s daemon, each a thin layer
+//! over the API client or, for the cache, over the cache directory itself. `main.rs` only parses
+//! and calls [`run`].
+//!
+//! - [`containers`]: `run`, `ps`, `logs`, `exec`, `kill`, `rm`, `stats`, `images` over the API.
+//! - [`vms`]: `guest-info`, `ping`, `vm …` over the API.
+//! - [`cache`]: `pull`, `images`, `rmi`, `cache gc` on a cache directory (no agent needed).
+//! - [`image`]: `image convert-layer`, `image build-default` (files only).
 
+pub mod cache;
 pub mod containers;
-pub mod stream;
+pub mod image;
+pub mod vms;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gantry_api::ApiClient;
+
+use crate::config::AgentConfig;
+use crate::images::default_image::DEFAULT_BUSYBOX;
+
+const DEFAULT_API_SOCKET: &str = "/run/gantry/agent.sock";
+
+/// `gantry-agent`'s command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "gantry-agent",
+    version,
+    about = "Gantry's agent on the offload card"
+)]
+pub struct Cli {
+    /// The agent's operator API socket [default: the config file's for `serve`, else
+    /// /run/gantry/agent.sock].
+    #[arg(long, global = true, env = "GANTRY_API_SOCKET")]
+    pub api_socket: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: attach the configured VMs and serve the operator API.
+    Serve {
+        /// The agent's configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show what the shim in a VM reports about its guest.
+    GuestInfo {
+        /// The VM's name.
+        vm: String,
+        /// Wait this many seconds for the shim to connect (e.g. while the guest boots).
+        #[arg(long, default_value_t = 0.0)]
+        wait: f64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the round trip to a VM's shim.
+    Ping {
+        /// The VM's name.
+        vm: String,
+        /// How many pings.
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        /// Payload bytes per ping.
+        #[arg(long, default_value_t = 0)]
+        size: usize,
+    },
+    /// Manage VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Run a container: pull and convert the image, map its layers, create, start, stream the
+    /// output, and exit with the container's code.
+    Run(containers::RunArgs),
+    /// List containers.
+    Ps(containers::PsArgs),
+    /// Print a container's output.
+    Logs(containers::LogsArgs),
+    /// Run a command in a running container.
+    Exec(containers::ExecArgs),
+    /// Send a signal to a container.
+    Kill(containers::KillArgs),
+    /// Remove containers.
+    Rm(containers::RmArgs),
+    /// Show a container's resource usage.
+    Stats(containers::StatsArgs),
+    /// List the images in the agent's cache.
+    Images {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with image files (no agent needed).
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Pull an image into the card's cache (works with or without a running agent).
+    Pull(cache::PullArgs),
+    /// Remove an image from the cache (layers other images or running containers use stay).
+    Rmi(cache::RmiArgs),
+    /// Maintain the cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+/// `cache …`.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Remove leftovers of interrupted work and enforce the size budget.
+    Gc(cache::GcArgs),
+    /// List the images in a cache directory (without asking an agent).
+    Images(cache::ImagesArgs),
+}
+
+/// `image …`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Convert an OCI layer (tar, tar+gzip, tar+zstd) into an EROFS image.
+    ConvertLayer(image::ConvertLayerArgs),
+    /// Write the embedded default image (busybox) as an OCI layout.
+    BuildDefault {
+        /// The layout directory to create.
+        #[arg(long)]
+        output: PathBuf,
+        /// The busybox binary to put in it.
+        #[arg(long, default_value = DEFAULT_BUSYBOX)]
+        busybox: PathBuf,
+    },
+}
+
+/// `vm …`.
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// List the VMs this agent serves.
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kill a VM's QEMU and boot it again (VMs the agent launched).
+    Restart {
+        /// The VM's name.
+        vm: String,
+    },
+    /// What the guest holds for containers: layer mounts, loop devices, overlays, cgroups.
+    Resources {
+        /// The VM's name.
+        vm: String,
+    },
+    /// Check that the shim survives a garbage frame on a second connection.
+    Probe {
+        /// The VM's name.
+        vm: String,
+    },
+}
+
+/// Runs one command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let client = ApiClient::new(
+        cli.api_socket
+            .as_deref()
+            .unwrap_or(DEFAULT_API_SOCKET.as_ref()),
+    );
+    match cli.command {
+        Command::Serve { config } => {
+            let mut config = AgentConfig::load(&config)?;
+            if let Some(socket) = cli.api_socket {
+                config.api_socket = socket;
+            }
+            crate::daemon::run(config).await?;
+        }
+        Command::GuestInfo { vm, wait, json } => vms::guest_info(&client, &vm, wait, json).await?,
+        Command::Ping { vm, count, size } => vms::ping(&client, &vm, count, size).await?,
+        Command::Vm(command) => vms::run(&client, command).await?,
+        Command::Run(args) => return containers::run(&client, args).await,
+        Command::Ps(args) => return containers::ps(&client, args).await,
+        Command::Logs(args) => return containers::logs(&client, args).await,
+        Command::Exec(args) => return containers::exec(&client, args).await,
+        Command::Kill(args) => return containers::kill(&client, args).await,
+        Command::Rm(args) => return containers::rm(&client, args).await,
+        Command::Stats(args) => return containers::stats(&client, args).await,
+        Command::Images { json } => return containers::images(&client, json).await,
+        Command::Pull(args) => cache::run_pull(&args).await?,
+        Command::Rmi(args) => cache::run_rmi(&args).await?,
+        Command::Cache(CacheCommand::Gc(args)) => cache::run_gc(&args).await?,
+        Command::Cache(CacheCommand::Images(args)) => cache::run_images(&args).await?,
+        Command::Image(ImageCommand::ConvertLayer(args)) => {
+            image::run_convert_layer(&args)?;
+        }
+        Command::Image(ImageCommand::BuildDefault { output, busybox }) => {
+            image::run_build_default(&output, &busybox)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A size on the command line that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("size {text:?} {reason}")]
+pub struct SizeError {
+    text: String,
+    reason: &'static str,
+}
+
+/// Parses a byte count with an optional binary suffix, as Docker does: `4096`, `512k`, `512kb`,
+/// `256M`, `2g`, `1T`. Zero is a size (budgets use it for "no limit").
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
+    let fail = |reason| SizeError {
+        text: text.to_owned(),
+        reason,
+    };
+    let lower = text.trim().to_ascii_lowercase();
+    let lower = lower.strip_suffix('b').unwrap_or(&lower);
+    let (digits, shift) = match lower.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c {
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                _ => return Err(fail("has an unknown suffix (use k, m, g or t)")),
+            };
+            (&lower[..i], shift)
+        }
+        _ => (lower, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| fail("is not a number with an optional k, m, g or t suffix"))?;
+    value
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| fail("is too large"))
+}
+
+/// A size that must be more than zero (`--memory`, `--writable-layer`).
+pub fn parse_limit(text: &str) -> Result<u64, SizeError> {
+    match parse_size(text)? {
+        0 => Err(SizeError {
+            text: text.to_owned(),
+            reason: "must be more than zero",
+        }),
+        size => Ok(size),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("256m"), Ok(256 << 20));
+        assert_eq!(parse_size("512kb"), Ok(512 << 10));
+        assert_eq!(parse_size("1t"), Ok(1 << 40));
+        assert_eq!(parse_size("0"), Ok(0));
+        for bad in ["", "m", "G", "-1m", "1X", "99999999999T", "99999999999g"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn limits_refuse_zero() {
+        assert_eq!(parse_limit("1G"), Ok(1 << 30));
+        let err = parse_limit("0").unwrap_err();
+        assert!(err.to_string().contains("more than zero"), "{err}");
+    }
+}

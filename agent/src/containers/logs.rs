@@ -1,78 +1,23 @@
 //! A process's output as the agent keeps it: an append-only file of records, readable from the
 //! start by any number of readers, which can follow it until the process has exited.
 //!
-//! Record: one kind byte, a `u32` little-endian length, the bytes. Kinds: 1 stdout, 2 stderr,
-//! 3 the end (JSON [`ExitRecord`]). The operator API streams the same records, so the CLI decodes
-//! what the file holds.
+//! The file holds the records of [`gantry_api::records`], the same the operator API streams, so
+//! the CLI decodes what the file holds.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use gantry_proto::{ExitStatus, OutputStream};
-use serde::{Deserialize, Serialize};
+use gantry_api::records::{
+    ExitRecord, KIND_EXIT, KIND_STDERR, KIND_STDOUT, LogItem, MAX_RECORD, decode_record,
+    encode_record,
+};
+use gantry_proto::OutputStream;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-/// Record kind: standard output.
-pub const KIND_STDOUT: u8 = 1;
-/// Record kind: standard error.
-pub const KIND_STDERR: u8 = 2;
-/// Record kind: the end, with an [`ExitRecord`].
-pub const KIND_EXIT: u8 = 3;
-/// Largest record a reader accepts (output chunks are far smaller).
-pub const MAX_RECORD: u32 = 16 << 20;
-
-/// How a process ended, as the last record says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExitRecord {
-    /// Exit code or signal.
-    pub status: ExitStatus,
-    /// Whether the container's cgroup saw an OOM kill.
-    pub oom_killed: bool,
-}
-
-impl ExitRecord {
-    /// The exit code a shell would show: the code, or 128 + signal.
-    pub fn shell_code(&self) -> i32 {
-        match self.status {
-            ExitStatus::Code(code) => code,
-            ExitStatus::Signal(signal) => 128 + signal,
-        }
-    }
-}
-
-/// One decoded record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogItem {
-    /// Output bytes.
-    Output(OutputStream, Vec<u8>),
-    /// The process ended.
-    Exit(ExitRecord),
-}
-
-/// Encodes a record.
-pub fn encode_record(kind: u8, data: &[u8]) -> Vec<u8> {
-    let mut record = Vec::with_capacity(5 + data.len());
-    record.push(kind);
-    record.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    record.extend_from_slice(data);
-    record
-}
-
-/// Decodes a record's kind and payload.
-pub fn decode_record(kind: u8, data: Vec<u8>) -> std::io::Result<LogItem> {
-    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
-    match kind {
-        KIND_STDOUT => Ok(LogItem::Output(OutputStream::Stdout, data)),
-        KIND_STDERR => Ok(LogItem::Output(OutputStream::Stderr, data)),
-        KIND_EXIT => serde_json::from_slice(&data)
-            .map(LogItem::Exit)
-            .map_err(|err| invalid(format!("bad exit record: {err}"))),
-        other => Err(invalid(format!("unknown log record kind {other}"))),
-    }
-}
+use crate::sync::lock;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Progress {
@@ -108,10 +53,7 @@ impl ProcessLog {
 
     fn append(&self, kind: u8, data: &[u8]) -> std::io::Result<()> {
         let record = encode_record(kind, data);
-        self.file
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write_all(&record)?;
+        lock(&self.file).write_all(&record)?;
         self.progress.send_modify(|p| {
             p.bytes += record.len() as u64;
             p.ended |= kind == KIND_EXIT;
@@ -203,6 +145,7 @@ impl LogReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gantry_proto::ExitStatus;
 
     #[tokio::test]
     async fn readers_see_every_record_in_order_and_followers_wait_for_the_end() {

@@ -1,6 +1,10 @@
 //! The containers of one VM, as the agent knows them: their output logs, exits and OOM kills,
 //! fed by the shim's events. The shim is the authority on what runs; this table is what the
 //! agent keeps for the operator (logs, image names) and the credit it owes the shim.
+//!
+//! - [`run`]: `run` end to end (image → cache → layer store → create → start).
+//! - [`spec`]: an image config and a run request turned into the shim's specs.
+//! - [`logs`]: each process's log file, its writer and its readers.
 
 pub mod logs;
 pub mod run;
@@ -9,12 +13,14 @@ pub mod spec;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use gantry_proto::{ContainerId, Event, ExecId, Op, ProcessSpec};
 use tracing::warn;
 
-use logs::{ExitRecord, ProcessLog};
+use crate::sync::lock;
+use gantry_api::records::ExitRecord;
+use logs::ProcessLog;
 
 /// Errors of the table.
 #[derive(Debug, thiserror::Error)]
@@ -84,10 +90,6 @@ impl ContainerEntry {
     pub fn oom_killed(&self) -> bool {
         self.oom_killed.load(Ordering::Relaxed)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// All containers the agent created in one VM.
@@ -224,8 +226,8 @@ impl ContainerTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gantry_api::records::LogItem;
     use gantry_proto::{ExitStatus, OutputStream};
-    use logs::LogItem;
 
     #[tokio::test]
     async fn events_land_in_the_right_logs_and_output_is_credited() {

@@ -1,6 +1,7 @@
 //! Turning an image config and a `run` request into the shim's process and container specs.
 //! Pure functions, Docker's semantics.
 
+use gantry_api::RunOptions;
 use gantry_proto::{ProcessSpec, Resources};
 use serde::{Deserialize, Serialize};
 
@@ -21,9 +22,6 @@ pub enum RunSpecError {
     /// `-e` without `=`.
     #[error("environment entry {0:?} is not KEY=VALUE")]
     BadEnv(String),
-    /// A size that does not parse.
-    #[error("size {0:?} is not a number with an optional k, m or g suffix")]
-    BadSize(String),
 }
 
 /// The parts of an image config `run` uses (OCI `config` object).
@@ -39,40 +37,6 @@ pub struct ImageDefaults {
     pub working_dir: String,
     /// `User`.
     pub user: String,
-}
-
-/// What the operator asked `run` for.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct RunOptions {
-    /// The image: `default`, an OCI layout `oci:DIR[:NAME]`, or a registry reference.
-    pub image: String,
-    /// The container's name; generated when absent.
-    pub name: Option<String>,
-    /// Replaces the image's `Cmd`.
-    #[serde(default)]
-    pub command: Vec<String>,
-    /// Replaces the image's `Entrypoint` (and then its `Cmd` is ignored, as in Docker).
-    pub entrypoint: Option<Vec<String>>,
-    /// `KEY=VALUE` added to (or replacing in) the image's `Env`.
-    #[serde(default)]
-    pub env: Vec<String>,
-    /// Replaces the image's `WorkingDir`.
-    pub workdir: Option<String>,
-    /// Replaces the image's `User`.
-    pub user: Option<String>,
-    /// Host name (default: the container's name).
-    pub hostname: Option<String>,
-    /// `memory.max` in bytes.
-    pub memory_bytes: Option<u64>,
-    /// CPUs as a fraction (`cpu.max`).
-    pub cpus: Option<f64>,
-    /// `pids.max`.
-    pub pids_limit: Option<u64>,
-    /// Size of the writable layer in bytes.
-    pub writable_layer_bytes: Option<u64>,
-    /// Whether the operator will write to standard input.
-    #[serde(default)]
-    pub stdin: bool,
 }
 
 /// The main process of a `run`.
@@ -133,24 +97,6 @@ pub fn resources(run: &RunOptions) -> Result<Resources, RunSpecError> {
         cpu_period_us: cpu_quota_us.map(|_| CPU_PERIOD_US),
         pids_max: run.pids_limit,
     })
-}
-
-/// Parses `256m`, `1g`, `4096`, `512k` (binary units, as Docker does).
-pub fn parse_size(text: &str) -> Result<u64, RunSpecError> {
-    let bad = || RunSpecError::BadSize(text.to_owned());
-    let lower = text.trim().to_ascii_lowercase();
-    let lower = lower.strip_suffix('b').unwrap_or(&lower);
-    let (digits, shift) = match lower.chars().last() {
-        Some('k') => (&lower[..lower.len() - 1], 10),
-        Some('m') => (&lower[..lower.len() - 1], 20),
-        Some('g') => (&lower[..lower.len() - 1], 30),
-        _ => (lower, 0),
-    };
-    let value: u64 = digits.parse().map_err(|_| bad())?;
-    value
-        .checked_mul(1u64 << shift)
-        .filter(|v| *v > 0)
-        .ok_or_else(bad)
 }
 
 #[cfg(test)]
@@ -247,16 +193,5 @@ mod tests {
             })
             .is_err()
         );
-    }
-
-    #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_size("256m").unwrap(), 256 << 20);
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("512kb").unwrap(), 512 << 10);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        for bad in ["", "m", "-1m", "1t", "0", "99999999999g"] {
-            assert!(parse_size(bad).is_err(), "{bad:?}");
-        }
     }
 }

@@ -98,9 +98,7 @@ impl VsockBackend {
     }
 
     fn worker(&self) -> MutexGuard<'_, Worker> {
-        // A panic cannot leave the table inconsistent in a way that matters more than stopping
-        // service, so keep going with the data as it is.
-        self.worker.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.worker)
     }
 
     /// The session ends: fail pending connects, close every host stream.

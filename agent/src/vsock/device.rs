@@ -7,7 +7,7 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BACKEND_EVENT, VsockBackend};
 use super::requests::{ConnectRequest, RequestQueue};
+use crate::sync::lock;
 use crate::vhost_user::{self, FrontendLoop, Session, SetupError};
 
 /// Default receive buffer advertised to the guest per connection.
@@ -120,10 +121,6 @@ impl std::fmt::Debug for Shared {
             .field("attached", &lock(&self.session).is_some())
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One VM's vhost-user-vsock device.

@@ -58,8 +58,7 @@ impl RequestQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, Pending> {
-        // The data stays consistent even if a holder panicked: it is a plain queue.
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.pending)
     }
 
     /// Queues a request and wakes the worker.

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use gantry_agent::cache::{Cache, CacheConfig};
-use gantry_agent::image::reference::Digest;
-use gantry_agent::image::registry::RegistryConfig;
+use gantry_oci::reference::Digest;
+use gantry_oci::registry::RegistryConfig;
 use serde_json::json;
 
 /// Whether the registry tools are installed; tests skip loudly when not.
@@ -465,6 +465,8 @@ pub struct Faults {
     pub stall_large_blobs_over: AtomicU64,
     /// Require bearer tokens from /token; a token works for this many requests (0 = off).
     pub bearer_token_uses: AtomicU32,
+    /// Drop `Range` headers: the registry then answers `200` with whole blobs.
+    pub ignore_ranges: AtomicBool,
 }
 
 /// What the proxy saw.
@@ -639,6 +641,9 @@ async fn proxy_handler(State(state): State<Arc<ProxyState>>, request: Request) -
         format!("{}{path}", state.upstream),
     );
     for name in ["accept", "range"] {
+        if name == "range" && faults.ignore_ranges.load(Ordering::SeqCst) {
+            continue;
+        }
         if let Some(value) = headers.get(name) {
             upstream = upstream.header(name, value.clone());
         }

@@ -1,0 +1,234 @@
+//! Operator commands on the cache directory: `pull`, `images`, `rmi`, `cache gc`.
+//!
+//! They work on the cache directory directly, with or without a running agent: every change
+//! takes the cache's own locks (the metadata lock for records and gc, per-layer locks for
+//! fetches, shared pins), so a CLI process and the agent can act on one cache at once.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use gantry_oci::Reference;
+use gantry_oci::layout::{OciLayout, OciLayoutSource};
+use gantry_oci::registry::auth::CredentialStore;
+use gantry_oci::registry::{RegistryClient, RegistryConfig, RegistrySource};
+
+use super::parse_size;
+use crate::cache::{Cache, CacheConfig};
+use crate::images::pull::{self, PullEvent};
+
+/// The default cache directory.
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/gantry/cache";
+
+/// Where the cache is and how big it may grow.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CacheDirArgs {
+    /// The cache directory.
+    #[arg(long, env = "GANTRY_CACHE_DIR", default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Evict least recently used layers beyond this size (suffixes K, M, G, T); 0 = no limit.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub cache_budget: u64,
+}
+
+impl CacheDirArgs {
+    /// Opens the cache.
+    pub fn open(&self) -> anyhow::Result<Cache> {
+        let config = CacheConfig {
+            budget_bytes: self.cache_budget,
+            ..CacheConfig::default()
+        };
+        Cache::open(&self.cache_dir, config)
+            .with_context(|| format!("opening the cache at {}", self.cache_dir.display()))
+    }
+}
+
+/// Arguments of `pull`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PullArgs {
+    /// The image: `[host[:port]/]repo[:tag][@sha256:…]`, or `oci:DIR[:NAME]` for an OCI
+    /// image layout directory.
+    pub reference: String,
+    /// Registry configuration (TOML: mirrors, credentials file, CA files, insecure hosts).
+    #[arg(long)]
+    pub registry_config: Option<PathBuf>,
+    /// Docker-style config.json with credentials (overrides the registry config's).
+    #[arg(long)]
+    pub credentials: Option<PathBuf>,
+    /// Platform to pick from multi-platform images, `os/arch[/variant]`.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Print the image record as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub cache: CacheDirArgs,
+}
+
+/// Arguments of `images`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImagesArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub cache: CacheDirArgs,
+}
+
+/// Arguments of `rmi`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RmiArgs {
+    /// The image name as `images` shows it (short names are expanded as for `pull`).
+    pub reference: String,
+    #[command(flatten)]
+    pub cache: CacheDirArgs,
+}
+
+/// Arguments of `cache gc`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GcArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub cache: CacheDirArgs,
+}
+
+/// Builds the registry client a `pull` asks for.
+pub fn registry_client(
+    config: Option<&std::path::Path>,
+    credentials: Option<&std::path::Path>,
+    platform: Option<&str>,
+) -> anyhow::Result<RegistryClient> {
+    let mut config = match config {
+        Some(path) => RegistryConfig::load(path)?,
+        None => RegistryConfig::default(),
+    };
+    if let Some(platform) = platform {
+        config.platform = platform.to_string();
+    }
+    let mut client = RegistryClient::new(config)?;
+    if let Some(path) = credentials {
+        client = client.with_credentials(CredentialStore::load(path)?);
+    }
+    Ok(client)
+}
+
+fn print_progress(event: &PullEvent) {
+    eprintln!("{}", pull::describe(event));
+}
+
+/// Runs `pull`.
+pub async fn run_pull(args: &PullArgs) -> anyhow::Result<()> {
+    let cache = args.cache.open()?;
+    let record = if let Some(layout_ref) = args.reference.strip_prefix("oci:") {
+        // oci:DIR[:NAME]; a DIR containing ':' needs the NAME part.
+        let (dir, name) = match layout_ref.rsplit_once(':') {
+            Some((dir, name)) if !name.contains('/') => (dir, name),
+            _ => (layout_ref, ""),
+        };
+        let layout = OciLayout::open(std::path::Path::new(dir))?;
+        let mut source = OciLayoutSource::new(&layout, name);
+        if let Some(platform) = &args.platform {
+            source.platform = platform.parse()?;
+        }
+        pull::pull(&cache, &source, &print_progress).await?
+    } else {
+        let reference: Reference = args.reference.parse()?;
+        let client = registry_client(
+            args.registry_config.as_deref(),
+            args.credentials.as_deref(),
+            args.platform.as_deref(),
+        )?;
+        let source = RegistrySource {
+            client: &client,
+            reference: &reference,
+        };
+        pull::pull(&cache, &source, &print_progress).await?
+    };
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&record)?)?;
+    } else {
+        writeln!(stdout, "{} {}", record.name, record.manifest_digest)?;
+    }
+    Ok(())
+}
+
+/// Runs `images`.
+pub async fn run_images(args: &ImagesArgs) -> anyhow::Result<()> {
+    let cache = args.cache.open()?;
+    let images = cache.images()?;
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&images)?)?;
+        return Ok(());
+    }
+    writeln!(
+        stdout,
+        "{:<50} {:<20} {:>7} {:>10}  STATUS",
+        "NAME", "MANIFEST", "LAYERS", "EROFS MiB"
+    )?;
+    for image in images {
+        let record = &image.record;
+        let status = if image.missing_layers.is_empty() {
+            "complete".to_string()
+        } else {
+            format!("{} layers evicted", image.missing_layers.len())
+        };
+        writeln!(
+            stdout,
+            "{:<50} {:<20} {:>7} {:>10.1}  {status}",
+            record.name,
+            record
+                .manifest_digest
+                .to_string()
+                .get(..19)
+                .unwrap_or_default(),
+            record.layers.len(),
+            record.erofs_size() as f64 / 1048576.0,
+        )?;
+    }
+    Ok(())
+}
+
+/// The record name for a user-typed reference: normalized if it parses as one.
+pub fn record_name(reference: &str) -> String {
+    reference
+        .parse::<Reference>()
+        .map_or_else(|_| reference.to_string(), |r| r.to_string())
+}
+
+/// Runs `rmi`.
+pub async fn run_rmi(args: &RmiArgs) -> anyhow::Result<()> {
+    let cache = args.cache.open()?;
+    let report = cache.remove_image(&record_name(&args.reference)).await?;
+    println!(
+        "removed {}; {} layers freed, {} kept (pinned)",
+        record_name(&args.reference),
+        report.layers_removed.len(),
+        report.pinned_kept.len()
+    );
+    Ok(())
+}
+
+/// Runs `cache gc`.
+pub async fn run_gc(args: &GcArgs) -> anyhow::Result<()> {
+    let cache = args.cache.open()?;
+    let report = cache.gc().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let freed: u64 = report.layers_removed.iter().map(|(_, size)| size).sum();
+        println!(
+            "removed {} temporary entries and {} layers ({:.1} MiB); {} pinned kept; layers now {:.1} MiB",
+            report.temp_removed,
+            report.layers_removed.len(),
+            freed as f64 / 1048576.0,
+            report.pinned_kept.len(),
+            report.layers_bytes as f64 / 1048576.0
+        );
+    }
+    Ok(())
+}

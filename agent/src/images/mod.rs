@@ -1,0 +1,12 @@
+//! The card's images as the agent's policy sees them; the formats and the registry client are
+//! in `gantry-oci`.
+//!
+//! - [`service`]: [`ImageService`], where an image name leads and the cache it is pulled into.
+//! - [`pull`]: fetch, verify, convert and publish an image into the cache.
+//! - [`default_image`]: the embedded busybox image, built from the card's `busybox-static`.
+
+pub mod default_image;
+pub mod pull;
+pub mod service;
+
+pub use service::{ImageError, ImageRef, ImageService, parse_image};

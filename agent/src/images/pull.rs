@@ -1,0 +1,531 @@
+//! Pulling an image: fetch, verify, convert, publish into the cache.
+//!
+//! Every image source (a registry, an OCI layout directory) implements `gantry_oci`'s
+//! [`ImageSource`] and goes through the same pipeline:
+//! 1. the root manifest (by tag or digest), verified; an index is resolved to the configured
+//!    platform's manifest, verified again;
+//! 2. the config blob, size-capped and verified, then parsed;
+//! 3. each layer: a cache hit is pinned and reused; a miss takes the layer's single-flight
+//!    lock, streams the blob through a [`gantry_oci::BlobVerifier`] into the EROFS converter (a blocking
+//!    thread), and publishes the image into the cache only if the digest matched;
+//! 4. the image record is written atomically, then the size budget is enforced.
+//!
+//! The converter parses the bytes while they arrive (it is hardened for hostile input and
+//! writes only inside a temporary directory); its output is discarded unless the whole blob
+//! then matched its digest, so nothing unverified ever enters the cache.
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use crate::cache::{Cache, CacheError, ImageRecord, LayerRecord, PinGuard};
+use gantry_oci::manifest::{
+    Descriptor, ImageConfiguration, ImageManifest, ManifestDocument, ManifestError,
+};
+use gantry_oci::source::{BlobSink, FetchedManifest, ImageSource, SinkError};
+use gantry_oci::{ConvertError, ConvertOptions, ConvertSummary, Digest, convert_layer};
+
+/// Errors of pulling an image.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// The source failed (network, auth, digest mismatch naming the source, …).
+    #[error("{image}: {error}")]
+    Source {
+        /// The image.
+        image: String,
+        /// The source's error.
+        #[source]
+        error: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A manifest or config does not parse or is unsupported.
+    #[error("{image}: {what} from {source_name}: {error}")]
+    Document {
+        /// The image.
+        image: String,
+        /// Which document.
+        what: &'static str,
+        /// Where it came from.
+        source_name: String,
+        /// The parser's error.
+        #[source]
+        error: Box<ManifestError>,
+    },
+    /// An index inside an index (not supported).
+    #[error("{image}: the index entry for {platform} is itself an index")]
+    NestedIndex {
+        /// The image.
+        image: String,
+        /// The platform.
+        platform: String,
+    },
+    /// The config blob is larger than allowed.
+    #[error("{image}: config {digest} is {size} bytes, over the limit of {limit}")]
+    ConfigTooLarge {
+        /// The image.
+        image: String,
+        /// Its digest.
+        digest: Digest,
+        /// Its declared size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Converting a (verified) layer failed.
+    #[error("{image}: layer {digest}: {message}")]
+    Convert {
+        /// The image.
+        image: String,
+        /// The layer blob.
+        digest: Digest,
+        /// The converter's error.
+        message: String,
+    },
+    /// The cache failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+/// What a pull reports while it runs.
+#[derive(Debug, Clone)]
+pub enum PullEvent {
+    /// The manifest (and config) are known.
+    Resolved {
+        /// The image.
+        image: String,
+        /// The platform manifest's digest.
+        manifest_digest: Digest,
+        /// Number of layers.
+        layers: usize,
+        /// Sum of the layer blob sizes.
+        total_bytes: u64,
+    },
+    /// A layer was already in the cache.
+    LayerCached {
+        /// Position in the manifest.
+        index: usize,
+        /// The blob digest.
+        digest: Digest,
+    },
+    /// A layer is being fetched and converted.
+    LayerStarted {
+        /// Position in the manifest.
+        index: usize,
+        /// The blob digest.
+        digest: Digest,
+        /// The blob size.
+        size: u64,
+    },
+    /// A layer was fetched, verified, converted and published.
+    LayerDone {
+        /// Position in the manifest.
+        index: usize,
+        /// The blob digest.
+        digest: Digest,
+        /// The EROFS image size.
+        erofs_size: u64,
+        /// Where it came from.
+        source: String,
+        /// Seconds it took.
+        seconds: f64,
+    },
+}
+
+/// Receives [`PullEvent`]s.
+pub type Progress<'a> = &'a (dyn Fn(&PullEvent) + Send + Sync);
+
+/// A progress sink that ignores everything.
+pub fn no_progress(_: &PullEvent) {}
+
+/// Pulls the image `source` names into `cache` and records it under `source.describe()`.
+pub async fn pull<S: ImageSource>(
+    cache: &Cache,
+    source: &S,
+    progress: Progress<'_>,
+) -> Result<ImageRecord, PullError> {
+    let image = source.describe();
+    let source_error = |error: S::Error| PullError::Source {
+        image: image.clone(),
+        error: Box::new(error),
+    };
+    let document = |what, fetched: &FetchedManifest| {
+        ManifestDocument::parse(&fetched.bytes, fetched.media_type.as_deref()).map_err(|error| {
+            PullError::Document {
+                image: image.clone(),
+                what,
+                source_name: fetched.source.clone(),
+                error: Box::new(error),
+            }
+        })
+    };
+
+    let root = source.fetch_root_manifest().await.map_err(source_error)?;
+    let (manifest, manifest_digest, index_digest) = match document("manifest", &root)? {
+        ManifestDocument::Image(manifest) => (manifest, root.digest.clone(), None),
+        ManifestDocument::Index(index) => {
+            let platform = source.platform();
+            let entry = index
+                .select(&platform)
+                .map_err(|error| PullError::Document {
+                    image: image.clone(),
+                    what: "index",
+                    source_name: root.source.clone(),
+                    error: Box::new(error),
+                })?;
+            let child = source
+                .fetch_manifest(&entry.digest)
+                .await
+                .map_err(source_error)?;
+            match document("manifest", &child)? {
+                ManifestDocument::Image(manifest) => {
+                    (manifest, child.digest.clone(), Some(root.digest.clone()))
+                }
+                ManifestDocument::Index(_) => {
+                    return Err(PullError::NestedIndex {
+                        image,
+                        platform: platform.to_string(),
+                    });
+                }
+            }
+        }
+    };
+
+    let config_bytes = fetch_config(source, &image, &manifest).await?;
+    let config = ImageConfiguration::parse(&config_bytes).map_err(|error| PullError::Document {
+        image: image.clone(),
+        what: "config",
+        source_name: manifest.config.digest.to_string(),
+        error: Box::new(error),
+    })?;
+    progress(&PullEvent::Resolved {
+        image: image.clone(),
+        manifest_digest: manifest_digest.clone(),
+        layers: manifest.layers.len(),
+        total_bytes: manifest.layers.iter().map(|l| l.size).sum(),
+    });
+
+    let parallel = cache.config().parallel_layers.max(1);
+    // Collected first: a closure producing futures inside the stream is not `Send` for every
+    // lifetime (a rustc limitation), and `run` drives pulls from spawned tasks.
+    let layer_pulls: Vec<_> = manifest
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(index, descriptor)| pull_layer(cache, source, &image, index, descriptor, progress))
+        .collect();
+    let results: Vec<(LayerRecord, PinGuard)> = futures::stream::iter(layer_pulls)
+        .buffered(parallel)
+        .try_collect()
+        .await?;
+    let (layers, pins): (Vec<LayerRecord>, Vec<PinGuard>) = results.into_iter().unzip();
+
+    let record = ImageRecord {
+        name: image.clone(),
+        manifest_digest,
+        index_digest,
+        config_digest: manifest.config.digest.clone(),
+        config,
+        layers,
+        pulled_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    cache.write_image(&record).await?;
+    // The pins keep this image's layers out of the eviction its own arrival may trigger.
+    cache.enforce_budget().await?;
+    drop(pins);
+    info!(image, manifest = %record.manifest_digest, layers = record.layers.len(), "pulled");
+    Ok(record)
+}
+
+async fn fetch_config<S: ImageSource>(
+    source: &S,
+    image: &str,
+    manifest: &ImageManifest,
+) -> Result<Vec<u8>, PullError> {
+    let descriptor = &manifest.config;
+    let limit = source.max_config_bytes();
+    if descriptor.size > limit {
+        return Err(PullError::ConfigTooLarge {
+            image: image.to_string(),
+            digest: descriptor.digest.clone(),
+            size: descriptor.size,
+            limit,
+        });
+    }
+    let mut sink = MemorySink::default();
+    source
+        .fetch_blob(descriptor, &mut sink)
+        .await
+        .map_err(|error| PullError::Source {
+            image: image.to_string(),
+            error: Box::new(error),
+        })?;
+    Ok(sink.bytes)
+}
+
+/// Collects a small blob in memory (the size was checked against the limit beforehand and the
+/// verifier refuses more than the declared size).
+#[derive(Debug, Default)]
+struct MemorySink {
+    bytes: Vec<u8>,
+}
+
+impl BlobSink for MemorySink {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+        self.bytes.extend_from_slice(&chunk);
+        Ok(())
+    }
+
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        self.bytes.clear();
+        Ok(())
+    }
+}
+
+async fn pull_layer<S: ImageSource>(
+    cache: &Cache,
+    source: &S,
+    image: &str,
+    index: usize,
+    descriptor: &Descriptor,
+    progress: Progress<'_>,
+) -> Result<(LayerRecord, PinGuard), PullError> {
+    let digest = &descriptor.digest;
+    if let Some(hit) = cache.pin_layer_if_present(digest)? {
+        progress(&PullEvent::LayerCached {
+            index,
+            digest: digest.clone(),
+        });
+        return Ok(hit);
+    }
+    // Single flight: one fetch per layer, across tasks and processes.
+    let slot = cache.lock_layer(digest).await?;
+    if let Some(hit) = cache.pin_layer_if_present(digest)? {
+        debug!(%digest, "another pull fetched the layer meanwhile");
+        progress(&PullEvent::LayerCached {
+            index,
+            digest: digest.clone(),
+        });
+        return Ok(hit);
+    }
+    let started = Instant::now();
+    progress(&PullEvent::LayerStarted {
+        index,
+        digest: digest.clone(),
+        size: descriptor.size,
+    });
+    let build = cache.begin_build()?;
+    let mut sink = ConvertSink::new(build.image_path(), cache.convert_options());
+    let fetched = source.fetch_blob(descriptor, &mut sink).await;
+    let summary = match fetched {
+        Ok(url) => match sink.finish().await {
+            Ok(summary) => (summary, url),
+            Err(error) => {
+                return Err(PullError::Convert {
+                    image: image.to_string(),
+                    digest: digest.clone(),
+                    message: error.to_string(),
+                });
+            }
+        },
+        Err(error) => {
+            // A converter failure reaches here as the source's "storing the blob" error.
+            sink.abort().await;
+            return Err(PullError::Source {
+                image: image.to_string(),
+                error: Box::new(error),
+            });
+        }
+    };
+    let (summary, url) = summary;
+    let pinned = cache.publish_layer(build, descriptor, &summary).await?;
+    drop(slot);
+    progress(&PullEvent::LayerDone {
+        index,
+        digest: digest.clone(),
+        erofs_size: summary.size,
+        source: url,
+        seconds: started.elapsed().as_secs_f64(),
+    });
+    Ok(pinned)
+}
+
+/// Depth of the queue between the download and the converter thread.
+const CONVERT_QUEUE: usize = 64;
+
+type Converter = (
+    mpsc::Sender<io::Result<Bytes>>,
+    tokio::task::JoinHandle<Result<ConvertSummary, ConvertError>>,
+);
+
+/// Feeds a blob to [`convert_layer`] running on a blocking thread.
+#[derive(Debug)]
+struct ConvertSink {
+    output: PathBuf,
+    options: ConvertOptions,
+    converter: Option<Converter>,
+    /// The converter's error, once it failed.
+    failure: Option<String>,
+}
+
+impl ConvertSink {
+    fn new(output: &Path, options: ConvertOptions) -> Self {
+        ConvertSink {
+            output: output.to_path_buf(),
+            options,
+            converter: None,
+            failure: None,
+        }
+    }
+
+    fn start(&mut self) -> &mut Converter {
+        self.converter.get_or_insert_with(|| {
+            let (sender, receiver) = mpsc::channel(CONVERT_QUEUE);
+            let output = self.output.clone();
+            let options = self.options.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let reader = ChannelReader {
+                    receiver,
+                    current: Bytes::new(),
+                };
+                convert_layer(reader, &output, &options)
+            });
+            (sender, task)
+        })
+    }
+
+    /// Ends the input and waits for the image.
+    async fn finish(&mut self) -> Result<ConvertSummary, String> {
+        self.start();
+        let Some((sender, task)) = self.converter.take() else {
+            return Err("converter vanished".into());
+        };
+        drop(sender);
+        match task.await {
+            Ok(Ok(summary)) => Ok(summary),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(join) => Err(format!("converter thread: {join}")),
+        }
+    }
+
+    /// Stops the converter without letting it finish an image.
+    async fn abort(&mut self) {
+        if let Some((sender, task)) = self.converter.take() {
+            let _ = sender.send(Err(io::Error::other("aborted"))).await;
+            drop(sender);
+            let _ = task.await;
+        }
+        let _ = tokio::fs::remove_file(&self.output).await;
+    }
+}
+
+/// Whether a conversion error is a local failure rather than bad content.
+fn is_local_failure(error: &ConvertError) -> bool {
+    matches!(
+        error,
+        ConvertError::Output { .. } | ConvertError::Writer(gantry_erofs::WriterError::Io(_))
+    )
+}
+
+impl BlobSink for ConvertSink {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+        if let Some(message) = &self.failure {
+            return Err(SinkError {
+                fatal: false,
+                message: message.clone(),
+            });
+        }
+        let (sender, _) = self.start();
+        if sender.send(Ok(chunk)).await.is_ok() {
+            return Ok(());
+        }
+        // The converter stopped reading: it failed.
+        let (_, task) = self.converter.take().ok_or_else(|| SinkError {
+            fatal: true,
+            message: "converter vanished".into(),
+        })?;
+        let (fatal, message) = match task.await {
+            Ok(Err(error)) => (is_local_failure(&error), error.to_string()),
+            Ok(Ok(_)) => (
+                false,
+                "the layer has data after the end of the archive".into(),
+            ),
+            Err(join) => (true, format!("converter thread: {join}")),
+        };
+        self.failure = Some(message.clone());
+        Err(SinkError { fatal, message })
+    }
+
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        self.abort().await;
+        self.failure = None;
+        Ok(())
+    }
+}
+
+/// The converter's input: chunks from the download.
+struct ChannelReader {
+    receiver: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.receiver.blocking_recv() {
+                None => return Ok(0),
+                Some(Err(error)) => return Err(error),
+                Some(Ok(chunk)) => self.current = chunk,
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        let head = self.current.split_to(n);
+        buf.get_mut(..n)
+            .ok_or_else(|| io::Error::other("short buffer"))?
+            .copy_from_slice(&head);
+        Ok(n)
+    }
+}
+
+/// A progress line for a pull event.
+pub fn describe(event: &PullEvent) -> String {
+    match event {
+        PullEvent::Resolved {
+            image,
+            manifest_digest,
+            layers,
+            total_bytes,
+        } => {
+            format!(
+                "{image}: {manifest_digest}, {layers} layer(s), {:.1} MiB",
+                *total_bytes as f64 / (1 << 20) as f64
+            )
+        }
+        PullEvent::LayerCached { index, digest } => format!("layer {index} {digest}: cached"),
+        PullEvent::LayerStarted {
+            index,
+            digest,
+            size,
+        } => {
+            format!(
+                "layer {index} {digest}: fetching and converting {:.1} MiB",
+                *size as f64 / (1 << 20) as f64
+            )
+        }
+        PullEvent::LayerDone {
+            index,
+            erofs_size,
+            source,
+            seconds,
+            ..
+        } => format!(
+            "layer {index}: converted to EROFS ({:.1} MiB) from {source} in {seconds:.2} s",
+            *erofs_size as f64 / (1 << 20) as f64
+        ),
+    }
+}

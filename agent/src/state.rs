@@ -1,0 +1,16 @@
+//! [`Agent`]: the state every part of the running daemon shares (the API's handlers, the
+//! daemon's start and shutdown).
+
+use std::collections::BTreeMap;
+
+use crate::images::ImageService;
+use crate::vm::Vm;
+
+/// Everything the agent serves: its VMs and the card's images.
+#[derive(Debug)]
+pub struct Agent {
+    /// The attached VMs, by name.
+    pub vms: BTreeMap<String, Vm>,
+    /// The shared image cache and image sources.
+    pub images: ImageService,
+}

@@ -1,0 +1,175 @@
+//! Gantry's operator API: the request and answer types, the streamed formats, and a client.
+//!
+//! The agent serves it (HTTP+JSON on a unix socket); the CLI and the containerd shim use this
+//! crate to talk to the agent without linking the agent. It depends on `gantry-proto` only (for
+//! the states and exit statuses the shim reports). `docs/openapi.yaml` documents every route; in
+//! short:
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/v1/vms` | `[VmStatus]` |
+//! | GET | `/v1/vms/{vm}` | `VmStatus` |
+//! | GET | `/v1/vms/{vm}/guest-info?wait_ms=N` | [`GuestInfoReport`] |
+//! | POST | `/v1/vms/{vm}/ping?count=N&size=B` | [`PingReport`] |
+//! | POST | `/v1/vms/{vm}/restart` | `{}` |
+//! | GET | `/v1/vms/{vm}/resources` | `GuestResources` (layer mounts, loop devices, cgroups) |
+//! | POST | `/v1/vms/{vm}/probe` | `{"goodbye": …}`: the shim's answer to a garbage frame |
+//! | POST | `/v1/vms/{vm}/baseline` (body `{"args": […]}`) | `{"output", "exit"}`: a plain spawn in the shim |
+//! | POST | `/v1/vms/{vm}/containers` (body `RunOptions`) | NDJSON [`RunUpdate`]s |
+//! | GET | `/v1/vms/{vm}/containers` | `[ContainerView]` |
+//! | GET | `/v1/vms/{vm}/containers/{id}/logs?follow=B&exec=E` | log records ([`records`]) |
+//! | POST | `/v1/vms/{vm}/containers/{id}/exec` (body [`ExecRequest`]) | `{"exec_id": …}` |
+//! | POST | `/v1/vms/{vm}/containers/{id}/kill?signal=N&exec=E` | `{}` |
+//! | GET | `/v1/vms/{vm}/containers/{id}/wait?exec=E` | `ExitRecord` |
+//! | GET | `/v1/vms/{vm}/containers/{id}/stats` | `ContainerStats` |
+//! | POST | `/v1/vms/{vm}/containers/{id}/stdin?exec=E&close=B` (body: bytes) | `{}` |
+//! | DELETE | `/v1/vms/{vm}/containers/{id}?force=B` | `{}` |
+//! | GET | `/v1/images` | `[ImageStatus]` |
+//!
+//! Errors answer with a non-2xx status and [`ApiErrorBody`].
+//!
+//! - [`client`]: [`ApiClient`], requests over the unix socket.
+//! - [`stream`]: cutting streamed answers into NDJSON lines and log records.
+//! - [`records`]: the log record format.
+
+pub mod client;
+pub mod records;
+pub mod stream;
+
+use gantry_proto::{ContainerState, ExitStatus, GuestInfo};
+use serde::{Deserialize, Serialize};
+
+pub use client::{ApiClient, ApiClientError};
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    /// What went wrong and, where possible, what to do about it.
+    pub error: String,
+}
+
+/// `GET /v1/vms/{vm}/guest-info`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestInfoReport {
+    /// The VM.
+    pub vm: String,
+    /// What the shim said.
+    pub guest: GuestInfo,
+    /// The request's round trip through the vsock device, in microseconds.
+    pub round_trip_us: u64,
+}
+
+/// `POST /v1/vms/{vm}/ping`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PingReport {
+    /// The VM.
+    pub vm: String,
+    /// Each ping's round trip, in microseconds, in order.
+    pub round_trips_us: Vec<u64>,
+}
+
+/// One line of the `run` answer stream: progress lines, then the id or an error.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RunUpdate {
+    /// A step of the run (pulling, converting, mapping, creating).
+    Progress(String),
+    /// The container runs under this name.
+    Started(String),
+    /// It failed; nothing was left behind.
+    Failed(String),
+}
+
+/// `POST /v1/vms/{vm}/containers/{id}/exec`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Its name; generated when absent.
+    pub exec_id: Option<String>,
+    /// The command.
+    pub command: Vec<String>,
+    /// Added to the container's environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory (default: the container's).
+    pub workdir: Option<String>,
+    /// User (default: the container's).
+    pub user: Option<String>,
+}
+
+/// One container as `ps` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerView {
+    /// Its name.
+    pub id: String,
+    /// Its image (unknown for containers an earlier agent created).
+    pub image: Option<String>,
+    /// Its state in the guest.
+    pub state: ContainerState,
+    /// Its main process in the guest, while it runs.
+    pub pid: Option<u32>,
+    /// How it ended.
+    pub exit: Option<ExitStatus>,
+    /// Whether the kernel OOM-killed one of its processes.
+    pub oom_killed: bool,
+    /// Its layers, by digest.
+    pub layers: Vec<String>,
+    /// When it was created (Unix seconds), if this agent created it.
+    pub created_unix: Option<u64>,
+}
+
+/// What the operator sees of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmStatus {
+    /// Its name.
+    pub name: String,
+    /// Its vsock CID.
+    pub guest_cid: u64,
+    /// Whether a shim session is up now.
+    pub connected: bool,
+    /// Sessions established since the agent started (reconnects make it grow).
+    pub sessions: u64,
+    /// The shim's software version, while connected.
+    pub shim_version: Option<String>,
+    /// Whether the agent launched (and owns) its QEMU.
+    pub launched: bool,
+    /// For a launched VM: from QEMU's start to the shim's `Hello`, for the latest boot.
+    pub boot_to_ready_ms: Option<u64>,
+    /// Time to open the vsock connection and exchange `Hello`s, for the latest session.
+    pub session_setup_us: Option<u64>,
+    /// Why the latest connection attempt or session failed, if it did.
+    pub last_error: Option<String>,
+}
+
+/// What the operator asked `run` for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunOptions {
+    /// The image: `default`, an OCI layout `oci:DIR[:NAME]`, or a registry reference.
+    pub image: String,
+    /// The container's name; generated when absent.
+    pub name: Option<String>,
+    /// Replaces the image's `Cmd`.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Replaces the image's `Entrypoint` (and then its `Cmd` is ignored, as in Docker).
+    pub entrypoint: Option<Vec<String>>,
+    /// `KEY=VALUE` added to (or replacing in) the image's `Env`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Replaces the image's `WorkingDir`.
+    pub workdir: Option<String>,
+    /// Replaces the image's `User`.
+    pub user: Option<String>,
+    /// Host name (default: the container's name).
+    pub hostname: Option<String>,
+    /// `memory.max` in bytes.
+    pub memory_bytes: Option<u64>,
+    /// CPUs as a fraction (`cpu.max`).
+    pub cpus: Option<f64>,
+    /// `pids.max`.
+    pub pids_limit: Option<u64>,
+    /// Size of the writable layer in bytes.
+    pub writable_layer_bytes: Option<u64>,
+    /// Whether the operator will write to standard input.
+    #[serde(default)]
+    pub stdin: bool,
+}

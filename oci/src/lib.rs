@@ -1,0 +1,31 @@
+//! OCI images for Gantry: everything about images that is not the agent's policy.
+//!
+//! - [`reference`](mod@reference): image references (`host[:port]/repo:tag@digest`, Docker Hub short names) and
+//!   content digests.
+//! - [`manifest`]: descriptors, image manifests, indexes, configs, platform selection.
+//! - [`source`]: what an image source provides ([`ImageSource`]) and how blobs are verified.
+//! - [`layout`]: OCI image layout directories as a source.
+//! - [`builder`]: tar layers and OCI layouts described in code (default images, tests, bundles).
+//! - [`compression`]: tar / tar+gzip / tar+zstd detection and the decompression cap.
+//! - [`tar_stream`]: a streaming tar reader hardened for untrusted layers.
+//! - [`convert`]: an OCI layer converted into an EROFS image ([`convert_layer`]), with
+//!   whiteouts and opaque directories for overlayfs.
+//! - [`registry`]: the distribution API client: auth, credentials, mirrors, retries, ranged
+//!   blob reads.
+//!
+//! Imports point one way: `reference` ← `manifest` ← `source` ← {`layout`, `registry`};
+//! `compression`, `tar_stream` ← `convert` (which writes through `gantry-erofs`).
+
+pub mod builder;
+pub mod compression;
+pub mod convert;
+pub mod layout;
+pub mod manifest;
+pub mod reference;
+pub mod registry;
+pub mod source;
+pub mod tar_stream;
+
+pub use convert::{ConvertError, ConvertOptions, ConvertSummary, convert_layer};
+pub use reference::{Digest, Reference};
+pub use source::{BlobSink, BlobVerifier, FetchedManifest, ImageSource, SinkError, VerifyError};

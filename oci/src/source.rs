@@ -1,0 +1,191 @@
+//! What every image source provides, and how its bytes are checked.
+//!
+//! A source (a registry, an OCI layout directory, later a peer or a bundle) implements
+//! [`ImageSource`]: it hands out manifests already checked against their digests and streams
+//! blobs into a [`BlobSink`] through a [`BlobVerifier`]. The pipeline that consumes sources (the
+//! agent's pull into its cache) lives with its policy, not here.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+use crate::manifest::{Descriptor, Platform};
+use crate::reference::Digest;
+
+/// A manifest as fetched, already checked against its digest.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// The `Content-Type` the source gave, if any.
+    pub media_type: Option<String>,
+    /// The digest of `bytes`.
+    pub digest: Digest,
+    /// Where it came from (a URL or a file path).
+    pub source: String,
+}
+
+/// Why a blob failed verification.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The content hashes to another digest.
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    Digest {
+        /// The digest asked for.
+        expected: Digest,
+        /// The digest of what arrived.
+        actual: Digest,
+    },
+    /// More or fewer bytes than the descriptor's size.
+    #[error("size mismatch: expected {expected} bytes, got {actual}")]
+    Size {
+        /// The descriptor's size.
+        expected: u64,
+        /// Bytes that arrived (at least, when too many).
+        actual: u64,
+    },
+}
+
+/// Hashes and counts a blob as it streams; [`BlobVerifier::finish`] checks it.
+#[derive(Debug)]
+pub struct BlobVerifier {
+    expected: Digest,
+    size: u64,
+    received: u64,
+    hasher: Sha256,
+}
+
+impl BlobVerifier {
+    /// A verifier for the blob `descriptor` names.
+    pub fn new(descriptor: &Descriptor) -> Self {
+        BlobVerifier {
+            expected: descriptor.digest.clone(),
+            size: descriptor.size,
+            received: 0,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// Bytes seen so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Adds bytes; fails as soon as they exceed the declared size.
+    pub fn update(&mut self, bytes: &[u8]) -> Result<(), VerifyError> {
+        let received = self.received.saturating_add(bytes.len() as u64);
+        if received > self.size {
+            return Err(VerifyError::Size {
+                expected: self.size,
+                actual: received,
+            });
+        }
+        self.received = received;
+        self.hasher.update(bytes);
+        Ok(())
+    }
+
+    /// Checks size and digest.
+    pub fn finish(self) -> Result<(), VerifyError> {
+        if self.received != self.size {
+            return Err(VerifyError::Size {
+                expected: self.size,
+                actual: self.received,
+            });
+        }
+        let actual = Digest::from_sha256(self.hasher.finalize().into());
+        if actual != self.expected {
+            return Err(VerifyError::Digest {
+                expected: self.expected,
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A sink refused bytes.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SinkError {
+    /// A local failure (disk full, I/O): stop now. Otherwise the content was refused and the
+    /// source should still check the digest, to tell a corrupt source from a bad blob.
+    pub fatal: bool,
+    /// What happened.
+    pub message: String,
+}
+
+/// Where a source streams a blob.
+pub trait BlobSink: Send {
+    /// The next bytes of the blob.
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Forgets everything written: the source failed and the blob starts over from another.
+    fn reset(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// Where images come from: a registry or an OCI layout directory.
+pub trait ImageSource: Sync {
+    /// The source's error.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// The image's name, used as the cache record's name (e.g. `host/repo:tag`).
+    fn describe(&self) -> String;
+    /// The platform to pick from an index.
+    fn platform(&self) -> Platform;
+    /// Largest config blob accepted.
+    fn max_config_bytes(&self) -> u64;
+    /// The manifest the source's reference names (tag or digest), verified.
+    fn fetch_root_manifest(
+        &self,
+    ) -> impl Future<Output = Result<FetchedManifest, Self::Error>> + Send;
+    /// A manifest by digest, verified.
+    fn fetch_manifest(
+        &self,
+        digest: &Digest,
+    ) -> impl Future<Output = Result<FetchedManifest, Self::Error>> + Send;
+    /// Streams a blob into `sink`, verified against `descriptor`; returns where it came from.
+    fn fetch_blob<S: BlobSink>(
+        &self,
+        descriptor: &Descriptor,
+        sink: &mut S,
+    ) -> impl Future<Output = Result<String, Self::Error>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn descriptor(bytes: &[u8]) -> Descriptor {
+        Descriptor {
+            media_type: String::new(),
+            digest: Digest::of(bytes),
+            size: bytes.len() as u64,
+            platform: None,
+            annotations: Default::default(),
+            urls: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn verifier_checks_size_and_digest() {
+        let d = descriptor(b"hello world");
+        let mut v = BlobVerifier::new(&d);
+        v.update(b"hello ").unwrap();
+        v.update(b"world").unwrap();
+        v.finish().unwrap();
+
+        let mut v = BlobVerifier::new(&d);
+        v.update(b"hello").unwrap();
+        assert!(matches!(v.finish(), Err(VerifyError::Size { .. })));
+
+        let mut v = BlobVerifier::new(&d);
+        assert!(matches!(
+            v.update(b"hello world!"),
+            Err(VerifyError::Size { .. })
+        ));
+
+        let mut v = BlobVerifier::new(&d);
+        v.update(b"hello w0rld").unwrap();
+        assert!(matches!(v.finish(), Err(VerifyError::Digest { .. })));
+    }
+}
