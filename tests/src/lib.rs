@@ -2,7 +2,8 @@
 //!
 //! The test command (`tests/run.sh`) builds the guest (`qemu/build-guest.sh`) and the workspace's
 //! binaries before `cargo test`, so the harness only finds them here and says what to run if they
-//! are missing. Every agent a test starts is stopped (and its QEMUs with it) when dropped.
+//! are missing. Every agent a test starts is stopped (and its QEMUs with it) when dropped, or,
+//! for an agent held in a `static` (never dropped), when the test process exits.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -123,6 +124,9 @@ impl TestVm {
 #[derive(Debug)]
 pub struct TestAgent {
     child: Child,
+    /// `sh` waiting for its stdin, held open by this process only, to close; then it stops the
+    /// agent. That happens when the test process exits, however it exits.
+    watchdog: Child,
     dir: tempfile::TempDir,
     api_socket: PathBuf,
 }
@@ -166,8 +170,18 @@ impl TestAgent {
             .stderr(log)
             .spawn()
             .context("starting gantry-agent")?;
+        // std's pipes are close-on-exec in this process, so no other child keeps the write end.
+        let watchdog = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("read _; kill -TERM {} 2>/dev/null", child.id()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the agent's watchdog")?;
         let mut agent = Self {
             child,
+            watchdog,
             dir,
             api_socket,
         };
@@ -244,6 +258,9 @@ impl TestAgent {
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
+        // The agent is stopped here: the watchdog must not signal its pid once it is free.
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
         // SIGTERM lets the agent stop its QEMUs and remove its sockets; SIGKILL if it hangs.
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

@@ -29,6 +29,9 @@ pub enum CgroupError {
     /// A limit is impossible.
     #[error("invalid resource limit: {0}")]
     Invalid(String),
+    /// The device filter could not be installed (the container would get every device).
+    #[error(transparent)]
+    Devices(#[from] super::device_filter::DeviceFilterError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
@@ -90,7 +93,12 @@ impl Cgroup {
         let path = parent.join(container_id);
         std::fs::create_dir(&path).map_err(io(&path))?;
         let cgroup = Self { path };
-        if let Err(err) = cgroup.apply(resources) {
+        // Before any process joins, and fatal: a container without it could open the layer
+        // disk given a device node.
+        let configured = super::device_filter::attach(&cgroup.path)
+            .map_err(CgroupError::from)
+            .and_then(|()| cgroup.apply(resources));
+        if let Err(err) = configured {
             let _ = std::fs::remove_dir(&cgroup.path);
             return Err(err);
         }

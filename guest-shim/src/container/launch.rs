@@ -1,9 +1,14 @@
 //! Starting the helper process (`gantry-shim __container-init` / `__container-exec`) and reading
 //! its status lines. See [`super::nsinit`] for the other side.
+//!
+//! The status channel is a unix stream socket rather than a pipe so that the helper can pass the
+//! new process's pidfd along with its `pid N` line (`SCM_RIGHTS`): only the helper, as the
+//! process's parent, can open one without racing the pid's reuse (see [`super::pidfd`]).
 
+use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io::{IoSliceMut, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +16,12 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use super::nsinit::{CONFIG_FD, START_FD, STATUS_FD};
+use nix::sys::socket::{
+    AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, socketpair,
+};
+
+use super::nsinit::{CONFIG_FD, START_FD, STATUS_FD, TARGET_FD};
+use super::pidfd::PidFd;
 
 /// Errors starting a helper or hearing from it.
 #[derive(Debug, thiserror::Error)]
@@ -54,15 +64,28 @@ pub fn pipe() -> Result<(OwnedFd, OwnedFd), LaunchError> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|errno| LaunchError::Spawn(errno.into()))
 }
 
-/// Starts `gantry-shim <mode>` with `plan` on [`CONFIG_FD`] and the given stdio.
+/// Creates the close-on-exec status socket pair (the shim's end, the helper's end).
+fn status_socket() -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|errno| LaunchError::Spawn(errno.into()))
+}
+
+/// Starts `gantry-shim <mode>` with `plan` on [`CONFIG_FD`] and the given stdio; `target` (exec
+/// only) is the pidfd of the container's init, inherited as [`TARGET_FD`].
 pub fn spawn_helper(
     mode: &str,
     plan: &[u8],
     stdio: ProcessStdio,
     with_start: bool,
+    target: Option<BorrowedFd<'_>>,
 ) -> Result<Helper, LaunchError> {
     let (config_read, config_write) = pipe()?;
-    let (status_read, status_write) = pipe()?;
+    let (status_read, status_write) = status_socket()?;
     let (start_read, start_write) = match with_start {
         true => {
             let (read, write) = pipe()?;
@@ -71,10 +94,11 @@ pub fn spawn_helper(
         false => (None, None),
     };
     // Fixed-size: the pre_exec closure below must not allocate.
-    let moves: [Option<(i32, i32)>; 3] = [
+    let moves: [Option<(i32, i32)>; 4] = [
         Some((config_read.as_raw_fd(), CONFIG_FD)),
         Some((status_write.as_raw_fd(), STATUS_FD)),
         start_read.as_ref().map(|fd| (fd.as_raw_fd(), START_FD)),
+        target.map(|fd| (fd.as_raw_fd(), TARGET_FD)),
     ];
 
     let mut command = Command::new("/proc/self/exe");
@@ -91,7 +115,7 @@ pub fn spawn_helper(
         command.pre_exec(move || {
             // First lift every source out of the target range, so no dup2 clobbers a source that
             // happens to sit on another's target number; dup2 then clears close-on-exec.
-            let mut lifted = [None; 3];
+            let mut lifted = [None; 4];
             for (slot, pair) in lifted.iter_mut().zip(moves) {
                 if let Some((source, target)) = pair {
                     let high = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, 64);
@@ -121,19 +145,18 @@ pub fn spawn_helper(
     drop(config);
     Ok(Helper {
         helper_pid,
-        status: StatusReader {
-            file: File::from(status_read),
-            buffer: Vec::new(),
-        },
+        status: StatusReader::new(status_read),
         start: start_write.map(File::from),
     })
 }
 
-/// Reads newline-terminated status lines with a deadline.
+/// Reads newline-terminated status lines, and the descriptors passed with them, with a deadline.
 #[derive(Debug)]
 pub struct StatusReader {
-    file: File,
+    socket: OwnedFd,
     buffer: Vec<u8>,
+    /// Descriptors received (`SCM_RIGHTS`), oldest first.
+    fds: VecDeque<OwnedFd>,
 }
 
 /// What the status pipe said.
@@ -146,6 +169,39 @@ pub enum Status {
 }
 
 impl StatusReader {
+    fn new(socket: OwnedFd) -> Self {
+        Self {
+            socket,
+            buffer: Vec::new(),
+            fds: VecDeque::new(),
+        }
+    }
+
+    /// Reads what is there (at least one byte, or 0 at end of stream), keeping passed fds.
+    fn receive(&mut self, chunk: &mut [u8]) -> Result<usize, nix::errno::Errno> {
+        let mut iov = [IoSliceMut::new(chunk)];
+        let mut space = nix::cmsg_space!([RawFd; 2]);
+        let message = recvmsg::<()>(
+            self.socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut received = Vec::new();
+        for cmsg in message.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                received.extend(fds);
+            }
+        }
+        let bytes = message.bytes;
+        for fd in received {
+            // SAFETY: SCM_RIGHTS installed these descriptors in this process for us; nothing
+            // else refers to them.
+            self.fds.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        Ok(bytes)
+    }
+
     /// The next line, or `Closed`; an error after `timeout`.
     pub fn next(&mut self, timeout: Duration) -> Result<Status, LaunchError> {
         let deadline = Instant::now() + timeout;
@@ -163,14 +219,14 @@ impl StatusReader {
                 )));
             }
             let millis = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
-            let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
+            let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::from(millis)) {
                 Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
                 Ok(_) => {}
                 Err(errno) => return Err(LaunchError::Protocol(format!("poll: {errno}"))),
             }
             let mut chunk = [0u8; 512];
-            match self.file.read(&mut chunk) {
+            match self.receive(&mut chunk) {
                 Ok(0) if self.buffer.is_empty() => return Ok(Status::Closed),
                 Ok(0) => {
                     let rest = String::from_utf8_lossy(&self.buffer).into_owned();
@@ -184,23 +240,29 @@ impl StatusReader {
                     }
                     self.buffer.extend_from_slice(&chunk[..n]);
                 }
-                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(nix::errno::Errno::EINTR) => {}
                 Err(err) => return Err(LaunchError::Protocol(format!("reading status: {err}"))),
             }
         }
     }
 
-    /// Reads `pid N`.
-    pub fn expect_pid(&mut self, timeout: Duration) -> Result<i32, LaunchError> {
-        match self.next(timeout)? {
+    /// Reads `pid N` and the pidfd the helper passed with it.
+    pub fn expect_pid(&mut self, timeout: Duration) -> Result<(i32, PidFd), LaunchError> {
+        let pid = match self.next(timeout)? {
             Status::Line(line) => parse_line(&line)?
                 .strip_prefix("pid ")
                 .and_then(|pid| pid.parse().ok())
-                .ok_or_else(|| LaunchError::Protocol(format!("expected a pid, got {line:?}"))),
-            Status::Closed => Err(LaunchError::Protocol(
-                "the helper exited without a pid".into(),
-            )),
-        }
+                .ok_or_else(|| LaunchError::Protocol(format!("expected a pid, got {line:?}")))?,
+            Status::Closed => {
+                return Err(LaunchError::Protocol(
+                    "the helper exited without a pid".into(),
+                ));
+            }
+        };
+        let pidfd = self.fds.pop_front().ok_or_else(|| {
+            LaunchError::Protocol(format!("the helper sent pid {pid} without its pidfd"))
+        })?;
+        Ok((pid, PidFd::from_owned(pidfd)))
     }
 
     /// Reads `ready`.
@@ -240,29 +302,53 @@ fn parse_line(line: &str) -> Result<&str, LaunchError> {
 mod tests {
     use super::*;
 
-    fn reader_with(bytes: &[u8]) -> StatusReader {
-        let (read, write) = pipe().unwrap();
+    /// A reader whose peer sent `pid_line` with a pidfd of a child, then `rest`.
+    fn reader_with(pid_line: &[u8], rest: &[u8]) -> (StatusReader, std::process::Child) {
+        let (read, write) = status_socket().unwrap();
+        let child = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pidfd = PidFd::open(child.id() as i32).unwrap();
+        let fds = [pidfd.as_fd().as_raw_fd()];
+        nix::sys::socket::sendmsg::<()>(
+            write.as_raw_fd(),
+            &[std::io::IoSlice::new(pid_line)],
+            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
         let mut write = File::from(write);
-        write.write_all(bytes).unwrap();
+        write.write_all(rest).unwrap();
         drop(write);
-        StatusReader {
-            file: File::from(read),
-            buffer: Vec::new(),
-        }
+        (StatusReader::new(read), child)
+    }
+
+    fn reap(mut child: std::process::Child) {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]
     fn status_lines_parse() {
-        let mut reader = reader_with(b"pid 42\nready\n");
-        assert_eq!(reader.expect_pid(Duration::from_secs(1)).unwrap(), 42);
+        let (mut reader, child) = reader_with(b"pid 42\n", b"ready\n");
+        let (pid, pidfd) = reader.expect_pid(Duration::from_secs(1)).unwrap();
+        assert_eq!(pid, 42);
+        assert!(
+            pidfd.is_alive(),
+            "the passed descriptor is the child's pidfd"
+        );
+        reap(child);
         reader.expect_ready(Duration::from_secs(1)).unwrap();
         reader.expect_exec(Duration::from_secs(1)).unwrap();
     }
 
     #[test]
     fn error_lines_become_failures() {
-        let mut reader = reader_with(b"pid 7\nerror exec nope: ENOENT\n");
-        assert_eq!(reader.expect_pid(Duration::from_secs(1)).unwrap(), 7);
+        let (mut reader, child) = reader_with(b"pid 7\n", b"error exec nope: ENOENT\n");
+        assert_eq!(reader.expect_pid(Duration::from_secs(1)).unwrap().0, 7);
+        reap(child);
         match reader.expect_exec(Duration::from_secs(1)) {
             Err(LaunchError::Failed(message)) => assert_eq!(message, "exec nope: ENOENT"),
             other => panic!("{other:?}"),
@@ -270,12 +356,20 @@ mod tests {
     }
 
     #[test]
+    fn a_pid_without_its_pidfd_is_refused() {
+        let (read, write) = status_socket().unwrap();
+        File::from(write).write_all(b"pid 9\n").unwrap();
+        let mut reader = StatusReader::new(read);
+        assert!(matches!(
+            reader.expect_pid(Duration::from_secs(1)),
+            Err(LaunchError::Protocol(_))
+        ));
+    }
+
+    #[test]
     fn silence_times_out() {
-        let (read, _write) = pipe().unwrap();
-        let mut reader = StatusReader {
-            file: File::from(read),
-            buffer: Vec::new(),
-        };
+        let (read, _write) = status_socket().unwrap();
+        let mut reader = StatusReader::new(read);
         assert!(matches!(
             reader.next(Duration::from_millis(50)),
             Err(LaunchError::Protocol(_))

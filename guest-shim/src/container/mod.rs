@@ -5,16 +5,20 @@
 //! not to a connection: they outlive an agent that disconnects, and a new connection sees them.
 
 pub mod cgroup;
+pub mod device_filter;
 pub mod io;
 pub mod launch;
+pub mod masked_paths;
 pub mod nsinit;
+pub mod pidfd;
+pub mod seccomp;
 pub mod spec;
 pub mod user;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -24,7 +28,6 @@ use gantry_proto::{
     ExecId, ExitStatus, Op, OutputStream, ProcessSpec, Reply,
 };
 use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 use tokio::sync::watch;
 
 use crate::reaper::Reaper;
@@ -33,6 +36,7 @@ use cgroup::{Cgroup, CgroupError};
 use io::{EventSink, OutputWindow, ProcessKey};
 use launch::{Helper, LaunchError, ProcessStdio, StatusReader};
 use nsinit::{DEFAULT_PATH, EXEC_ARG, ExecPlan, INIT_ARG, InitPlan, ProcessPlan};
+use pidfd::PidFd;
 use spec::SpecError;
 
 /// Where containers' writable layers and root file systems live.
@@ -107,8 +111,11 @@ impl From<RuntimeError> for ErrorReply {
 /// One process of a container: the main one or an exec.
 #[derive(Debug)]
 struct Process {
-    /// The process itself, for signals.
+    /// The process's pid, for reports.
     pid: i32,
+    /// The process itself, for signals and for joining its namespaces: the pid alone may name
+    /// another process once this one has been reaped (see [`pidfd`]).
+    pidfd: PidFd,
     /// Write end of its standard input, when the agent asked for one.
     stdin: Option<File>,
     window: Arc<OutputWindow>,
@@ -335,18 +342,22 @@ impl Runtime {
         let plan = serde_json::to_vec(&plan).map_err(|err| RuntimeError::Sys(err.to_string()))?;
         let Helper {
             mut status, start, ..
-        } = launch::spawn_helper(INIT_ARG, &plan, stdio, true)?;
-        let pid = status.expect_pid(HELPER_TIMEOUT)?;
-        undo.pid = Some(pid);
+        } = launch::spawn_helper(INIT_ARG, &plan, stdio, true, None)?;
+        let (pid, pidfd) = status.expect_pid(HELPER_TIMEOUT)?;
+        undo.pidfd = Some(pidfd);
         status.expect_ready(HELPER_TIMEOUT)?;
         let start =
             start.ok_or_else(|| RuntimeError::Sys("the helper has no start pipe".into()))?;
+        let pidfd = undo
+            .pidfd
+            .take()
+            .ok_or_else(|| RuntimeError::Sys("internal: the init's pidfd vanished".into()))?;
 
         let key = ProcessKey {
             container_id: id.clone(),
             exec_id: None,
         };
-        let main = self.supervise(pid, pid, key, pipes, Some(Arc::clone(&cgroup)));
+        let main = self.supervise(pid, pidfd, pid, key, pipes, Some(Arc::clone(&cgroup)));
         let rootfs = undo
             .rootfs
             .take()
@@ -394,7 +405,7 @@ impl Runtime {
     ) -> Result<Reply, RuntimeError> {
         spec::validate_id("exec id", &exec_id)?;
         spec::validate_process(&process)?;
-        let (target_pid, cgroup, rootfs, hostname) = {
+        let (target_pid, target, cgroup, rootfs, hostname) = {
             let inner = self.lock();
             let container = inner.containers.get(id).ok_or_else(|| not_found(id))?;
             if container.state() != ContainerState::Running {
@@ -410,6 +421,12 @@ impl Runtime {
             }
             (
                 container.main.pid,
+                // A duplicate, so the table is not locked while the helper starts.
+                container
+                    .main
+                    .pidfd
+                    .try_clone()
+                    .map_err(sys("duplicating the init's pidfd"))?,
                 container.cgroup.path().to_owned(),
                 container.rootfs.path(),
                 container.hostname.clone(),
@@ -426,14 +443,15 @@ impl Runtime {
             helper_pid,
             mut status,
             ..
-        } = launch::spawn_helper(EXEC_ARG, &plan, stdio, false)?;
-        let pid = status.expect_pid(HELPER_TIMEOUT)?;
+        } = launch::spawn_helper(EXEC_ARG, &plan, stdio, false, Some(target.as_fd()))?;
+        drop(target);
+        let (pid, pidfd) = status.expect_pid(HELPER_TIMEOUT)?;
         let key = ProcessKey {
             container_id: id.to_owned(),
             exec_id: Some(exec_id.clone()),
         };
         // The relay mirrors the process's exit; signals go to the process itself.
-        let exec = self.supervise(pid, helper_pid, key, pipes, None);
+        let exec = self.supervise(pid, pidfd, helper_pid, key, pipes, None);
         // A failed exec leaves no entry, so the id can be used again.
         status.expect_exec(HELPER_TIMEOUT)?;
         let mut inner = self.lock();
@@ -459,8 +477,17 @@ impl Runtime {
                 "the process of {id:?} has exited already"
             )));
         }
-        nix::sys::signal::kill(Pid::from_raw(process.pid), signal)
-            .map_err(|errno| RuntimeError::Sys(format!("sending {signal}: {errno}")))?;
+        // Through the pidfd: between the reaper collecting the process and `exited()` turning
+        // true (the output drain window) its pid may already belong to someone else.
+        process
+            .pidfd
+            .send_signal(signal)
+            .map_err(|errno| match errno {
+                nix::errno::Errno::ESRCH => {
+                    RuntimeError::State(format!("the process of {id:?} has exited already"))
+                }
+                errno => RuntimeError::Sys(format!("sending {signal}: {errno}")),
+            })?;
         Ok(Reply::Done)
     }
 
@@ -492,7 +519,7 @@ impl Runtime {
         if container.pending_start.is_some() {
             // Never started: its init waits for the start byte; closing the pipe ends it, the
             // kill makes sure.
-            let _ = nix::sys::signal::kill(Pid::from_raw(container.main.pid), Signal::SIGKILL);
+            let _ = container.main.pidfd.send_signal(Signal::SIGKILL);
         }
         let Container {
             layers,
@@ -636,6 +663,7 @@ impl Runtime {
     fn supervise(
         self: &Arc<Self>,
         pid: i32,
+        pidfd: PidFd,
         wait_pid: i32,
         key: ProcessKey,
         pipes: OutputPipes,
@@ -698,6 +726,7 @@ impl Runtime {
         });
         Process {
             pid,
+            pidfd,
             stdin: pipes.stdin,
             window,
             exit,
@@ -800,7 +829,7 @@ struct Undo<'a> {
     layers: Vec<LayerRef>,
     rootfs: Option<Rootfs>,
     cgroup: Option<Arc<Cgroup>>,
-    pid: Option<i32>,
+    pidfd: Option<PidFd>,
     armed: bool,
 }
 
@@ -811,7 +840,7 @@ impl<'a> Undo<'a> {
             layers: Vec::new(),
             rootfs: None,
             cgroup: None,
-            pid: None,
+            pidfd: None,
             armed: true,
         }
     }
@@ -828,8 +857,8 @@ impl Drop for Undo<'_> {
         if !self.armed {
             return;
         }
-        if let Some(pid) = self.pid {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        if let Some(pidfd) = &self.pidfd {
+            let _ = pidfd.send_signal(Signal::SIGKILL);
         }
         if let Some(cgroup) = &self.cgroup
             && let Err(error) = cgroup.destroy()

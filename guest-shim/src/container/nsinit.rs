@@ -15,13 +15,19 @@
 //!   init, not to the shim.
 //!
 //! File descriptors from the shim: 0-2 the process's stdio, [`CONFIG_FD`] the plan (JSON, read to
-//! EOF), [`STATUS_FD`] status lines to the shim (close-on-exec, so a successful exec reads as EOF),
-//! [`START_FD`] (init only) the start byte.
+//! EOF), [`STATUS_FD`] status lines to the shim (a unix stream socket, close-on-exec, so a
+//! successful exec reads as EOF; the `pid N` line carries the process's pidfd), [`START_FD`]
+//! (init only) the start byte, [`TARGET_FD`] (exec only) the pidfd of the container's init.
+//!
+//! Confinement, in the order it is applied (Docker's, see each module): cgroup (with its device
+//! filter, attached by the shim), namespaces, masked and read-only `/proc` and `/sys` paths,
+//! `pivot_root`, then in [`exec_process`] capabilities, ids, `no_new_privs`, and the seccomp
+//! profile as the very last step before `execve`.
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -31,6 +37,8 @@ use nix::sys::stat::{Mode, SFlag, makedev, mknod, umask};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 use serde::{Deserialize, Serialize};
 
+use super::pidfd::PidFd;
+use super::seccomp::Profile;
 use super::user::ResolvedUser;
 
 /// argv[1] that makes the shim run [`run_init`].
@@ -43,17 +51,21 @@ pub const CONFIG_FD: RawFd = 3;
 pub const STATUS_FD: RawFd = 4;
 /// The start byte from the shim.
 pub const START_FD: RawFd = 5;
+/// The pidfd of the container's init, whose namespaces an exec joins.
+pub const TARGET_FD: RawFd = 6;
 
 /// The search path when the environment has none (Docker's).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Docker's default capability set.
+/// Docker's default capability set without `CAP_MKNOD`, as Podman has it: every container of a
+/// guest shares its kernel with the layer-store disk and the layers' loop devices, and a device
+/// node is the one way to reach them. (The cgroup device filter refuses them too; see
+/// `device_filter`.)
 const DEFAULT_CAPABILITIES: &[caps::Capability] = &[
     caps::Capability::CAP_CHOWN,
     caps::Capability::CAP_DAC_OVERRIDE,
     caps::Capability::CAP_FSETID,
     caps::Capability::CAP_FOWNER,
-    caps::Capability::CAP_MKNOD,
     caps::Capability::CAP_NET_RAW,
     caps::Capability::CAP_SETGID,
     caps::Capability::CAP_SETUID,
@@ -126,6 +138,26 @@ fn report(status: &mut File, line: &str) {
     let _ = status.write_all(format!("{line}\n").as_bytes());
 }
 
+/// Reports `pid N` with the child's pidfd attached. Only the parent can open a pidfd that is
+/// sure to name this child: it has not waited for it, so the pid cannot have been reused.
+fn report_pid(status: &mut File, child: Pid) -> Result<(), Failure> {
+    let pidfd = PidFd::open(child.as_raw()).context("opening the process's pidfd")?;
+    let line = format!("pid {child}\n");
+    let fds = [pidfd.as_fd().as_raw_fd()];
+    let sent = nix::sys::socket::sendmsg::<()>(
+        status.as_raw_fd(),
+        &[IoSlice::new(line.as_bytes())],
+        &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .context("reporting the pid")?;
+    // A short line fits the socket buffer at once; finish it in the unlikely other case.
+    status
+        .write_all(&line.as_bytes()[sent..])
+        .context("reporting the pid")
+}
+
 fn fail(status: &mut File, message: &str) -> ! {
     report(status, &format!("error {}", message.replace('\n', " ")));
     std::process::exit(127);
@@ -177,7 +209,10 @@ pub fn run_init() -> ! {
     // child may do anything after the fork.
     match unsafe { fork() } {
         Ok(ForkResult::Parent { child }) => {
-            report(&mut status, &format!("pid {child}"));
+            if let Err(err) = report_pid(&mut status, child) {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                fail(&mut status, &err);
+            }
             // The child, orphaned, is re-parented to the shim.
             std::process::exit(0);
         }
@@ -216,7 +251,10 @@ pub fn run_exec() -> ! {
     // SAFETY: single-threaded process, as in `run_init`.
     match unsafe { fork() } {
         Ok(ForkResult::Parent { child }) => {
-            report(&mut status, &format!("pid {child}"));
+            if let Err(err) = report_pid(&mut status, child) {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                fail(&mut status, &err);
+            }
             drop(status);
             relay_exit(child)
         }
@@ -226,28 +264,27 @@ pub fn run_exec() -> ! {
 }
 
 fn join_container(plan: &ExecPlan) -> Result<(), Failure> {
-    // Open every namespace first: after joining the mount namespace, /proc is the container's.
-    let namespaces = [
-        ("ipc", CloneFlags::CLONE_NEWIPC),
-        ("uts", CloneFlags::CLONE_NEWUTS),
-        ("net", CloneFlags::CLONE_NEWNET),
-        ("pid", CloneFlags::CLONE_NEWPID),
-        ("mnt", CloneFlags::CLONE_NEWNS),
-    ];
-    let mut files = Vec::new();
-    for (name, flag) in namespaces {
-        let path = format!("/proc/{}/ns/{name}", plan.target_pid);
-        files.push((
-            File::open(&path).context(&format!("opening {path}"))?,
-            flag,
-            name,
-        ));
-    }
+    // SAFETY: the shim dup2()s the init's pidfd to TARGET_FD before exec (exec helpers only);
+    // it is consumed here, and closed before the process execs.
+    let target = unsafe { OwnedFd::from_raw_fd(TARGET_FD) };
     join_cgroup(&plan.cgroup)?;
-    for (file, flag, name) in &files {
-        setns(file, *flag).context(&format!("joining the {name} namespace"))?;
-    }
-    Ok(())
+    // setns through the pidfd joins all five namespaces of that very process at once; by pid
+    // (/proc/N/ns/*), an init that exited during the shim's drain window could have handed its
+    // number to a process of another container. A dead init gives ESRCH.
+    setns(
+        &target,
+        CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNS,
+    )
+    .map_err(|errno| match errno {
+        nix::errno::Errno::ESRCH => {
+            format!("the container's init (pid {}) has exited", plan.target_pid)
+        }
+        errno => format!("joining the container's namespaces: {errno}"),
+    })
 }
 
 /// Waits for the exec'd child and exits the same way it did.
@@ -325,6 +362,7 @@ fn prepare_container(plan: &InitPlan) -> Result<(), Failure> {
         None,
     )?;
     populate_dev(&root.join("dev"))?;
+    super::masked_paths::apply(root).map_err(|err| err.to_string())?;
     nix::unistd::sethostname(&plan.hostname).context("setting the host name")?;
     bring_up_loopback()?;
 
@@ -428,8 +466,18 @@ fn bring_up_loopback() -> Result<(), Failure> {
 
 /// Drops privileges as Docker does and execs the process. Never returns.
 fn exec_process(process: &ProcessPlan, status: &mut File) -> ! {
+    // Built while nothing is confined yet, so a policy bug reports as an error, not as EPERM.
+    let profile = match Profile::docker_default() {
+        Ok(profile) => profile,
+        Err(err) => fail(status, &err.to_string()),
+    };
     match prepare_and_find(process) {
         Ok((program, argv, envp)) => {
+            // Last, after no_new_privs (set in drop_privileges): from here on only execve and,
+            // if it fails, the report and exit below run, all allowed by the profile.
+            if let Err(err) = profile.install() {
+                fail(status, &err.to_string());
+            }
             let Err(errno) = nix::unistd::execve(&program, &argv, &envp);
             fail(
                 status,
