@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::containers::logs::LogLimits;
 use crate::qemu::Accel;
 
 /// Errors loading the configuration.
@@ -49,6 +50,17 @@ pub struct AgentConfig {
     /// Registries: mirrors, credentials, CAs, insecure hosts, platform.
     #[serde(default)]
     pub registry: gantry_oci::registry::RegistryConfig,
+    /// Group (name or number) whose members may use the API socket besides root; without it the
+    /// socket is root's alone (mode 0600).
+    #[serde(default)]
+    pub api_group: Option<String>,
+    /// Serve `POST /v1/vms/{vm}/baseline` (a command as guest root outside any container): for
+    /// benchmarks only.
+    #[serde(default)]
+    pub enable_baseline: bool,
+    /// Size caps of container logs.
+    #[serde(default)]
+    pub logs: LogLimits,
     /// The VMs this agent is the device for.
     #[serde(rename = "vm", default)]
     pub vms: Vec<VmConfig>,
@@ -150,18 +162,11 @@ impl AgentConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let mut names = std::collections::HashSet::new();
         let mut cids = std::collections::HashSet::new();
+        self.logs.validate().map_err(ConfigError::Invalid)?;
         for vm in &self.vms {
-            if vm.name.is_empty()
-                || !vm
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "VM name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
-                    vm.name
-                )));
-            }
+            // VM names name directories under the state directory, like container names.
+            gantry_proto::validate_id("VM name", &vm.name)
+                .map_err(|err| ConfigError::Invalid(err.to_string()))?;
             if !names.insert(vm.name.as_str()) {
                 return Err(ConfigError::Invalid(format!(
                     "VM name {:?} appears twice",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use gantry_oci::registry::{RegistryClient, RegistryError};
 use tracing::{info, warn};
 
+use crate::api::access::ApiAccess;
 use crate::api::server::{self, ApiServerError};
 use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::config::{AgentConfig, LaunchConfig, VmConfig};
@@ -62,7 +63,8 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
 
-    let listener = server::bind(&config.api_socket)?;
+    let access = ApiAccess::new(config.api_group.as_deref()).map_err(ApiServerError::from)?;
+    let listener = server::bind(&config.api_socket, access)?;
     let cache = Cache::open(
         &config.state_dir.join("cache"),
         CacheConfig {
@@ -79,7 +81,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
             .as_ref()
             .map(|launch| qemu_config(&vm_config, launch));
         let name = vm_config.name.clone();
-        let vm = match Vm::start(vm_config, qemu, &config.state_dir) {
+        let vm = match Vm::start(vm_config, qemu, &config.state_dir, config.logs) {
             Ok(vm) => vm,
             Err(err) => {
                 // Leave nothing running behind a failed start.
@@ -92,7 +94,11 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         info!(vm = %name, "VM attached");
         vms.insert(name, vm);
     }
-    let agent = Arc::new(Agent { vms, images });
+    let agent = Arc::new(Agent {
+        vms,
+        images,
+        enable_baseline: config.enable_baseline,
+    });
     info!(socket = %config.api_socket.display(), "operator API listening");
 
     let shutdown = async move {

@@ -16,6 +16,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
+use crate::sync::lock;
+
 /// Outgoing frames queued before `request` waits.
 const OUTGOING_BACKLOG: usize = 64;
 
@@ -119,7 +121,7 @@ impl ShimSession {
             };
             debug!(%reason, "shim session closed");
             // Dropping the senders fails every request still waiting.
-            pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            lock(&pending).clear();
             let _ = closed_tx.send(Some(reason));
         });
         Ok(session)
@@ -134,10 +136,10 @@ impl ShimSession {
     pub async fn request(&self, op: Op, timeout: Duration) -> Result<Reply, SessionError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        lock(&self.pending).insert(id, tx);
         let result = tokio::time::timeout(timeout, async {
             self.outgoing
                 .send(Message::Request(Request { id, op }))
@@ -146,16 +148,13 @@ impl ShimSession {
             rx.await.map_err(|_| SessionError::Closed)
         })
         .await;
+        // Whatever happened, the request is no longer waited for: a closed session or a timeout
+        // must not leave its entry behind.
+        lock(&self.pending).remove(&id);
         match result {
             Ok(Ok(reply)) => reply.map_err(SessionError::Remote),
             Ok(Err(err)) => Err(err),
-            Err(_) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                Err(SessionError::RequestTimeout(timeout))
-            }
+            Err(_) => Err(SessionError::RequestTimeout(timeout)),
         }
     }
 
@@ -185,10 +184,7 @@ where
     while let Some(frame) = stream.next().await {
         match frame {
             Ok(Message::Response(response)) => {
-                let waiter = pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&response.id);
+                let waiter = lock(&pending).remove(&response.id);
                 match waiter {
                     // The requester may have timed out and gone; nothing to do then.
                     Some(waiter) => {
@@ -341,6 +337,24 @@ mod tests {
             "a timed-out request must not leak"
         );
         drop(shim_task);
+    }
+
+    #[tokio::test]
+    async fn requests_on_a_closed_session_fail_and_leave_nothing_pending() {
+        let (agent_end, mut shim) = fake_shim(Hello::new("fake-shim"));
+        let session = ShimSession::establish(agent_end, "test", SECOND, 1 << 20, events())
+            .await
+            .unwrap();
+        shim.next().await; // Hello
+        drop(shim);
+        tokio::time::timeout(SECOND, session.closed())
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            let err = session.request(Op::GuestInfo, SECOND).await.unwrap_err();
+            assert!(matches!(err, SessionError::Closed), "{err}");
+        }
+        assert!(session.pending.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -13,4 +13,6 @@ pub struct Agent {
     pub vms: BTreeMap<String, Vm>,
     /// The shared image cache and image sources.
     pub images: ImageService,
+    /// Whether `baseline` (a command as guest root outside any container) is served.
+    pub enable_baseline: bool,
 }

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +34,8 @@ pub struct BindError {
 }
 
 /// Binds `path`, replacing a socket left by an earlier run; refuses to delete anything else.
+/// The socket is the VM's device: only its owner (the VMM's user, root here) may connect, so
+/// it is made mode 0600 at once.
 pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     let fail = |source| BindError {
         path: path.to_owned(),
@@ -50,7 +52,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(fail(e)),
     }
-    UnixListener::bind(path).map_err(fail)
+    let listener = UnixListener::bind(path).map_err(fail)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+    Ok(listener)
 }
 
 /// Why a session could not be set up.
@@ -243,6 +247,8 @@ mod tests {
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists(), "a dead listener leaves its socket file");
         bind(&path).expect("a stale socket is replaced");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
 
         let file = dir.path().join("not-a-socket");
         std::fs::write(&file, "keep me").unwrap();

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use gantry_api::VmStatus;
-use gantry_proto::{Event, GuestInfo, LayerExtent, Op, Reply, SHIM_VSOCK_PORT};
+use gantry_proto::{
+    ContainerId, Event, ExecId, GuestInfo, LayerExtent, Op, Reply, SHIM_VSOCK_PORT,
+};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -18,6 +20,7 @@ use crate::blk::{
 use crate::cache::{LayerRecord, PinGuard};
 use crate::config::VmConfig;
 use crate::containers::ContainerTable;
+use crate::containers::logs::LogLimits;
 use crate::qemu::{QemuConfig, QemuError, QemuProcess};
 use crate::session::{SessionError, ShimSession};
 use crate::sync::lock;
@@ -36,6 +39,14 @@ const EVENT_BACKLOG: usize = 256;
 /// Errors about a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// Its event thread could not be started.
+    #[error("VM {vm}: cannot start its event thread: {source}")]
+    Thread {
+        /// The VM.
+        vm: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Its vsock device failed to start.
     #[error("VM {vm}: vsock device: {source}")]
     Device {
@@ -120,7 +131,8 @@ pub struct Vm {
     session: watch::Receiver<Option<Arc<ShimSession>>>,
     progress: Arc<Mutex<Progress>>,
     keeper: tokio::task::JoinHandle<()>,
-    event_task: tokio::task::JoinHandle<()>,
+    /// Sends the output credit the event thread records.
+    credit_task: tokio::task::JoinHandle<()>,
 }
 
 impl Vm {
@@ -130,6 +142,7 @@ impl Vm {
         config: VmConfig,
         qemu_config: Option<QemuConfig>,
         state_dir: &Path,
+        log_limits: LogLimits,
     ) -> Result<Self, VmError> {
         let device = VsockDevice::start(VsockDeviceConfig::new(
             config.vsock_socket.clone(),
@@ -148,6 +161,7 @@ impl Vm {
             })?;
         let containers = Arc::new(ContainerTable::new(
             &state_dir.join("vms").join(&config.name).join("containers"),
+            log_limits,
         ));
         let progress = Arc::new(Mutex::new(Progress::default()));
         let (session_tx, session) = watch::channel(None);
@@ -159,11 +173,20 @@ impl Vm {
             progress.clone(),
             events_tx,
         ));
-        let event_task = tokio::spawn(take_events(
-            events_rx,
-            Arc::clone(&containers),
-            session.clone(),
-        ));
+        let ledger = Arc::new(CreditLedger::default());
+        // Log writes block on the disk: they run on this VM's own thread, never on the runtime
+        // that serves every VM, so a flooding guest slows only itself.
+        std::thread::Builder::new()
+            .name(format!("events-{}", config.name))
+            .spawn({
+                let (containers, ledger) = (Arc::clone(&containers), Arc::clone(&ledger));
+                move || take_events(events_rx, &containers, &ledger)
+            })
+            .map_err(|source| VmError::Thread {
+                vm: config.name.clone(),
+                source,
+            })?;
+        let credit_task = tokio::spawn(give_credit(ledger, session.clone()));
         let vm = Self {
             config,
             device,
@@ -175,7 +198,7 @@ impl Vm {
             session,
             progress,
             keeper,
-            event_task,
+            credit_task,
         };
         if vm.qemu_config.is_some() {
             vm.launch()?;
@@ -389,7 +412,7 @@ impl Vm {
     /// Stops the VM: QEMU (if launched), the keeper, the devices.
     pub fn shutdown(self) {
         self.keeper.abort();
-        self.event_task.abort();
+        self.credit_task.abort();
         if let Some(mut qemu) = lock(&self.qemu).take()
             && let Err(err) = qemu.kill()
         {
@@ -400,26 +423,92 @@ impl Vm {
     }
 }
 
-/// Takes the shim's events into the container table and gives the shim credit for output.
-async fn take_events(
+/// Output credit owed to the shim, summed per process until [`give_credit`] sends it: one entry
+/// per process however many output events arrive, so the memory it takes is bounded.
+#[derive(Debug, Default)]
+struct CreditLedger {
+    owed: Mutex<HashMap<(ContainerId, Option<ExecId>), u64>>,
+    added: tokio::sync::Notify,
+}
+
+impl CreditLedger {
+    fn owe(&self, container_id: ContainerId, exec_id: Option<ExecId>, bytes: u32) {
+        *lock(&self.owed).entry((container_id, exec_id)).or_default() += u64::from(bytes);
+        self.added.notify_one();
+    }
+}
+
+/// Takes the shim's events into the container table (writing logs) and records the credit owed
+/// for output. Runs on the VM's own thread until the session's event channel closes.
+fn take_events(
     mut events: mpsc::Receiver<Event>,
-    containers: Arc<ContainerTable>,
+    containers: &ContainerTable,
+    ledger: &CreditLedger,
+) {
+    while let Some(event) = events.blocking_recv() {
+        if let Some(Op::OutputCredit {
+            container_id,
+            exec_id,
+            bytes,
+        }) = containers.on_event(event)
+        {
+            ledger.owe(container_id, exec_id, bytes);
+        }
+    }
+}
+
+/// Gives the shim the credit its output earned, one request at a time: while one is in flight,
+/// further credit for the same process adds up into the next, so a flood of output events
+/// costs a bounded number of tasks and requests.
+async fn give_credit(
+    ledger: Arc<CreditLedger>,
     session: watch::Receiver<Option<Arc<ShimSession>>>,
 ) {
-    while let Some(event) = events.recv().await {
-        let Some(credit) = containers.on_event(event) else {
-            continue;
-        };
+    loop {
+        ledger.added.notified().await;
+        let owed = std::mem::take(&mut *lock(&ledger.owed));
         let current = session.borrow().clone();
-        if let Some(session) = current {
-            // Not awaited here: event intake must not wait for a round trip.
-            tokio::spawn(async move {
+        // Without a session the credit is void: a new session starts with fresh windows.
+        let Some(session) = current else { continue };
+        for ((container_id, exec_id), mut bytes) in owed {
+            while bytes > 0 {
+                let piece = u32::try_from(bytes).unwrap_or(u32::MAX);
+                bytes -= u64::from(piece);
+                let credit = Op::OutputCredit {
+                    container_id: container_id.clone(),
+                    exec_id: exec_id.clone(),
+                    bytes: piece,
+                };
                 if let Err(error) = session.request(credit, DEFAULT_REQUEST_TIMEOUT).await {
                     debug!(%error, "output credit not delivered");
                 }
-            });
+            }
         }
     }
+}
+
+/// Opens the VM's main session: the handshake, then (with a 1.1 shim) the subscription that
+/// makes this connection the one the shim's events go to.
+async fn establish(
+    stream: tokio::net::UnixStream,
+    events: mpsc::Sender<Event>,
+) -> Result<Arc<ShimSession>, String> {
+    let session = ShimSession::establish(
+        stream,
+        AGENT_SOFTWARE_VERSION,
+        HANDSHAKE_TIMEOUT,
+        gantry_proto::DEFAULT_MAX_FRAME_LEN,
+        events,
+    )
+    .await
+    .map_err(|err| err.to_string())?;
+    if session.peer().protocol_version >= gantry_proto::EVENTS_BY_SUBSCRIPTION {
+        session
+            .request(Op::SubscribeEvents, HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(|err| format!("subscribing to the shim's events: {err}"))?;
+    }
+    Ok(session)
 }
 
 /// Keeps a session with the shim open for as long as the agent runs.
@@ -434,15 +523,7 @@ async fn keep_session(
     loop {
         let attempt = Instant::now();
         let outcome = match connector.connect(SHIM_VSOCK_PORT).await {
-            Ok(stream) => ShimSession::establish(
-                stream,
-                AGENT_SOFTWARE_VERSION,
-                HANDSHAKE_TIMEOUT,
-                gantry_proto::DEFAULT_MAX_FRAME_LEN,
-                events.clone(),
-            )
-            .await
-            .map_err(|err| err.to_string()),
+            Ok(stream) => establish(stream, events.clone()).await,
             Err(err) => Err(err.to_string()),
         };
         match outcome {

@@ -141,3 +141,49 @@ async fn gc_removes_unowned_temporary_work_only() {
     drop(live);
     assert!(list(&cache_dir.join("tmp")).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_pull_keeps_its_layers_until_the_caller_lets_go() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = layout(&work.path().join("layout"), 2);
+    // A budget smaller than one image: every unpinned layer is evicted at once.
+    let config = CacheConfig {
+        budget_bytes: 1,
+        ..CacheConfig::default()
+    };
+    let cache = Cache::open(&work.path().join("cache"), config).unwrap();
+    let (record, pins) =
+        pull::pull_pinned(&cache, &OciLayoutSource::new(&layout, "img0"), &no_progress)
+            .await
+            .unwrap();
+    assert_eq!(pins.len(), record.layers.len());
+    // Between the pull and its use, other work enforces the budget: the layers stay.
+    let _other = pull(&cache, &layout, "img1").await;
+    cache.enforce_budget().await.unwrap();
+    assert!(
+        present(&cache, &record),
+        "a pulled image's layers went before they were used"
+    );
+    drop(pins);
+    cache.enforce_budget().await.unwrap();
+    assert!(!present(&cache, &record));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_image_record_does_not_stop_removal_or_gc() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = layout(&work.path().join("layout"), 2);
+    let cache_dir = work.path().join("cache");
+    let cache = Cache::open(&cache_dir, CacheConfig::default()).unwrap();
+    let img0 = pull(&cache, &layout, "img0").await;
+    let img1 = pull(&cache, &layout, "img1").await;
+    std::fs::write(cache_dir.join("images/garbage.json"), b"{ not json").unwrap();
+    let report = cache.remove_image(&img1.name).await.unwrap();
+    assert_eq!(report.layers_removed.len(), 1);
+    cache.gc().await.unwrap();
+    assert!(
+        present(&cache, &img0),
+        "a layer a readable record names stays"
+    );
+    assert_eq!(cache.images().unwrap().len(), 1);
+}

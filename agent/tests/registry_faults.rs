@@ -472,6 +472,25 @@ async fn ranged_reads_return_exactly_the_range_asked_for() {
     }
     assert_eq!(proxy.request_count(), requests);
 
+    // An error body that never ends is cut short: the error comes quickly and stays small.
+    proxy
+        .faults
+        .endless_error_bodies
+        .store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let error = client
+        .fetch_blob_range(&reference, &descriptor, 0..10)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("500"), "{error}");
+    assert!(error.len() < 4096, "{} bytes of error", error.len());
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    proxy
+        .faults
+        .endless_error_bodies
+        .store(false, Ordering::SeqCst);
+
     // A failing mirror falls through to the registry itself.
     proxy.faults.always_fail.store(true, Ordering::SeqCst);
     let mut config = fast_config();

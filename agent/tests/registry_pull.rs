@@ -509,3 +509,73 @@ async fn https_mirror_with_a_custom_ca() {
     .unwrap();
     assert_eq!(record.layers.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_go_to_the_registrys_own_token_service_only() {
+    if !tools_available() {
+        return;
+    }
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = LayoutBuilder::new(&work.path().join("layout"));
+    layout.simple_image("v1", &small_layers(5));
+    registry.push(&layout.root, "v1", "tok/app:v1");
+    let proxy = FaultProxy::start(&format!("http://{}", registry.host())).await;
+    proxy
+        .faults
+        .bearer_token_uses
+        .store(100, std::sync::atomic::Ordering::SeqCst);
+    let credentials = docker_config(work.path(), &proxy.host(), "alice", "secret");
+    let client = RegistryClient::new(fast_config())
+        .unwrap()
+        .with_credentials(CredentialStore::load(&credentials).unwrap());
+    let image = reference(&format!("{}/tok/app:v1", proxy.host()));
+    let pull_once = |dir: &str| {
+        let cache = open_cache(&work.path().join(dir));
+        let client = &client;
+        let image = &image;
+        async move {
+            pull(
+                &cache,
+                &RegistrySource {
+                    client,
+                    reference: image,
+                },
+                &no_progress,
+            )
+            .await
+            .map(|record| record.layers.len())
+        }
+    };
+    // The registry's own host as realm: the credentials go along.
+    assert_eq!(pull_once("one").await.unwrap(), 2);
+    let with = proxy.log.lock().unwrap().token_requests_with_credentials;
+    assert!(
+        with >= 1,
+        "credentials were sent to the registry's own realm"
+    );
+
+    // A realm on another host (same machine, other name): a token is asked for without them.
+    *proxy.faults.realm_host.lock().unwrap() = Some(format!("localhost:{}", proxy.port));
+    let client = RegistryClient::new(fast_config())
+        .unwrap()
+        .with_credentials(CredentialStore::load(&credentials).unwrap());
+    let cache = open_cache(&work.path().join("two"));
+    let record = pull(
+        &cache,
+        &RegistrySource {
+            client: &client,
+            reference: &image,
+        },
+        &no_progress,
+    )
+    .await
+    .unwrap();
+    assert_eq!(record.layers.len(), 2);
+    let log = proxy.log.lock().unwrap();
+    assert!(log.token_requests > with);
+    assert_eq!(
+        log.token_requests_with_credentials, with,
+        "no credentials to a realm on another host"
+    );
+}

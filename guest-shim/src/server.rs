@@ -195,9 +195,19 @@ where
         Ok::<(), FrameError>(())
     });
 
-    // Events (output, exits) now go to this connection; output in flight on an older one is lost.
-    let sink_generation = state.runtime.sink().attach(outgoing.clone());
-    state.runtime.reset_output_windows();
+    // Events (output, exits) go to the connection that asks for them (`SubscribeEvents`, from
+    // protocol 1.1 on) or, for an older agent, to the newest connection. Output in flight on
+    // an older one is lost.
+    let mut sink_generation = None;
+    let mut subscribe = || {
+        if sink_generation.is_none() {
+            sink_generation = Some(state.runtime.sink().attach(outgoing.clone()));
+            state.runtime.reset_output_windows();
+        }
+    };
+    if peer_hello.protocol_version < gantry_proto::EVENTS_BY_SUBSCRIPTION {
+        subscribe();
+    }
 
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS));
     let outcome = loop {
@@ -215,6 +225,15 @@ where
             }
         };
         match message {
+            Message::Request(request) if matches!(request.op, Op::SubscribeEvents) => {
+                subscribe();
+                let response = Response {
+                    id: request.id,
+                    result: Ok(Reply::Done),
+                };
+                let _ = outgoing.send(Message::Response(response)).await;
+                drop(permit);
+            }
             Message::Request(request) => {
                 let outgoing = outgoing.clone();
                 let state = Arc::clone(&state);
@@ -242,7 +261,9 @@ where
     };
 
     // Let requests still running answer, then flush: the writer ends when every sender is gone.
-    state.runtime.sink().detach(sink_generation);
+    if let Some(generation) = sink_generation {
+        state.runtime.sink().detach(generation);
+    }
     drop(outgoing);
     match writer_task.await {
         Ok(Ok(())) => {}

@@ -191,6 +191,16 @@ impl<R: Read> TarStream<R> {
                                 self.globals.retain(|(k, _)| *k != key);
                                 self.globals.push((key, value));
                             }
+                            // Globals outlive the entry: bound all of them together too, or
+                            // an archive of global headers with fresh keys grows without end.
+                            let global_bytes: u64 = self
+                                .globals
+                                .iter()
+                                .map(|(k, v)| (k.len() + v.len()) as u64)
+                                .sum();
+                            if global_bytes > self.max_metadata {
+                                return Err(TarError::MetadataTooLarge(self.max_metadata));
+                            }
                             continue;
                         }
                         b'L' => long_name = Some(trim_nuls(data)),
@@ -206,14 +216,15 @@ impl<R: Read> TarStream<R> {
                     if let Some(link) = long_link {
                         entry.link_name = link;
                     }
-                    let records: PaxRecords = self.globals.iter().cloned().chain(pax).collect();
+
                     let mut sparse = if type_flag == b'S' {
                         Some(self.read_gnu_sparse_map(&header, &mut metadata_bytes)?)
                     } else {
                         None
                     };
                     let mut stored = stored_size;
-                    let pax_sparse = apply_pax(&mut entry, &records, &mut stored)?;
+                    let records = self.globals.iter().chain(pax.iter());
+                    let pax_sparse = apply_pax(&mut entry, records, &mut stored)?;
                     // Hard links, symlinks, devices and directories carry no data in practice,
                     // but whatever size the header declares is stored and must be skipped.
                     self.set_stored(stored)?;
@@ -618,9 +629,9 @@ enum PaxSparse {
 
 /// Applies pax records (globals first, then the entry's) to `entry`. A `size` record
 /// replaces the stored size. Returns what the records say about sparse storage.
-fn apply_pax(
+fn apply_pax<'r>(
     entry: &mut TarEntry,
-    records: &PaxRecords,
+    records: impl Iterator<Item = &'r (Vec<u8>, Vec<u8>)>,
     stored_remaining: &mut u64,
 ) -> Result<Option<PaxSparse>, TarError> {
     let mut sparse_name = None;
@@ -765,6 +776,67 @@ fn validate_segments(segments: &[Segment], size: u64, stored: u64) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ustar header block of `type_flag` with `size` bytes of data following.
+    fn header(name: &[u8], type_flag: u8, size: usize) -> [u8; TAR_BLOCK] {
+        let mut block = [0u8; TAR_BLOCK];
+        block[..name.len()].copy_from_slice(name);
+        block[100..107].copy_from_slice(b"0000644");
+        block[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+        block[136..147].copy_from_slice(b"00000000000");
+        block[156] = type_flag;
+        block[257..263].copy_from_slice(b"ustar\0");
+        block[263..265].copy_from_slice(b"00");
+        block[148..156].copy_from_slice(b"        ");
+        let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
+        block[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        block
+    }
+
+    fn padded(data: &[u8]) -> Vec<u8> {
+        let mut out = data.to_vec();
+        out.resize(data.len().div_ceil(TAR_BLOCK) * TAR_BLOCK, 0);
+        out
+    }
+
+    #[test]
+    fn global_pax_headers_are_bounded_across_entries() {
+        // Each global header adds a fresh 1 KiB key: small per entry, unbounded in sum.
+        let mut tar = Vec::new();
+        for i in 0..64 {
+            let record = format!("user.k{i:04}={}\n", "v".repeat(1000));
+            let record = format!("{} {record}", record.len() + 5);
+            tar.extend_from_slice(&header(b"pax_global_header", b'g', record.len()));
+            tar.extend(padded(record.as_bytes()));
+            tar.extend_from_slice(&header(format!("f{i}").as_bytes(), b'0', 0));
+        }
+        tar.extend_from_slice(&[0u8; 2 * TAR_BLOCK]);
+        let mut stream = TarStream::new(tar.as_slice(), 16 << 10);
+        let mut entries = 0;
+        let err = loop {
+            match stream.next_entry() {
+                Ok(Some(_)) => entries += 1,
+                Ok(None) => panic!("the globals were never bounded"),
+                Err(err) => break err,
+            }
+        };
+        assert!(matches!(err, TarError::MetadataTooLarge(_)), "{err:?}");
+        assert!(
+            (10..20).contains(&entries),
+            "{entries} entries before the limit"
+        );
+        // Within the bound, globals apply to every entry.
+        let record = b"14 uid=424242\n";
+        let mut tar = header(b"pax_global_header", b'g', record.len()).to_vec();
+        tar.extend(padded(record));
+        tar.extend_from_slice(&header(b"a", b'0', 0));
+        tar.extend_from_slice(&header(b"b", b'0', 0));
+        tar.extend_from_slice(&[0u8; 2 * TAR_BLOCK]);
+        let mut stream = TarStream::new(tar.as_slice(), 16 << 10);
+        for _ in 0..2 {
+            assert_eq!(stream.next_entry().unwrap().unwrap().uid, 424242);
+        }
+    }
 
     #[test]
     fn numeric_fields_in_octal_and_base256() {

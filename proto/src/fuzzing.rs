@@ -2,7 +2,8 @@
 //!
 //! For any bytes: the blocking reader and the tokio codec agree frame by frame, neither panics, and
 //! every message that decodes re-encodes to exactly the payload it came from (the encoding is
-//! canonical, so a frame has one meaning).
+//! canonical, so a frame has one meaning). The check reports a violation as a value; only the
+//! fuzz target panics on it.
 
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
@@ -20,22 +21,35 @@ pub struct Outcome {
     pub clean_end: bool,
 }
 
-/// Decodes `data` with both decoders, panicking only if they disagree or the encoding is not
-/// canonical. Returns the (common) outcome.
-pub fn check_frame_bytes(data: &[u8]) -> Outcome {
+/// A violated property: the fuzz target turns it into a crash, tests into a failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Violation(pub String);
+
+/// Decodes `data` with both decoders; returns the (common) outcome, or the [`Violation`] if
+/// they disagree or the encoding is not canonical. Never panics, whatever `data` is: the
+/// caller decides what a violation means.
+pub fn check_frame_bytes(data: &[u8]) -> Result<Outcome, Violation> {
     let blocking = decode_blocking(data);
     let framed = decode_codec(data);
-    assert_eq!(blocking, framed, "blocking reader and tokio codec disagree");
+    if blocking != framed {
+        return Err(Violation(format!(
+            "blocking reader and tokio codec disagree: {blocking:?} vs {framed:?}"
+        )));
+    }
     let mut offset = 0;
     for message in &blocking.messages {
-        let frame =
-            encode_frame(message, DEFAULT_MAX_FRAME_LEN).expect("a decoded message encodes");
-        let original = &data[offset..offset + frame.len()];
-        assert_eq!(frame, original, "re-encoding changed the frame");
+        let frame = encode_frame(message, DEFAULT_MAX_FRAME_LEN)
+            .map_err(|err| Violation(format!("a decoded message does not encode: {err}")))?;
+        let original = data.get(offset..offset + frame.len());
+        if original != Some(&frame[..]) {
+            return Err(Violation(format!(
+                "re-encoding changed the frame at byte {offset}"
+            )));
+        }
         offset += frame.len();
     }
-    assert!(offset <= data.len());
-    blocking
+    Ok(blocking)
 }
 
 fn decode_blocking(data: &[u8]) -> Outcome {

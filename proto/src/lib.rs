@@ -13,6 +13,7 @@ mod frame;
 pub mod fuzzing;
 mod handshake;
 mod messages;
+mod names;
 mod version;
 
 pub use codec::FrameCodec;
@@ -27,7 +28,8 @@ pub use messages::{
     LayerMountInfo, Message, Op, OutputStream, ProcessSpec, Reply, Request, RequestId, Resources,
     Response,
 };
-pub use version::{PROTOCOL_VERSION, ProtocolVersion};
+pub use names::{IdError, MAX_ID_LEN, validate_id};
+pub use version::{EVENTS_BY_SUBSCRIPTION, PROTOCOL_VERSION, ProtocolVersion};
 
 /// The vsock port the shim listens on inside the guest.
 pub const SHIM_VSOCK_PORT: u32 = 10240;

@@ -170,6 +170,10 @@ pub enum Op {
         /// `argv`, with a path or a name found in the shim's `PATH`.
         args: Vec<String>,
     },
+    /// Make this connection the one events (output, exits, OOM) go to, with fresh output
+    /// windows. Added in protocol 1.1: a 1.0 agent's connections subscribe on connect, so a
+    /// short-lived connection of a 1.1 agent (a probe) never takes the events. `Reply::Done`.
+    SubscribeEvents,
 }
 
 /// What the guest holds for containers, for operators and leak checks.

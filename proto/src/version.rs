@@ -5,7 +5,7 @@ use std::fmt;
 
 /// A protocol version. Peers with different `major` refuse each other; `minor` only adds messages
 /// that an older peer answers with `ErrorKind::Unsupported`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct ProtocolVersion {
     /// Incompatible changes bump this.
@@ -15,7 +15,10 @@ pub struct ProtocolVersion {
 }
 
 /// The version this build speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+
+/// The first minor version of major 1 with `Op::SubscribeEvents`.
+pub const EVENTS_BY_SUBSCRIPTION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
 
 impl fmt::Display for ProtocolVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

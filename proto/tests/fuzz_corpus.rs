@@ -10,7 +10,8 @@ fn the_fuzz_corpus_replays_without_failure() {
     for entry in std::fs::read_dir(&dir).expect("the corpus directory is committed") {
         let path = entry.unwrap().path();
         let data = std::fs::read(&path).unwrap();
-        let outcome = gantry_proto::fuzzing::check_frame_bytes(&data);
+        let outcome = gantry_proto::fuzzing::check_frame_bytes(&data)
+            .unwrap_or_else(|violation| panic!("{}: {violation}", path.display()));
         let name = path.file_name().unwrap().to_string_lossy();
         if name.starts_with("valid-") {
             assert!(

@@ -94,7 +94,11 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
 }
 
 fn main() {
-    let agent = TestAgent::start(&[TestVm::new("bench", 3).memory(512)]).expect("agent starts");
+    let agent = TestAgent::start_with(
+        &[TestVm::new("bench", 3).memory(512)],
+        "enable_baseline = true",
+    )
+    .expect("agent starts");
     agent
         .wait_guest_info("bench", Duration::from_secs(180))
         .expect("guest boots");

@@ -134,11 +134,17 @@ pub struct TestAgent {
 impl TestAgent {
     /// Writes a config for `vms`, starts the agent and waits for its API socket.
     pub fn start(vms: &[TestVm]) -> Result<Self> {
+        Self::start_with(vms, "")
+    }
+
+    /// The same, with `settings` (top-level `agent.toml` lines, e.g. `enable_baseline = true`
+    /// or a `[logs]` table) added to the config.
+    pub fn start_with(vms: &[TestVm], settings: &str) -> Result<Self> {
         let guest = guest_image();
         let dir = tempfile::Builder::new().prefix("gantry-e2e-").tempdir()?;
         let api_socket = dir.path().join("agent.sock");
         let mut config = format!(
-            "api_socket = {:?}\nstate_dir = {:?}\n",
+            "api_socket = {:?}\nstate_dir = {:?}\n{settings}\n",
             api_socket,
             dir.path().join("state")
         );
@@ -203,6 +209,16 @@ impl TestAgent {
     /// The agent's API socket.
     pub fn api_socket(&self) -> &Path {
         &self.api_socket
+    }
+
+    /// The agent's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The agent's working directory (sockets, config, logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The agent's log so far.

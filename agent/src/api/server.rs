@@ -19,6 +19,8 @@ use gantry_api::{
     VmStatus,
 };
 
+use super::access::{AccessError, ApiAccess, CheckedListener};
+use crate::containers::ContainerTableError;
 use crate::containers::run::{RunError, RunProgress, expect_done, generate_name, run_container};
 use crate::containers::spec::merge_env;
 use crate::images::ImageError;
@@ -28,17 +30,9 @@ use crate::vm::{Vm, VmError};
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
-    /// The socket could not be bound.
-    #[error("cannot listen on the API socket {path}: {source}")]
-    Bind {
-        /// The socket path.
-        path: std::path::PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Another agent answers on the socket already.
-    #[error("another agent is already listening on {0}")]
-    InUse(std::path::PathBuf),
+    /// The socket could not be set up.
+    #[error(transparent)]
+    Access(#[from] AccessError),
     /// Serving failed.
     #[error("API server failed: {0}")]
     Serve(std::io::Error),
@@ -52,21 +46,9 @@ const SHIM_WAIT: Duration = Duration::from_secs(10);
 /// Largest stdin write accepted in one request.
 const MAX_STDIN_BYTES: usize = 1 << 20;
 
-/// Binds `path` (replacing a stale socket file left by a dead agent).
-pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ApiServerError> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ApiServerError::InUse(path.to_owned()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    tokio::net::UnixListener::bind(path).map_err(|source| ApiServerError::Bind {
-        path: path.to_owned(),
-        source,
-    })
+/// Binds the API socket at `path` for the connections `access` permits.
+pub fn bind(path: &Path, access: ApiAccess) -> Result<CheckedListener, ApiServerError> {
+    Ok(CheckedListener::new(access.bind(path)?, access))
 }
 
 /// The API's routes.
@@ -97,7 +79,7 @@ pub fn router(agent: AgentState) -> Router {
 
 /// Serves the API until `shutdown` resolves.
 pub async fn serve(
-    listener: tokio::net::UnixListener,
+    listener: CheckedListener,
     agent: AgentState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApiServerError> {
@@ -105,6 +87,39 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ApiServerError::Serve)
+}
+
+/// A container's route, `/v1/vms/{vm}/containers/{id}`, with the id checked: an id is used as a
+/// file name by the agent and the shim, so a bad one is refused before anything else happens.
+struct ContainerPath {
+    vm: String,
+    id: String,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ContainerPath {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let UrlPath((vm, id)) = UrlPath::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        check_id("container id", &id).map_err(IntoResponse::into_response)?;
+        Ok(ContainerPath { vm, id })
+    }
+}
+
+/// Refuses an id that is not a valid container or exec name (400).
+fn check_id(what: &'static str, id: &str) -> Result<(), ApiError> {
+    gantry_proto::validate_id(what, id)
+        .map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))
+}
+
+/// Refuses an exec id given in a query that is not a valid name (400).
+fn check_exec(exec: Option<&str>) -> Result<(), ApiError> {
+    exec.map_or(Ok(()), |exec| check_id("exec id", exec))
 }
 
 /// An error answer.
@@ -133,6 +148,7 @@ impl From<VmError> for ApiError {
             VmError::UnexpectedReply(_) | VmError::Probe { .. } => StatusCode::BAD_GATEWAY,
             VmError::NotLaunched(_) => StatusCode::CONFLICT,
             VmError::Device { .. }
+            | VmError::Thread { .. }
             | VmError::LayerDevice { .. }
             | VmError::MapLayer { .. }
             | VmError::Qemu { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -145,7 +161,9 @@ impl From<RunError> for ApiError {
     fn from(err: RunError) -> Self {
         match err {
             RunError::Vm(err) => err.into(),
-            RunError::Spec(_) | RunError::Image(ImageError::BadImage { .. }) => {
+            RunError::Spec(_)
+            | RunError::Image(ImageError::BadImage { .. })
+            | RunError::Table(ContainerTableError::BadId(_)) => {
                 ApiError(StatusCode::BAD_REQUEST, err.to_string())
             }
             other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
@@ -296,6 +314,14 @@ async fn baseline(
     UrlPath(name): UrlPath<String>,
     Json(request): Json<BaselineRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    if !agent.enable_baseline {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "baseline runs commands as guest root outside any container; it is for benchmarks \
+             and off unless agent.toml sets enable_baseline = true"
+                .into(),
+        ));
+    }
     let vm = find(&agent, &name)?;
     match vm
         .request(Op::SpawnBaseline { args: request.args }, SHIM_WAIT)
@@ -318,6 +344,9 @@ async fn run(
     UrlPath(name): UrlPath<String>,
     Json(options): Json<RunOptions>,
 ) -> Result<Response, ApiError> {
+    if let Some(name) = &options.name {
+        check_id("container name", name)?;
+    }
     find(&agent, &name)?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
@@ -386,9 +415,10 @@ struct ProcessQuery {
 /// Streams a process's log records (`gantry_api::records`), following until its end if asked.
 async fn logs(
     State(agent): State<AgentState>,
-    UrlPath((name, id)): UrlPath<(String, String)>,
+    ContainerPath { vm: name, id }: ContainerPath,
     Query(query): Query<ProcessQuery>,
 ) -> Result<Response, ApiError> {
+    check_exec(query.exec.as_deref())?;
     let vm = find(&agent, &name)?;
     let entry = vm
         .containers()
@@ -422,9 +452,10 @@ async fn logs(
 
 async fn exec(
     State(agent): State<AgentState>,
-    UrlPath((name, id)): UrlPath<(String, String)>,
+    ContainerPath { vm: name, id }: ContainerPath,
     Json(request): Json<ExecRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    check_exec(request.exec_id.as_deref())?;
     let vm = find(&agent, &name)?;
     let entry = vm
         .containers()
@@ -464,9 +495,10 @@ fn sigkill() -> i32 {
 
 async fn kill(
     State(agent): State<AgentState>,
-    UrlPath((name, id)): UrlPath<(String, String)>,
+    ContainerPath { vm: name, id }: ContainerPath,
     Query(query): Query<KillQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    check_exec(query.exec.as_deref())?;
     let vm = find(&agent, &name)?;
     let op = Op::Signal {
         container_id: id,
@@ -479,9 +511,10 @@ async fn kill(
 
 async fn wait(
     State(agent): State<AgentState>,
-    UrlPath((name, id)): UrlPath<(String, String)>,
+    ContainerPath { vm: name, id }: ContainerPath,
     Query(query): Query<ProcessQuery>,
 ) -> Result<Json<ExitRecord>, ApiError> {
+    check_exec(query.exec.as_deref())?;
     let vm = find(&agent, &name)?;
     let is_main = query.exec.is_none();
     let op = Op::Wait {
@@ -503,7 +536,7 @@ async fn wait(
 
 async fn stats(
     State(agent): State<AgentState>,
-    UrlPath((name, id)): UrlPath<(String, String)>,
+    ContainerPath { vm: name, id }: ContainerPath,
 ) -> Result<Json<gantry_proto::ContainerStats>, ApiError> {
     let vm = find(&agent, &name)?;
     match vm
@@ -527,10 +560,11 @@ struct StdinQuery {
 
 async fn stdin(
     State(agent): State<AgentState>,
-    UrlPath((name, id)): UrlPath<(String, String)>,
+    ContainerPath { vm: name, id }: ContainerPath,
     Query(query): Query<StdinQuery>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    check_exec(query.exec.as_deref())?;
     let vm = find(&agent, &name)?;
     if body.len() > MAX_STDIN_BYTES {
         return Err(ApiError(
@@ -569,7 +603,7 @@ struct RemoveQuery {
 
 async fn remove(
     State(agent): State<AgentState>,
-    UrlPath((name, id)): UrlPath<(String, String)>,
+    ContainerPath { vm: name, id }: ContainerPath,
     Query(query): Query<RemoveQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let vm = find(&agent, &name)?;

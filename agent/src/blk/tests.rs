@@ -858,6 +858,40 @@ fn a_request_for_a_missing_chunk_parks_while_others_complete() {
 }
 
 #[test]
+fn a_parked_head_published_again_is_dropped_not_parked_twice() {
+    let layer = pattern(2 << 20, 3);
+    let source = TestSource::new(layer.clone());
+    source.hold(0, 2 << 20);
+    let mut driver = Driver::with_features(store(), true);
+    let extent = driver
+        .store
+        .map_layer("sha256:dup", source.clone())
+        .unwrap();
+    let (slow, slow_data, slow_status) = driver.queue_read(extent.offset / 512, 4096);
+    driver.kick();
+    assert_eq!(driver.backend.parked_requests(0), 1);
+    // A hostile guest publishes the parked head again, many times.
+    for _ in 0..100 {
+        driver.publish(slow);
+    }
+    driver.kick();
+    assert_eq!(
+        driver.backend.parked_requests(0),
+        1,
+        "no second copy parked"
+    );
+    assert!(
+        driver.used().is_empty(),
+        "nothing answered for the duplicates"
+    );
+    source.release();
+    driver.wake();
+    assert_eq!(driver.used(), vec![(slow, 4097)], "the head completes once");
+    assert_eq!(driver.status(slow_status), STATUS_OK);
+    assert_eq!(driver.bytes(slow_data, 4096), &layer[..4096]);
+}
+
+#[test]
 fn large_reads_are_copied_by_helpers_and_can_park_there() {
     let layer = pattern(4 << 20, 12);
     let source = TestSource::new(layer.clone());

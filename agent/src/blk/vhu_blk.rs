@@ -373,21 +373,61 @@ impl QueueWorker {
         let mut completed = 0;
         match execute(&request, mem, store, &mut completed, &self.waker) {
             Poll::Ready(completion) => Some(finish(mem, request.status, completion)),
-            Poll::Pending => {
-                debug!(head, sector = request.sector, "layer store: request parked");
-                self.parked.push(Parked {
+            Poll::Pending => self
+                .park(Parked {
                     head,
                     request,
                     completed,
-                });
-                None
-            }
+                })
+                .map(|refused| {
+                    finish(
+                        mem,
+                        refused.request.status,
+                        Completion::status_only(STATUS_IOERR),
+                    )
+                }),
         }
+    }
+
+    /// Parks a request; a request beyond the queue's bound is handed back to be failed.
+    ///
+    /// The avail ring is the guest's: it may publish a head that is parked already. Answering it
+    /// would complete that head twice, and keeping it would let the list grow without end, so
+    /// such a chain is dropped (its first instance completes as usual). With duplicates gone,
+    /// a queue cannot park more heads than it has, [`MAX_QUEUE_SIZE`].
+    fn park(&mut self, parked: Parked) -> Option<Parked> {
+        if self.parked.iter().any(|p| p.head == parked.head) {
+            warn!(
+                head = parked.head,
+                "layer store: the guest reused a parked request's head; dropped"
+            );
+            return None;
+        }
+        if self.parked.len() >= MAX_QUEUE_SIZE {
+            warn!(
+                head = parked.head,
+                "layer store: too many parked requests; failing one"
+            );
+            return Some(parked);
+        }
+        debug!(
+            head = parked.head,
+            sector = parked.request.sector,
+            "layer store: request parked"
+        );
+        self.parked.push(parked);
+        None
     }
 
     /// Parks the large reads a source was not ready for when a helper tried them.
     fn collect_offloaded(&mut self) {
-        self.parked.extend(self.offload.take_parked());
+        let refused: Vec<Parked> = self
+            .offload
+            .take_parked()
+            .into_iter()
+            .filter_map(|parked| self.park(parked))
+            .collect();
+        self.fail(refused);
     }
 
     /// Polls the parked requests again; completes those whose data is now there.
@@ -428,10 +468,15 @@ impl QueueWorker {
 
     /// Completes every parked request with `VIRTIO_BLK_S_IOERR`.
     fn fail_parked(&mut self) {
-        if self.parked.is_empty() {
+        let parked = std::mem::take(&mut self.parked);
+        self.fail(parked);
+    }
+
+    /// Completes `parked` requests with `VIRTIO_BLK_S_IOERR`.
+    fn fail(&mut self, parked: Vec<Parked>) {
+        if parked.is_empty() {
             return;
         }
-        let parked = std::mem::take(&mut self.parked);
         let (Some(atomic), Some(vring)) = (self.mem.clone(), self.vring.clone()) else {
             return;
         };

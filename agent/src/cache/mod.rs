@@ -399,6 +399,9 @@ impl Cache {
     pub async fn lock_layer(&self, digest: &Digest) -> Result<LayerSlot, CacheError> {
         let mutex = {
             let mut in_flight = lock(&self.in_flight);
+            // Entries nobody holds or waits for are done with: the map stays as small as the
+            // number of layers being fetched right now.
+            in_flight.retain(|_, mutex| Arc::strong_count(mutex) > 1);
             in_flight.entry(digest.clone()).or_default().clone()
         };
         let in_process = mutex.lock_owned().await;
@@ -721,6 +724,9 @@ impl CacheView {
         Ok(layers)
     }
 
+    /// The layers some readable image record names. An unreadable record is skipped (and
+    /// said so), as everywhere else: one corrupt file must not stop removal and GC for every
+    /// other image; the layers it alone named become evictable, which only costs a refetch.
     fn referenced(&self) -> Result<HashSet<Digest>, CacheError> {
         let dir = self.root.join("images");
         let mut referenced = HashSet::new();
@@ -729,8 +735,10 @@ impl CacheView {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let record = read_json::<ImageRecord>(&path)?;
-            referenced.extend(record.layers.into_iter().map(|l| l.blob_digest));
+            match read_json::<ImageRecord>(&path) {
+                Ok(record) => referenced.extend(record.layers.into_iter().map(|l| l.blob_digest)),
+                Err(error) => warn!(%error, "skipping an unreadable image record"),
+            }
         }
         Ok(referenced)
     }
@@ -828,4 +836,29 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_single_flight_map_holds_only_layers_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), CacheConfig::default()).unwrap();
+        for i in 0..100u32 {
+            let slot = cache
+                .lock_layer(&Digest::of(&i.to_le_bytes()))
+                .await
+                .unwrap();
+            drop(slot);
+        }
+        let held = cache.lock_layer(&Digest::of(b"held")).await.unwrap();
+        assert!(
+            lock(&cache.in_flight).len() <= 2,
+            "{}",
+            lock(&cache.in_flight).len()
+        );
+        drop(held);
+    }
 }

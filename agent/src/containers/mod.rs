@@ -10,17 +10,17 @@ pub mod logs;
 pub mod run;
 pub mod spec;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use gantry_proto::{ContainerId, Event, ExecId, Op, ProcessSpec};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::sync::lock;
 use gantry_api::records::ExitRecord;
-use logs::ProcessLog;
+use logs::{LogLimits, ProcessLog};
 
 /// Errors of the table.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,9 @@ pub enum ContainerTableError {
     /// No such container or exec.
     #[error("no container {0:?} in this VM")]
     NotFound(String),
+    /// An id that cannot name a container or exec.
+    #[error("{0}")]
+    BadId(String),
     /// A log file could not be created.
     #[error("cannot create the log of {id}: {source}")]
     Log {
@@ -53,6 +56,7 @@ pub struct ContainerEntry {
     /// Its main process: `exec` takes its environment, working directory and user from it.
     pub process: ProcessSpec,
     dir: PathBuf,
+    limits: LogLimits,
     main: Arc<ProcessLog>,
     execs: Mutex<HashMap<ExecId, Arc<ProcessLog>>>,
     oom_killed: AtomicBool,
@@ -76,7 +80,9 @@ impl ContainerEntry {
                 self.id
             )));
         }
-        let log = ProcessLog::create(&self.dir.join(format!("exec-{exec_id}.log")))
+        gantry_proto::validate_id("exec id", exec_id)
+            .map_err(|err| ContainerTableError::BadId(err.to_string()))?;
+        let log = ProcessLog::create(&self.dir, &format!("exec-{exec_id}"), self.limits)
             .map(Arc::new)
             .map_err(|source| ContainerTableError::Log {
                 id: self.id.clone(),
@@ -96,15 +102,23 @@ impl ContainerEntry {
 #[derive(Debug)]
 pub struct ContainerTable {
     dir: PathBuf,
+    limits: LogLimits,
     entries: Mutex<HashMap<ContainerId, Arc<ContainerEntry>>>,
+    /// Containers whose unexpected output was reported once already (bounded).
+    unknown_reported: Mutex<HashSet<ContainerId>>,
 }
 
+/// How many distinct unknown containers are reported before further ones are only counted.
+const MAX_UNKNOWN_REPORTED: usize = 256;
+
 impl ContainerTable {
-    /// A table keeping logs under `dir`.
-    pub fn new(dir: &Path) -> Self {
+    /// A table keeping logs under `dir`, each capped by `limits`.
+    pub fn new(dir: &Path, limits: LogLimits) -> Self {
         Self {
             dir: dir.to_owned(),
+            limits,
             entries: Mutex::default(),
+            unknown_reported: Mutex::default(),
         }
     }
 
@@ -115,13 +129,16 @@ impl ContainerTable {
         image: &str,
         process: &ProcessSpec,
     ) -> Result<Arc<ContainerEntry>, ContainerTableError> {
+        // The API checked it already; the table never trusts that, since the id names a directory.
+        gantry_proto::validate_id("container id", id)
+            .map_err(|err| ContainerTableError::BadId(err.to_string()))?;
         let mut entries = lock(&self.entries);
         if entries.contains_key(id) {
             return Err(ContainerTableError::Exists(id.to_owned()));
         }
         let dir = self.dir.join(id);
         let _ = std::fs::remove_dir_all(&dir);
-        let main = ProcessLog::create(&dir.join("main.log"))
+        let main = ProcessLog::create(&dir, "main", self.limits)
             .map(Arc::new)
             .map_err(|source| ContainerTableError::Log {
                 id: id.to_owned(),
@@ -135,6 +152,7 @@ impl ContainerTable {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             dir,
+            limits: self.limits,
             main,
             execs: Mutex::default(),
             oom_killed: AtomicBool::new(false),
@@ -165,6 +183,21 @@ impl ContainerTable {
         all
     }
 
+    /// Says once per container that its output is dropped: a guest flooding output of unknown
+    /// processes must not flood the card's log too.
+    fn report_unknown(&self, container_id: &str, exec_id: Option<&str>) {
+        let mut reported = lock(&self.unknown_reported);
+        if reported.contains(container_id) {
+            return;
+        }
+        if reported.len() < MAX_UNKNOWN_REPORTED {
+            reported.insert(container_id.to_owned());
+            warn!(container = %container_id, ?exec_id, "output of an unknown process dropped (said once per container)");
+        } else {
+            debug!(container = %container_id, ?exec_id, "output of an unknown process dropped");
+        }
+    }
+
     /// Takes in an event from the shim; returns the credit to give back for output.
     ///
     /// Output of a container the agent does not know (created by an earlier agent) is credited
@@ -186,9 +219,7 @@ impl ContainerTable {
                             warn!(container = %container_id, %error, "cannot write the container's log");
                         }
                     }
-                    None => {
-                        warn!(container = %container_id, ?exec_id, "output of an unknown process dropped")
-                    }
+                    None => self.report_unknown(&container_id, exec_id.as_deref()),
                 }
                 let bytes = u32::try_from(data.len()).unwrap_or(u32::MAX);
                 Some(Op::OutputCredit {
@@ -232,7 +263,7 @@ mod tests {
     #[tokio::test]
     async fn events_land_in_the_right_logs_and_output_is_credited() {
         let dir = tempfile::tempdir().unwrap();
-        let table = ContainerTable::new(dir.path());
+        let table = ContainerTable::new(dir.path(), LogLimits::default());
         let process = ProcessSpec {
             args: vec!["sh".into()],
             env: vec![],

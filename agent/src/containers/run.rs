@@ -97,13 +97,13 @@ pub async fn run_container(
         let progress = Arc::clone(&progress);
         Box::new(move |event| progress(describe(event)))
     };
-    let record = images.pull(&options.image, pull_progress.as_ref()).await?;
+    let (record, pins) = images.pull(&options.image, pull_progress.as_ref()).await?;
     let process = spec::process_spec(&image_defaults(&record), &options)?;
     let resources = spec::resources(&options)?;
 
     let mut layers = Vec::with_capacity(record.layers.len());
-    for layer in &record.layers {
-        let pin = images.cache.pin(layer)?;
+    // The pull's own pins go to the mappings: no moment without one, whatever a GC does.
+    for (layer, pin) in record.layers.iter().zip(pins) {
         let extent = vm.map_layer(layer, pin)?;
         progress(format!(
             "layer {} mapped at {:#x} ({} bytes)",

@@ -147,6 +147,19 @@ pub async fn pull<S: ImageSource>(
     source: &S,
     progress: Progress<'_>,
 ) -> Result<ImageRecord, PullError> {
+    pull_pinned(cache, source, progress)
+        .await
+        .map(|(record, _pins)| record)
+}
+
+/// [`pull`], returning the pins that kept the image's layers from eviction while it ran (one
+/// per layer, in the record's order), so a caller that goes on to use the layers holds them
+/// without a gap in which a GC could take them.
+pub async fn pull_pinned<S: ImageSource>(
+    cache: &Cache,
+    source: &S,
+    progress: Progress<'_>,
+) -> Result<(ImageRecord, Vec<PinGuard>), PullError> {
     let image = source.describe();
     let source_error = |error: S::Error| PullError::Source {
         image: image.clone(),
@@ -237,9 +250,8 @@ pub async fn pull<S: ImageSource>(
     cache.write_image(&record).await?;
     // The pins keep this image's layers out of the eviction its own arrival may trigger.
     cache.enforce_budget().await?;
-    drop(pins);
     info!(image, manifest = %record.manifest_digest, layers = record.layers.len(), "pulled");
-    Ok(record)
+    Ok((record, pins))
 }
 
 async fn fetch_config<S: ImageSource>(

@@ -10,7 +10,7 @@ use gantry_oci::registry::{RegistryClient, RegistrySource};
 
 use super::default_image::{self, DEFAULT_IMAGE_NAME, DefaultImageError};
 use super::pull::{self, PullError, PullEvent};
-use crate::cache::{Cache, ImageRecord};
+use crate::cache::{Cache, ImageRecord, PinGuard};
 
 /// Errors finding or pulling an image.
 #[derive(Debug, thiserror::Error)]
@@ -99,12 +99,13 @@ impl ImageService {
         }
     }
 
-    /// Pulls `image` into the cache (a no-op for layers already there).
+    /// Pulls `image` into the cache (a no-op for layers already there); returns its record and
+    /// the pins holding its layers, one per layer in order.
     pub async fn pull(
         &self,
         image: &str,
         progress: &(dyn Fn(&PullEvent) + Send + Sync),
-    ) -> Result<ImageRecord, ImageError> {
+    ) -> Result<(ImageRecord, Vec<PinGuard>), ImageError> {
         match parse_image(image)? {
             ImageRef::Default => {
                 let _single_flight = self.default_build.lock().await;
@@ -122,7 +123,7 @@ impl ImageService {
                     client: &self.registry,
                     reference: &reference,
                 };
-                Ok(pull::pull(&self.cache, &source, progress).await?)
+                Ok(pull::pull_pinned(&self.cache, &source, progress).await?)
             }
         }
     }
@@ -132,13 +133,13 @@ impl ImageService {
         dir: &Path,
         name: &str,
         progress: &(dyn Fn(&PullEvent) + Send + Sync),
-    ) -> Result<ImageRecord, ImageError> {
+    ) -> Result<(ImageRecord, Vec<PinGuard>), ImageError> {
         let layout = OciLayout::open(dir).map_err(|err| ImageError::BadImage {
             image: format!("oci:{}", dir.display()),
             reason: err.to_string(),
         })?;
         let source = OciLayoutSource::new(&layout, name);
-        Ok(pull::pull(&self.cache, &source, progress).await?)
+        Ok(pull::pull_pinned(&self.cache, &source, progress).await?)
     }
 }
 

@@ -467,6 +467,10 @@ pub struct Faults {
     pub bearer_token_uses: AtomicU32,
     /// Drop `Range` headers: the registry then answers `200` with whole blobs.
     pub ignore_ranges: AtomicBool,
+    /// Name this host (`host:port`) as the token realm's instead of the proxy's own.
+    pub realm_host: Mutex<Option<String>>,
+    /// Answer every request with a 500 whose body never ends.
+    pub endless_error_bodies: AtomicBool,
 }
 
 /// What the proxy saw.
@@ -474,6 +478,8 @@ pub struct Faults {
 pub struct ProxyLog {
     pub requests: Vec<(String, Option<String>)>,
     pub token_requests: u32,
+    /// Token requests that carried credentials (an `Authorization` header).
+    pub token_requests_with_credentials: u32,
     pub blob_bytes_sent: u64,
 }
 
@@ -583,7 +589,12 @@ async fn proxy_handler(State(state): State<Arc<ProxyState>>, request: Request) -
     let faults = &state.faults;
 
     if path.starts_with("/token") {
-        state.log.lock().unwrap().token_requests += 1;
+        let mut log = state.log.lock().unwrap();
+        log.token_requests += 1;
+        if headers.contains_key("authorization") {
+            log.token_requests_with_credentials += 1;
+        }
+        drop(log);
         let n = state.token_counter.fetch_add(1, Ordering::SeqCst);
         let token = format!("tok-{n}");
         state.tokens.lock().unwrap().insert(
@@ -624,13 +635,27 @@ async fn proxy_handler(State(state): State<Arc<ProxyState>>, request: Request) -
             response.headers_mut().insert(
                 "www-authenticate",
                 HeaderValue::from_str(&format!(
-                    "Bearer realm=\"http://127.0.0.1:{}/token\",service=\"test\"",
-                    state.port
+                    "Bearer realm=\"http://{}/token\",service=\"test\"",
+                    faults
+                        .realm_host
+                        .lock()
+                        .unwrap()
+                        .clone()
+                        .unwrap_or_else(|| format!("127.0.0.1:{}", state.port))
                 ))
                 .unwrap(),
             );
             return response;
         }
+    }
+    if faults.endless_error_bodies.load(Ordering::SeqCst) {
+        let chunks = futures::stream::repeat_with(|| {
+            Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 64 << 10]))
+        });
+        return Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(Body::from_stream(chunks))
+            .unwrap();
     }
     if faults.always_fail.load(Ordering::SeqCst) || take_one(&faults.fail_requests) {
         return json_response(StatusCode::INTERNAL_SERVER_ERROR, json!({"errors": []}));

@@ -287,7 +287,8 @@ impl Runtime {
             } => self.credit(&container_id, exec_id.as_deref(), bytes),
             Op::GuestResources => Ok(self.resources()),
             Op::SpawnBaseline { args } => self.spawn_baseline(args).await,
-            Op::GuestInfo | Op::Ping { .. } => return None,
+            // Connection-level operations, answered by the server.
+            Op::GuestInfo | Op::Ping { .. } | Op::SubscribeEvents => return None,
         };
         Some(result.map_err(ErrorReply::from))
     }

@@ -25,18 +25,12 @@ pub enum SpecError {
     Invalid(String),
 }
 
-/// Checks a container or exec id.
+/// Checks a container or exec id (the rule the agent applies too: `gantry_proto::validate_id`).
 pub fn validate_id(what: &'static str, value: &str) -> Result<(), SpecError> {
-    let mut chars = value.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
-    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if !first_ok || !rest_ok || value.len() > 128 {
-        return Err(SpecError::BadId {
-            what,
-            value: value.chars().take(200).collect(),
-        });
-    }
-    Ok(())
+    gantry_proto::validate_id(what, value).map_err(|err| SpecError::BadId {
+        what,
+        value: err.shown,
+    })
 }
 
 /// Checks a process.

@@ -753,11 +753,26 @@ impl RegistryClient {
             challenge
         };
         let credential = self.credentials.get(&endpoint.host);
+        // Where the credentials would go is the registry's (or a mirror's) word: check it.
+        let withheld = |target: &str| match self.config.may_send_credentials(&endpoint.host, target)
+        {
+            Ok(()) => false,
+            Err(reason) => {
+                if credential.is_some() {
+                    warn!(registry = %endpoint.host, target, %reason, "credentials withheld");
+                }
+                true
+            }
+        };
         match challenge {
             Challenge::Basic => {
+                if withheld(&endpoint.base) {
+                    return Ok(None);
+                }
                 Ok(credential.map(|c| basic_authorization(&c.username, &c.password)))
             }
             Challenge::Bearer { realm, service, .. } => {
+                let credential = credential.filter(|_| !withheld(&realm));
                 let mut request = self.http.get(&realm).query(&[("scope", scope)]);
                 if let Some(service) = &service {
                     request = request.query(&[("service", service.as_str())]);
@@ -902,17 +917,21 @@ async fn expect_status(
         return Ok(response);
     }
     let status = response.status().as_u16();
-    let body: Bytes = tokio::time::timeout(Duration::from_secs(2), response.bytes())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
-    let body = String::from_utf8_lossy(
-        body.get(..MAX_ERROR_BODY.min(body.len()))
-            .unwrap_or_default(),
-    )
-    .trim()
-    .to_string();
+    // The body only explains the status: read at most MAX_ERROR_BODY bytes of it, for at most
+    // two seconds, whatever the server sends.
+    let mut response = response;
+    let mut body = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while body.len() < MAX_ERROR_BODY {
+        match tokio::time::timeout_at(deadline, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => {
+                let room = MAX_ERROR_BODY - body.len();
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            _ => break,
+        }
+    }
+    let body = String::from_utf8_lossy(&body).trim().to_string();
     Err(RegistryError::Status {
         url: url.to_string(),
         status,

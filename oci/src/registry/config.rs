@@ -35,6 +35,12 @@ pub struct RegistryConfig {
     pub ca_files: Vec<PathBuf>,
     /// A docker-style `config.json` holding credentials (`auths`).
     pub credentials_file: Option<PathBuf>,
+    /// Per registry host, the other hosts whose token service (a `WWW-Authenticate` realm) may
+    /// receive that registry's credentials. Without an entry credentials go only to the registry's
+    /// own host, and only over HTTPS unless the host is an insecure (plain HTTP) registry: a
+    /// registry cannot send them to a server of its choosing. Docker Hub's token service is
+    /// allowed by default.
+    pub auth_realm_hosts: BTreeMap<String, Vec<String>>,
     /// Timeout for establishing a connection, in milliseconds.
     pub connect_timeout_ms: u64,
     /// A response that sends nothing for this long is abandoned (and retried), in ms.
@@ -59,6 +65,10 @@ impl Default for RegistryConfig {
             insecure_registries: Vec::new(),
             ca_files: Vec::new(),
             credentials_file: None,
+            auth_realm_hosts: BTreeMap::from([(
+                "registry-1.docker.io".to_owned(),
+                vec!["auth.docker.io".to_owned()],
+            )]),
             connect_timeout_ms: 10_000,
             stall_timeout_ms: 30_000,
             retries: 4,
@@ -103,6 +113,36 @@ impl RegistryConfig {
         )
     }
 
+    /// Whether the credentials of registry `registry_host` may be sent to `url` (a registry
+    /// endpoint or a token realm); the reason why not otherwise.
+    pub fn may_send_credentials(&self, registry_host: &str, url: &str) -> Result<(), String> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("{url:?} is not an absolute URL"))?;
+        let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        // userinfo in a URL would be a way to confuse the host comparison.
+        if host.contains('@') || host.is_empty() {
+            return Err(format!("{url:?} has no plain host"));
+        }
+        let allowed_host = host.eq_ignore_ascii_case(registry_host)
+            || self
+                .auth_realm_hosts
+                .get(registry_host)
+                .is_some_and(|hosts| hosts.iter().any(|h| h.eq_ignore_ascii_case(host)));
+        if !allowed_host {
+            return Err(format!(
+                "{host} is not {registry_host} (allow it in auth_realm_hosts)"
+            ));
+        }
+        match scheme {
+            "https" => Ok(()),
+            "http" if self.is_insecure(host) => Ok(()),
+            _ => Err(format!(
+                "{url} is not HTTPS and {host} is not an insecure registry"
+            )),
+        }
+    }
+
     /// Whether `host` is reached over plain HTTP.
     pub fn is_insecure(&self, host: &str) -> bool {
         crate::reference::host_is_loopback(host)
@@ -139,6 +179,48 @@ pub enum ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_go_only_to_the_registry_or_a_configured_realm_and_never_in_clear() {
+        let mut config = RegistryConfig::default();
+        config.insecure_registries.push("plain.example:5000".into());
+        let ok = |host: &str, url: &str| config.may_send_credentials(host, url);
+        assert_eq!(ok("reg.example", "https://reg.example/token"), Ok(()));
+        assert_eq!(ok("REG.example", "https://reg.EXAMPLE/v2/"), Ok(()));
+        assert_eq!(
+            ok("plain.example:5000", "http://plain.example:5000/token"),
+            Ok(())
+        );
+        assert_eq!(ok("127.0.0.1:5000", "http://127.0.0.1:5000/token"), Ok(()));
+        assert_eq!(
+            ok("registry-1.docker.io", "https://auth.docker.io/token"),
+            Ok(())
+        );
+        for (host, url) in [
+            ("reg.example", "http://reg.example/token"),
+            ("reg.example", "https://evil.example/token"),
+            ("reg.example", "https://reg.example@evil.example/token"),
+            ("reg.example", "https://reg.example.evil.example/token"),
+            ("127.0.0.1:5000", "http://127.0.0.1:6000/token"),
+            ("reg.example", "ftp://reg.example/token"),
+            ("reg.example", "/token"),
+            ("other.example", "https://auth.docker.io/token"),
+        ] {
+            assert!(ok(host, url).is_err(), "{host} -> {url}");
+        }
+        config
+            .auth_realm_hosts
+            .insert("reg.example".into(), vec!["auth.example".into()]);
+        assert_eq!(
+            config.may_send_credentials("reg.example", "https://auth.example/t"),
+            Ok(())
+        );
+        assert!(
+            config
+                .may_send_credentials("reg.example", "http://auth.example/t")
+                .is_err()
+        );
+    }
 
     #[test]
     fn toml_round_trip_and_defaults() {

@@ -4,5 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    gantry_proto::fuzzing::check_frame_bytes(data);
+    if let Err(violation) = gantry_proto::fuzzing::check_frame_bytes(data) {
+        panic!("{violation}");
+    }
 });
