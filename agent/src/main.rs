@@ -1,19 +1,31 @@
 //! `gantry-agent`: the daemon (`serve`) and the operator's CLI over its API socket. The command
 //! tree and the commands are in `gantry_agent::cli`.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use gantry_agent::cli::{self, Cli};
+use gantry_agent::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // A command whose output goes to `head` should end quietly when the pipe closes, as
+        // Unix tools do, not panic in `println!`. The daemon keeps ignoring SIGPIPE: a client
+        // that hangs up must never kill it.
+        // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

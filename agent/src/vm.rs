@@ -39,6 +39,16 @@ const EVENT_BACKLOG: usize = 256;
 /// Errors about a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The QEMU the agent launched for it has exited.
+    #[error(
+        "VM {vm}: its QEMU has exited ({status}); `gantry-agent vm restart {vm}` boots it again"
+    )]
+    QemuExited {
+        /// The VM.
+        vm: String,
+        /// How QEMU ended.
+        status: String,
+    },
     /// Its event thread could not be started.
     #[error("VM {vm}: cannot start its event thread: {source}")]
     Thread {
@@ -266,11 +276,22 @@ impl Vm {
         )
         .await;
         match ready {
-            Ok(Ok(session)) => session
-                .clone()
-                .ok_or_else(|| VmError::NotConnected(self.config.name.clone())),
-            _ => Err(VmError::NotConnected(self.config.name.clone())),
+            Ok(Ok(session)) => session.clone().ok_or_else(|| self.not_connected()),
+            _ => Err(self.not_connected()),
         }
+    }
+
+    /// Why there is no session: a QEMU the agent launched that has exited is dead, not booting.
+    fn not_connected(&self) -> VmError {
+        if let Some(qemu) = lock(&self.qemu).as_mut()
+            && let Ok(Some(status)) = qemu.try_wait()
+        {
+            return VmError::QemuExited {
+                vm: self.config.name.clone(),
+                status: status.to_string(),
+            };
+        }
+        VmError::NotConnected(self.config.name.clone())
     }
 
     /// Asks the shim for `GuestInfo`; returns it with the request's round-trip time.

@@ -504,3 +504,34 @@ async fn ranged_reads_return_exactly_the_range_asked_for() {
     assert_eq!(&read.bytes[..], &blob[..10]);
     assert!(read.url.contains(&registry.host()), "{}", read.url);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_errors_name_their_cause() {
+    let mut config = fast_config();
+    config.retries = 0;
+    let client = RegistryClient::new(config).unwrap();
+    let fetch = |image: &'static str| {
+        let client = &client;
+        async move {
+            let reference: Reference = image.parse().unwrap();
+            client
+                .fetch_manifest(&reference, "v1")
+                .await
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    // Nothing listens on port 1 of the loopback.
+    let refused = fetch("127.0.0.1:1/app:v1").await;
+    assert!(refused.contains("cannot connect"), "{refused}");
+    assert!(
+        refused.to_lowercase().contains("connection refused"),
+        "{refused}"
+    );
+    let unresolvable = fetch("no-such-host.invalid:5000/app:v1").await;
+    assert!(unresolvable.contains("cannot connect"), "{unresolvable}");
+    assert!(
+        unresolvable.contains("dns") || unresolvable.contains("lookup"),
+        "{unresolvable}"
+    );
+}

@@ -9,7 +9,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
-use crate::ApiErrorBody;
+use crate::{ApiErrorBody, ErrorCode};
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,8 @@ pub enum ApiClientError {
     Status {
         /// HTTP status.
         status: StatusCode,
+        /// The error's stable kind.
+        code: ErrorCode,
         /// The agent's explanation.
         message: String,
     },
@@ -121,10 +123,18 @@ impl ApiClient {
         let status = response.status();
         if !status.is_success() {
             let body = response.into_body().collect().await?.to_bytes();
-            let message = serde_json::from_slice::<ApiErrorBody>(&body)
-                .map(|body| body.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(ApiClientError::Status { status, message });
+            let (message, code) = match serde_json::from_slice::<ApiErrorBody>(&body) {
+                Ok(body) => (body.error, body.code),
+                Err(_) => (
+                    String::from_utf8_lossy(&body).into_owned(),
+                    ErrorCode::for_status(status.as_u16()),
+                ),
+            };
+            return Err(ApiClientError::Status {
+                status,
+                code,
+                message,
+            });
         }
         Ok(response.into_body())
     }

@@ -36,7 +36,7 @@ pub mod client;
 pub mod records;
 pub mod stream;
 
-use gantry_proto::{ContainerState, ExitStatus, GuestInfo};
+use gantry_proto::{ExitStatus, GuestInfo};
 use serde::{Deserialize, Serialize};
 
 pub use client::{ApiClient, ApiClientError};
@@ -46,6 +46,54 @@ pub use client::{ApiClient, ApiClientError};
 pub struct ApiErrorBody {
     /// What went wrong and, where possible, what to do about it.
     pub error: String,
+    /// The kind of error, stable across versions (programs branch on this, people read `error`).
+    #[serde(default)]
+    pub code: ErrorCode,
+}
+
+/// The stable kinds of API errors (`code` in every error answer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or names something invalid (400).
+    InvalidArgument,
+    /// The caller may not do this (403).
+    Forbidden,
+    /// No such VM, container, exec, route (404).
+    NotFound,
+    /// The method is not served on this route (405).
+    MethodNotAllowed,
+    /// The name is taken, or the object is in the wrong state (409).
+    Conflict,
+    /// The body is larger than the API accepts (413).
+    PayloadTooLarge,
+    /// The body is not JSON where JSON is needed (415).
+    UnsupportedMediaType,
+    /// The guest answered wrongly or a source failed (502).
+    BadGateway,
+    /// The guest is not reachable now (503).
+    Unavailable,
+    /// The agent failed (500); also what an unknown code reads as.
+    #[default]
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code an HTTP status stands for.
+    pub fn for_status(status: u16) -> ErrorCode {
+        match status {
+            400 | 422 => ErrorCode::InvalidArgument,
+            401 | 403 => ErrorCode::Forbidden,
+            404 => ErrorCode::NotFound,
+            405 => ErrorCode::MethodNotAllowed,
+            409 => ErrorCode::Conflict,
+            413 => ErrorCode::PayloadTooLarge,
+            415 => ErrorCode::UnsupportedMediaType,
+            502 | 504 => ErrorCode::BadGateway,
+            503 => ErrorCode::Unavailable,
+            _ => ErrorCode::Internal,
+        }
+    }
 }
 
 /// `GET /v1/vms/{vm}/guest-info`.
@@ -78,10 +126,25 @@ pub enum RunUpdate {
     Started(String),
     /// It failed; nothing was left behind.
     Failed(String),
+    /// A layer's download, for a live display (plain output shows the `Progress` lines). The
+    /// agent coalesces these: a client that reads slowly gets the latest count, never a backlog.
+    Layer(LayerProgress),
+}
+
+/// How far one layer's download is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LayerProgress {
+    /// Position in the image's manifest.
+    pub index: usize,
+    /// Bytes received.
+    pub received: u64,
+    /// The layer blob's size.
+    pub size: u64,
 }
 
 /// `POST /v1/vms/{vm}/containers/{id}/exec`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Its name; generated when absent.
     pub exec_id: Option<String>,
@@ -96,6 +159,31 @@ pub struct ExecRequest {
     pub user: Option<String>,
 }
 
+/// A container's state as the operator sees it: the guest's states, and `Lost` for a container
+/// the guest no longer knows (it restarted or crashed after creating it). A lost container keeps
+/// its name and logs until `rm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContainerState {
+    /// Created, not started.
+    Created,
+    /// Its main process runs.
+    Running,
+    /// Its main process has exited.
+    Stopped,
+    /// The guest no longer has it.
+    Lost,
+}
+
+impl From<gantry_proto::ContainerState> for ContainerState {
+    fn from(state: gantry_proto::ContainerState) -> Self {
+        match state {
+            gantry_proto::ContainerState::Created => ContainerState::Created,
+            gantry_proto::ContainerState::Running => ContainerState::Running,
+            gantry_proto::ContainerState::Stopped => ContainerState::Stopped,
+        }
+    }
+}
+
 /// One container as `ps` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContainerView {
@@ -103,8 +191,11 @@ pub struct ContainerView {
     pub id: String,
     /// Its image (unknown for containers an earlier agent created).
     pub image: Option<String>,
-    /// Its state in the guest.
+    /// Its state.
     pub state: ContainerState,
+    /// For a lost container: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
     /// Its main process in the guest, while it runs.
     pub pid: Option<u32>,
     /// How it ended.
@@ -140,8 +231,10 @@ pub struct VmStatus {
     pub last_error: Option<String>,
 }
 
-/// What the operator asked `run` for.
+/// What the operator asked `run` for. Unknown fields are refused: a typo like `"comand"` must
+/// not start the image's default command.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RunOptions {
     /// The image: `default`, an OCI layout `oci:DIR[:NAME]`, or a registry reference.
     pub image: String,

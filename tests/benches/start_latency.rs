@@ -37,7 +37,7 @@ async fn container_start(client: &ApiClient, name: &str) -> Duration {
     loop {
         let line = updates.line().await.unwrap().expect("a run result");
         match serde_json::from_slice::<RunUpdate>(&line).unwrap() {
-            RunUpdate::Progress(_) => {}
+            RunUpdate::Progress(_) | RunUpdate::Layer(_) => {}
             RunUpdate::Started(_) => break,
             RunUpdate::Failed(error) => panic!("run failed: {error}"),
         }

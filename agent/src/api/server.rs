@@ -15,11 +15,12 @@ use serde::Deserialize;
 
 use gantry_api::records::{ExitRecord, encode_record};
 use gantry_api::{
-    ApiErrorBody, ContainerView, ExecRequest, GuestInfoReport, PingReport, RunOptions, RunUpdate,
-    VmStatus,
+    ApiErrorBody, ContainerView, ErrorCode, ExecRequest, GuestInfoReport, PingReport, RunOptions,
+    RunUpdate, VmStatus,
 };
 
 use super::access::{AccessError, ApiAccess, CheckedListener};
+use super::progress::UpdateQueue;
 use crate::containers::ContainerTableError;
 use crate::containers::run::{RunError, RunProgress, expect_done, generate_name, run_container};
 use crate::containers::spec::merge_env;
@@ -74,6 +75,8 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/vms/{vm}/containers/{id}/stats", get(stats))
         .route("/v1/vms/{vm}/containers/{id}/stdin", post(stdin))
         .route("/v1/images", get(images))
+        .fallback(no_such_route)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(agent)
 }
 
@@ -103,7 +106,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ContainerPath {
         parts: &mut axum::http::request::Parts,
         state: &S,
     ) -> Result<Self, Self::Rejection> {
-        let UrlPath((vm, id)) = UrlPath::<(String, String)>::from_request_parts(parts, state)
+        let ApiPath((vm, id)) = ApiPath::<(String, String)>::from_request_parts(parts, state)
             .await
             .map_err(IntoResponse::into_response)?;
         check_id("container id", &id).map_err(IntoResponse::into_response)?;
@@ -122,19 +125,118 @@ fn check_exec(exec: Option<&str>) -> Result<(), ApiError> {
     exec.map_or(Ok(()), |exec| check_id("exec id", exec))
 }
 
-/// An error answer.
+/// An error answer: the status, and what happened (the JSON body's `error`; its `code` follows
+/// from the status).
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(ApiErrorBody { error: self.1 })).into_response()
+        let code = ErrorCode::for_status(self.0.as_u16());
+        let body = ApiErrorBody {
+            error: self.1,
+            code,
+        };
+        (self.0, Json(body)).into_response()
     }
+}
+
+/// axum's extractors answer a malformed request in plain text; these three answer it like every
+/// other error, in JSON with a code.
+macro_rules! json_rejecting_extractor {
+    ($name:ident, $inner:ident, $trait:ident, $method:ident, $input:ty) => {
+        /// Like axum's extractor of the same shape, rejecting with an [`ApiError`].
+        struct $name<T>(T);
+
+        impl<S, T> axum::extract::$trait<S> for $name<T>
+        where
+            S: Send + Sync,
+            $inner<T>: axum::extract::$trait<S>,
+            <$inner<T> as axum::extract::$trait<S>>::Rejection: RejectionText,
+        {
+            type Rejection = ApiError;
+
+            async fn $method(input: $input, state: &S) -> Result<Self, Self::Rejection> {
+                match <$inner<T> as axum::extract::$trait<S>>::$method(input, state).await {
+                    Ok($inner(value)) => Ok($name(value)),
+                    Err(rejection) => Err(ApiError(rejection.status(), rejection.text())),
+                }
+            }
+        }
+    };
+}
+
+/// The status and text of an axum rejection.
+trait RejectionText {
+    fn status(&self) -> StatusCode;
+    fn text(&self) -> String;
+}
+
+macro_rules! rejection_text {
+    ($($rejection:ty),*) => {$(
+        impl RejectionText for $rejection {
+            fn status(&self) -> StatusCode {
+                <$rejection>::status(self)
+            }
+            fn text(&self) -> String {
+                self.body_text()
+            }
+        }
+    )*};
+}
+
+rejection_text!(
+    axum::extract::rejection::JsonRejection,
+    axum::extract::rejection::QueryRejection,
+    axum::extract::rejection::PathRejection
+);
+
+json_rejecting_extractor!(
+    ApiJson,
+    Json,
+    FromRequest,
+    from_request,
+    axum::extract::Request
+);
+json_rejecting_extractor!(
+    ApiQuery,
+    Query,
+    FromRequestParts,
+    from_request_parts,
+    &mut axum::http::request::Parts
+);
+json_rejecting_extractor!(
+    ApiPath,
+    UrlPath,
+    FromRequestParts,
+    from_request_parts,
+    &mut axum::http::request::Parts
+);
+
+/// Unknown routes.
+async fn no_such_route(uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such route {} (docs/openapi.yaml lists them)",
+            uri.path()
+        ),
+    )
+}
+
+/// Known routes with another method.
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
 }
 
 impl From<VmError> for ApiError {
     fn from(err: VmError) -> Self {
         let status = match &err {
-            VmError::NotConnected(_) => StatusCode::SERVICE_UNAVAILABLE,
+            VmError::NotConnected(_) | VmError::QemuExited { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             VmError::Session { source, .. } => match source {
                 crate::session::SessionError::Remote(reply) => match reply.kind {
                     gantry_proto::ErrorKind::NotFound => StatusCode::NOT_FOUND,
@@ -188,26 +290,13 @@ fn done() -> Json<serde_json::Value> {
     Json(serde_json::json!({}))
 }
 
-/// A streamed body fed by a channel.
-fn channel_body(receiver: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
-    Body::from_stream(futures::stream::unfold(
-        receiver,
-        |mut receiver| async move {
-            receiver
-                .recv()
-                .await
-                .map(|bytes| (Ok::<_, std::convert::Infallible>(bytes), receiver))
-        },
-    ))
-}
-
 async fn list_vms(State(agent): State<AgentState>) -> Json<Vec<VmStatus>> {
     Json(agent.vms.values().map(Vm::status).collect())
 }
 
 async fn vm_status(
     State(agent): State<AgentState>,
-    UrlPath(name): UrlPath<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VmStatus>, ApiError> {
     Ok(Json(find(&agent, &name)?.status()))
 }
@@ -221,8 +310,8 @@ struct WaitQuery {
 
 async fn guest_info(
     State(agent): State<AgentState>,
-    UrlPath(name): UrlPath<String>,
-    Query(query): Query<WaitQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> Result<Json<GuestInfoReport>, ApiError> {
     let vm = find(&agent, &name)?;
     let (guest, round_trip) = vm.guest_info(Duration::from_millis(query.wait_ms)).await?;
@@ -251,8 +340,8 @@ const MAX_PING_BYTES: usize = 1 << 20;
 
 async fn ping(
     State(agent): State<AgentState>,
-    UrlPath(name): UrlPath<String>,
-    Query(query): Query<PingQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PingQuery>,
 ) -> Result<Json<PingReport>, ApiError> {
     if query.count == 0 || query.count > MAX_PINGS || query.size > MAX_PING_BYTES {
         return Err(ApiError(
@@ -270,7 +359,7 @@ async fn ping(
 
 async fn restart(
     State(agent): State<AgentState>,
-    UrlPath(name): UrlPath<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     find(&agent, &name)?;
     // Killing and reaping QEMU blocks; keep it off the async workers.
@@ -282,7 +371,7 @@ async fn restart(
 
 async fn resources(
     State(agent): State<AgentState>,
-    UrlPath(name): UrlPath<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<gantry_proto::GuestResources>, ApiError> {
     let vm = find(&agent, &name)?;
     match vm.request(Op::GuestResources, SHIM_WAIT).await? {
@@ -296,7 +385,7 @@ async fn resources(
 
 async fn probe(
     State(agent): State<AgentState>,
-    UrlPath(name): UrlPath<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let vm = find(&agent, &name)?;
     let reason = vm.probe_with_garbage().await?;
@@ -304,6 +393,7 @@ async fn probe(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BaselineRequest {
     args: Vec<String>,
 }
@@ -311,8 +401,8 @@ struct BaselineRequest {
 /// Runs a command directly in the guest's shim, with no container: the floor of start latency.
 async fn baseline(
     State(agent): State<AgentState>,
-    UrlPath(name): UrlPath<String>,
-    Json(request): Json<BaselineRequest>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(request): ApiJson<BaselineRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if !agent.enable_baseline {
         return Err(ApiError(
@@ -341,43 +431,44 @@ async fn baseline(
 /// Creates and starts a container, streaming progress as NDJSON [`RunUpdate`] lines.
 async fn run(
     State(agent): State<AgentState>,
-    UrlPath(name): UrlPath<String>,
-    Json(options): Json<RunOptions>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(options): ApiJson<RunOptions>,
 ) -> Result<Response, ApiError> {
     if let Some(name) = &options.name {
         check_id("container name", name)?;
     }
+    // A name that cannot lead to an image is refused before anything streams.
+    crate::images::parse_image(&options.image)
+        .map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?;
     find(&agent, &name)?;
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let queue = UpdateQueue::default();
+    let updates = queue.clone();
     tokio::spawn(async move {
-        fn line(update: RunUpdate) -> Bytes {
-            let mut json = serde_json::to_vec(&update).unwrap_or_default();
-            json.push(b'\n');
-            Bytes::from(json)
-        }
-        let progress_sender = sender.clone();
-        let progress: RunProgress = Arc::new(move |message: String| {
-            // A client that went away misses progress; the run itself goes on.
-            let _ = progress_sender.try_send(line(RunUpdate::Progress(message)));
-        });
+        let progress: RunProgress = {
+            let queue = queue.clone();
+            Arc::new(move |update| queue.push(update))
+        };
         let Some(vm) = agent.vms.get(&name) else {
+            queue.close();
             return;
         };
+        // The run goes on whether or not the client still reads.
         let outcome = match run_container(&agent.images, vm, options, progress).await {
             Ok(id) => RunUpdate::Started(id),
             Err(err) => RunUpdate::Failed(err.to_string()),
         };
-        let _ = sender.send(line(outcome)).await;
+        queue.push(outcome);
+        queue.close();
     });
     Response::builder()
         .header("content-type", "application/x-ndjson")
-        .body(channel_body(receiver))
+        .body(updates.body())
         .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))
 }
 
 async fn list_containers(
     State(agent): State<AgentState>,
-    UrlPath(name): UrlPath<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Vec<ContainerView>>, ApiError> {
     let vm = find(&agent, &name)?;
     let Reply::Containers(summaries) = vm.request(Op::ListContainers, SHIM_WAIT).await? else {
@@ -386,7 +477,9 @@ async fn list_containers(
             "the shim answered ListContainers wrongly".into(),
         ));
     };
-    let views = summaries
+    let known: std::collections::HashSet<String> =
+        summaries.iter().map(|s| s.container_id.clone()).collect();
+    let mut views: Vec<ContainerView> = summaries
         .into_iter()
         .map(|summary| {
             let entry = vm.containers().get(&summary.container_id).ok();
@@ -395,13 +488,34 @@ async fn list_containers(
                 oom_killed: entry.as_ref().is_some_and(|e| e.oom_killed()),
                 created_unix: entry.as_ref().map(|e| e.created_unix),
                 id: summary.container_id,
-                state: summary.state,
+                state: summary.state.into(),
+                lost: None,
                 pid: summary.pid,
                 exit: summary.exit,
                 layers: summary.layers,
             }
         })
         .collect();
+    // Containers the agent created that the guest no longer has: its guest restarted or
+    // crashed. They stay listed (and their names taken, their logs kept) until `rm`.
+    for entry in vm.containers().all() {
+        if entry.created() && !known.contains(&entry.id) {
+            views.push(ContainerView {
+                id: entry.id.clone(),
+                image: Some(entry.image.clone()),
+                state: gantry_api::ContainerState::Lost,
+                lost: Some(
+                    "the guest no longer has it: the VM restarted or crashed after it was created"
+                        .into(),
+                ),
+                pid: None,
+                exit: None,
+                oom_killed: entry.oom_killed(),
+                layers: Vec::new(),
+                created_unix: Some(entry.created_unix),
+            });
+        }
+    }
     Ok(Json(views))
 }
 
@@ -416,7 +530,7 @@ struct ProcessQuery {
 async fn logs(
     State(agent): State<AgentState>,
     ContainerPath { vm: name, id }: ContainerPath,
-    Query(query): Query<ProcessQuery>,
+    ApiQuery(query): ApiQuery<ProcessQuery>,
 ) -> Result<Response, ApiError> {
     check_exec(query.exec.as_deref())?;
     let vm = find(&agent, &name)?;
@@ -453,7 +567,7 @@ async fn logs(
 async fn exec(
     State(agent): State<AgentState>,
     ContainerPath { vm: name, id }: ContainerPath,
-    Json(request): Json<ExecRequest>,
+    ApiJson(request): ApiJson<ExecRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_exec(request.exec_id.as_deref())?;
     let vm = find(&agent, &name)?;
@@ -496,7 +610,7 @@ fn sigkill() -> i32 {
 async fn kill(
     State(agent): State<AgentState>,
     ContainerPath { vm: name, id }: ContainerPath,
-    Query(query): Query<KillQuery>,
+    ApiQuery(query): ApiQuery<KillQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_exec(query.exec.as_deref())?;
     let vm = find(&agent, &name)?;
@@ -512,7 +626,7 @@ async fn kill(
 async fn wait(
     State(agent): State<AgentState>,
     ContainerPath { vm: name, id }: ContainerPath,
-    Query(query): Query<ProcessQuery>,
+    ApiQuery(query): ApiQuery<ProcessQuery>,
 ) -> Result<Json<ExitRecord>, ApiError> {
     check_exec(query.exec.as_deref())?;
     let vm = find(&agent, &name)?;
@@ -561,9 +675,10 @@ struct StdinQuery {
 async fn stdin(
     State(agent): State<AgentState>,
     ContainerPath { vm: name, id }: ContainerPath,
-    Query(query): Query<StdinQuery>,
-    body: Bytes,
+    ApiQuery(query): ApiQuery<StdinQuery>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = body.map_err(|rejection| ApiError(rejection.status(), rejection.body_text()))?;
     check_exec(query.exec.as_deref())?;
     let vm = find(&agent, &name)?;
     if body.len() > MAX_STDIN_BYTES {
@@ -604,7 +719,7 @@ struct RemoveQuery {
 async fn remove(
     State(agent): State<AgentState>,
     ContainerPath { vm: name, id }: ContainerPath,
-    Query(query): Query<RemoveQuery>,
+    ApiQuery(query): ApiQuery<RemoveQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let vm = find(&agent, &name)?;
     if query.force {

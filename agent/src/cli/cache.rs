@@ -116,7 +116,10 @@ pub fn registry_client(
 }
 
 fn print_progress(event: &PullEvent) {
-    eprintln!("{}", pull::describe(event));
+    // Byte counts are for live displays; plain lines say when each layer starts and ends.
+    if !matches!(event, PullEvent::LayerBytes { .. }) {
+        eprintln!("{}", pull::describe(event));
+    }
 }
 
 /// Runs `pull`.

@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
+use gantry_api::ContainerState;
 use gantry_api::records::{ExitRecord, LogItem};
 use gantry_api::stream::BodyStream;
 use gantry_api::{ApiClient, ContainerView, ExecRequest, RunOptions, RunUpdate, VmStatus};
-use gantry_proto::{ContainerState, ExitStatus, OutputStream};
+use gantry_proto::{ExitStatus, OutputStream};
 use hyper::Method;
 
 use super::parse_limit;
+use super::progress::RunDisplay;
 
 /// Which VM (optional when the agent serves exactly one).
 #[derive(Debug, Clone, Args)]
@@ -172,18 +174,22 @@ pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> 
         )
         .await?;
     let mut updates = BodyStream::new(body);
+    let mut display = RunDisplay::new(args.quiet);
     let id = loop {
         let line = updates
             .line()
             .await?
             .ok_or_else(|| anyhow!("the agent closed the run stream without a result"))?;
         match serde_json::from_slice::<RunUpdate>(&line).context("reading the run stream")? {
-            RunUpdate::Progress(message) if !args.quiet => eprintln!("{message}"),
-            RunUpdate::Progress(_) => {}
             RunUpdate::Started(id) => break id,
-            RunUpdate::Failed(error) => bail!("{error}"),
+            RunUpdate::Failed(error) => {
+                display.finish();
+                bail!("{error}")
+            }
+            other => display.show(&other),
         }
     };
+    display.finish();
     if args.detach {
         println!("{id}");
         return Ok(ExitCode::SUCCESS);
@@ -230,7 +236,7 @@ pub async fn ps(client: &ApiClient, args: PsArgs) -> anyhow::Result<ExitCode> {
     let mut containers: Vec<ContainerView> =
         client.get(&format!("/v1/vms/{vm}/containers")).await?;
     if !args.all {
-        containers.retain(|c| c.state != ContainerState::Stopped);
+        containers.retain(|c| matches!(c.state, ContainerState::Created | ContainerState::Running));
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&containers)?);
@@ -248,8 +254,8 @@ pub async fn ps(client: &ApiClient, args: PsArgs) -> anyhow::Result<ExitCode> {
         };
         println!(
             "{:<24} {:<28} {:<8} {:>7} {:<12} {}",
-            c.id,
-            c.image.unwrap_or_else(|| "?".into()),
+            fit(&c.id, 24),
+            fit(c.image.as_deref().unwrap_or("?"), 28),
             format!("{:?}", c.state).to_lowercase(),
             c.pid.map_or_else(|| "-".into(), |p| p.to_string()),
             if c.oom_killed {
@@ -261,6 +267,20 @@ pub async fn ps(client: &ApiClient, args: PsArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `text` in at most `width` characters: a longer one keeps its start and end around `…`, so
+/// columns stay aligned and a registry name and its tag both stay visible.
+fn fit(text: &str, width: usize) -> String {
+    let count = text.chars().count();
+    if count <= width {
+        return text.to_owned();
+    }
+    let tail = (width - 1) / 2;
+    let head = width - 1 - tail;
+    let start: String = text.chars().take(head).collect();
+    let end: String = text.chars().skip(count - tail).collect();
+    format!("{start}…{end}")
 }
 
 /// `logs`.
@@ -464,6 +484,18 @@ pub async fn images(client: &ApiClient, json: bool) -> anyhow::Result<ExitCode> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_names_fit_their_column() {
+        assert_eq!(fit("short", 10), "short");
+        let long = "registry.example:5000/team/a-very-long-image-name:v1.2.3";
+        let fitted = fit(long, 28);
+        assert_eq!(fitted.chars().count(), 28);
+        assert!(
+            fitted.starts_with("registry.exa") && fitted.ends_with(":v1.2.3"),
+            "{fitted}"
+        );
+    }
 
     #[test]
     fn signals_parse_by_number_and_name() {

@@ -6,10 +6,12 @@
 //! - [`vms`]: `guest-info`, `ping`, `vm …` over the API.
 //! - [`cache`]: `pull`, `images`, `rmi`, `cache gc` on a cache directory (no agent needed).
 //! - [`image`]: `image convert-layer`, `image build-default` (files only).
+//! - [`progress`]: how `run` shows its progress (live on a terminal, plain lines otherwise).
 
 pub mod cache;
 pub mod containers;
 pub mod image;
+pub mod progress;
 pub mod vms;
 
 use std::path::PathBuf;

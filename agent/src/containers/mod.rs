@@ -60,6 +60,8 @@ pub struct ContainerEntry {
     main: Arc<ProcessLog>,
     execs: Mutex<HashMap<ExecId, Arc<ProcessLog>>>,
     oom_killed: AtomicBool,
+    /// The guest created it: from then on, a guest that does not know it has lost it.
+    created: AtomicBool,
 }
 
 impl ContainerEntry {
@@ -95,6 +97,16 @@ impl ContainerEntry {
     /// Whether the kernel OOM-killed a process of this container.
     pub fn oom_killed(&self) -> bool {
         self.oom_killed.load(Ordering::Relaxed)
+    }
+
+    /// Records that the guest created the container.
+    pub fn mark_created(&self) {
+        self.created.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the guest created the container (so that a guest without it lost it).
+    pub fn created(&self) -> bool {
+        self.created.load(Ordering::Relaxed)
     }
 }
 
@@ -156,6 +168,7 @@ impl ContainerTable {
             main,
             execs: Mutex::default(),
             oom_killed: AtomicBool::new(false),
+            created: AtomicBool::new(false),
         });
         entries.insert(id.to_owned(), Arc::clone(&entry));
         Ok(entry)

@@ -9,7 +9,7 @@ use gantry_proto::{ContainerSpec, Op, Reply};
 use sha2::{Digest as _, Sha256};
 
 use super::ContainerTableError;
-use gantry_api::RunOptions;
+use gantry_api::{LayerProgress, RunOptions, RunUpdate};
 
 use super::spec::{self, DEFAULT_WRITABLE_LAYER_BYTES, ImageDefaults, RunSpecError};
 use crate::cache::{CacheError, ImageRecord};
@@ -72,8 +72,8 @@ pub fn image_defaults(record: &ImageRecord) -> ImageDefaults {
     }
 }
 
-/// Receives `run`'s progress lines.
-pub type RunProgress = Arc<dyn Fn(String) + Send + Sync>;
+/// Receives `run`'s progress: lines, and layer byte counts.
+pub type RunProgress = Arc<dyn Fn(RunUpdate) + Send + Sync>;
 
 /// Creates and starts a container; returns its name. Output goes to the VM's container table.
 pub async fn run_container(
@@ -83,19 +83,30 @@ pub async fn run_container(
     progress: RunProgress,
 ) -> Result<String, RunError> {
     let id = options.name.clone().unwrap_or_else(generate_name);
-    progress(format!(
+    progress(RunUpdate::Progress(format!(
         "pulling {}",
         if options.image.is_empty() {
             "default"
         } else {
             &options.image
         }
-    ));
+    )));
     // Typed as a trait object up front: an inferred closure type here trips rustc's
     // higher-ranked `Send` check once the future is spawned.
     let pull_progress: Box<dyn Fn(&PullEvent) + Send + Sync> = {
         let progress = Arc::clone(&progress);
-        Box::new(move |event| progress(describe(event)))
+        Box::new(move |event| match event {
+            PullEvent::LayerBytes {
+                index,
+                received,
+                size,
+            } => progress(RunUpdate::Layer(LayerProgress {
+                index: *index,
+                received: *received,
+                size: *size,
+            })),
+            other => progress(RunUpdate::Progress(describe(other))),
+        })
     };
     let (record, pins) = images.pull(&options.image, pull_progress.as_ref()).await?;
     let process = spec::process_spec(&image_defaults(&record), &options)?;
@@ -105,10 +116,10 @@ pub async fn run_container(
     // The pull's own pins go to the mappings: no moment without one, whatever a GC does.
     for (layer, pin) in record.layers.iter().zip(pins) {
         let extent = vm.map_layer(layer, pin)?;
-        progress(format!(
+        progress(RunUpdate::Progress(format!(
             "layer {} mapped at {:#x} ({} bytes)",
             layer.erofs_digest, extent.offset, extent.length
-        ));
+        )));
         layers.push(extent);
     }
     let hostname = options.hostname.clone().unwrap_or_else(|| {
@@ -140,7 +151,10 @@ pub async fn run_container(
         vm.containers().remove(&id);
         return Err(err);
     }
-    progress(format!("created {id}"));
+    if let Ok(entry) = vm.containers().get(&id) {
+        entry.mark_created();
+    }
+    progress(RunUpdate::Progress(format!("created {id}")));
     if let Err(err) = expect_done(
         vm.request(
             Op::StartContainer {

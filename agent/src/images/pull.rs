@@ -120,6 +120,16 @@ pub enum PullEvent {
         /// The blob size.
         size: u64,
     },
+    /// Bytes of a layer received so far (at most a few times a second per layer; 0 again when
+    /// the fetch starts over from another source).
+    LayerBytes {
+        /// Position in the manifest.
+        index: usize,
+        /// Bytes received.
+        received: u64,
+        /// The blob size.
+        size: u64,
+    },
     /// A layer was fetched, verified, converted and published.
     LayerDone {
         /// Position in the manifest.
@@ -332,8 +342,16 @@ async fn pull_layer<S: ImageSource>(
         size: descriptor.size,
     });
     let build = cache.begin_build()?;
-    let mut sink = ConvertSink::new(build.image_path(), cache.convert_options());
+    let mut sink = CountingSink {
+        inner: ConvertSink::new(build.image_path(), cache.convert_options()),
+        index,
+        size: descriptor.size,
+        received: 0,
+        reported_at: None,
+        progress,
+    };
     let fetched = source.fetch_blob(descriptor, &mut sink).await;
+    let mut sink = sink.inner;
     let summary = match fetched {
         Ok(url) => match sink.finish().await {
             Ok(summary) => (summary, url),
@@ -365,6 +383,43 @@ async fn pull_layer<S: ImageSource>(
         seconds: started.elapsed().as_secs_f64(),
     });
     Ok(pinned)
+}
+
+/// How often a layer's byte count is reported while it downloads.
+const BYTES_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Passes a blob on to `inner`, reporting the bytes received as [`PullEvent::LayerBytes`].
+struct CountingSink<'p, S> {
+    inner: S,
+    index: usize,
+    size: u64,
+    received: u64,
+    reported_at: Option<Instant>,
+    progress: Progress<'p>,
+}
+
+impl<S: BlobSink> BlobSink for CountingSink<'_, S> {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+        self.received += chunk.len() as u64;
+        let due = self
+            .reported_at
+            .is_none_or(|at| at.elapsed() >= BYTES_REPORT_INTERVAL);
+        if due || self.received == self.size {
+            self.reported_at = Some(Instant::now());
+            (self.progress)(&PullEvent::LayerBytes {
+                index: self.index,
+                received: self.received,
+                size: self.size,
+            });
+        }
+        self.inner.write(chunk).await
+    }
+
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        self.received = 0;
+        self.reported_at = None;
+        self.inner.reset().await
+    }
 }
 
 /// Depth of the queue between the download and the converter thread.
@@ -519,6 +574,15 @@ pub fn describe(event: &PullEvent) -> String {
             )
         }
         PullEvent::LayerCached { index, digest } => format!("layer {index} {digest}: cached"),
+        PullEvent::LayerBytes {
+            index,
+            received,
+            size,
+        } => format!(
+            "layer {index}: {:.1} of {:.1} MiB",
+            *received as f64 / (1 << 20) as f64,
+            *size as f64 / (1 << 20) as f64
+        ),
         PullEvent::LayerStarted {
             index,
             digest,

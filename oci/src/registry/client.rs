@@ -66,7 +66,7 @@ pub enum RegistryError {
         detail: String,
     },
     /// Connecting, sending or reading failed.
-    #[error("{url}: {source}")]
+    #[error("{url}: {}", transport_cause(source))]
     Transport {
         /// The request URL.
         url: String,
@@ -863,6 +863,37 @@ fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<St
         .get(name)
         .and_then(|v: &HeaderValue| v.to_str().ok())
         .map(str::to_string)
+}
+
+/// What a transport error was, down to its root cause: `reqwest` alone says only "error sending
+/// request for url", which hides whether the connection was refused, the name did not resolve,
+/// TLS failed or the server timed out.
+fn transport_cause(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "cannot connect"
+    } else if error.is_body() || error.is_decode() {
+        "reading the answer failed"
+    } else {
+        "request failed"
+    };
+    let mut causes: Vec<String> = Vec::new();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // Each level often repeats the one below; keep the new words only.
+        if !causes.iter().any(|c| c.contains(&text)) {
+            causes.retain(|c| !text.contains(c.as_str()));
+            causes.push(text);
+        }
+        source = cause.source();
+    }
+    if causes.is_empty() {
+        format!("{kind}: {error}")
+    } else {
+        format!("{kind}: {}", causes.join(": "))
+    }
 }
 
 /// Awaits one step of an HTTP exchange (the answer's headers, the next body chunk), failing it
