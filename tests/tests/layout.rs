@@ -353,3 +353,78 @@ fn the_erofs_crate_forbids_unsafe_code() {
     let lib = fs::read_to_string(workspace_root().join("erofs/src/lib.rs")).unwrap();
     assert!(lib.contains("#![forbid(unsafe_code)]"));
 }
+
+/// The long flags `gantry-agent ARGS --help` lists.
+fn cli_flags(args: &[&str]) -> Vec<String> {
+    let output = std::process::Command::new(gantry_e2e::agent_binary())
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{args:?} --help");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim_start();
+            let line = line
+                .strip_prefix('-')
+                .filter(|l| !l.starts_with('-'))
+                .map_or(line, |l| l.split_once(", ").map_or(line, |(_, rest)| rest));
+            let flag = line.strip_prefix("--")?;
+            let name: String = flag
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            (!name.is_empty()).then(|| format!("--{name}"))
+        })
+        .filter(|flag| flag != "--help" && flag != "--version" && flag != "--api-socket")
+        .collect()
+}
+
+#[test]
+fn the_readme_synopsis_names_every_flag() {
+    let readme = fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let synopsis = readme
+        .split("## Using it")
+        .nth(1)
+        .and_then(|rest| rest.split("## ").next())
+        .expect("README has a 'Using it' section");
+    let commands: &[&[&str]] = &[
+        &["serve"],
+        &["run"],
+        &["ps"],
+        &["logs"],
+        &["exec"],
+        &["kill"],
+        &["rm"],
+        &["stats"],
+        &["images"],
+        &["pull"],
+        &["rmi"],
+        &["cache", "gc"],
+        &["cache", "images"],
+        &["guest-info"],
+        &["ping"],
+        &["vm", "ls"],
+        &["image", "convert-layer"],
+        &["image", "build-default"],
+    ];
+    let mut missing = Vec::new();
+    for command in commands {
+        let flags = cli_flags(command);
+        assert!(
+            !flags.is_empty() || command == &["stats"],
+            "{command:?} lists no flags"
+        );
+        for flag in flags {
+            if !synopsis.contains(&flag) {
+                missing.push(format!("{} {flag}", command.join(" ")));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "README's synopsis lacks: {}",
+        missing.join(", ")
+    );
+}
