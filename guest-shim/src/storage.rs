@@ -3,8 +3,14 @@
 //!
 //! Layers are reference counted: the first container that uses a layer mounts it, the last one
 //! to go unmounts it (and the loop device, set to auto-clear, detaches with the mount).
+//!
+//! Deep images: `mount(2)` takes at most one page of options, and an overlay names every lower
+//! directory in one `lowerdir=` option. So each layer is mounted under a short name (a small hex
+//! slot number, `/run/gantry/layers/1f`), and the overlay names its lower directories relative to
+//! that directory, from a thread whose working directory is there (see [`Rootfs::mount`]): the
+//! stack is then limited by overlayfs (500 lower layers), not by the length of paths.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -15,8 +21,11 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 /// The serial the agent gives its layer-store disk.
 pub const LAYER_DISK_SERIAL: &str = "gantry-layers";
-/// Where layers are mounted.
+/// Where layers are mounted, each under its slot number in hex.
 const LAYERS_DIR: &str = "/run/gantry/layers";
+/// The most lower layers one overlay takes: `OVL_MAX_STACK` (fs/overlayfs/super.c in the guest's
+/// Linux 6.1; the same 500 in later kernels).
+pub const OVERLAY_MAX_LOWER_LAYERS: usize = 500;
 
 /// Errors of layer storage.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +44,22 @@ pub enum StorageError {
         length: u64,
         /// What is wrong.
         why: &'static str,
+    },
+    /// A lower directory's path cannot be written in overlayfs's `lowerdir=` option.
+    #[error("lower directory {0:?} has a ':', ',', '\\' or newline, or no name")]
+    BadLowerDir(PathBuf),
+    /// The overlay's mount options do not fit the page the kernel copies them into.
+    #[error(
+        "the overlay's mount options for {layers} layers take {len} bytes, more than the kernel's \
+         {max}"
+    )]
+    OptionsTooLong {
+        /// How many lower layers.
+        layers: usize,
+        /// The options' length.
+        len: usize,
+        /// The most the kernel takes.
+        max: usize,
     },
     /// A system call failed.
     #[error("{what}: {source}")]
@@ -217,6 +242,9 @@ fn attach_loop(disk: &Path, extent: &LayerExtent) -> Result<(PathBuf, File), Sto
 
 #[derive(Debug)]
 struct LayerMount {
+    /// Names the mount point (`LAYERS_DIR/<slot in hex>`); the smallest free one is taken, so
+    /// names stay short however long the guest runs.
+    slot: u32,
     mount_point: PathBuf,
     loop_device: PathBuf,
     users: usize,
@@ -257,8 +285,8 @@ impl LayerMounts {
             }
         };
         let (loop_device, device) = attach_loop(&disk, extent)?;
-        let mount_point =
-            Path::new(LAYERS_DIR).join(format!("{}-{:x}", sanitize(&extent.digest), extent.offset));
+        let slot = self.free_slot();
+        let mount_point = Path::new(LAYERS_DIR).join(format!("{slot:x}"));
         std::fs::create_dir_all(&mount_point)
             .map_err(sys(format!("creating {}", mount_point.display())))?;
         let mounted = mount(
@@ -275,16 +303,28 @@ impl LayerMounts {
             extent.digest,
             loop_device.display()
         )))?;
-        tracing::info!(digest = %extent.digest, loop_device = %loop_device.display(), "layer mounted");
+        tracing::info!(
+            digest = %extent.digest,
+            loop_device = %loop_device.display(),
+            mount_point = %mount_point.display(),
+            "layer mounted"
+        );
         self.mounts.insert(
             key,
             LayerMount {
+                slot,
                 mount_point: mount_point.clone(),
                 loop_device,
                 users: 1,
             },
         );
         Ok((reference, mount_point))
+    }
+
+    /// The smallest slot no mounted layer uses.
+    fn free_slot(&self) -> u32 {
+        let used: HashSet<u32> = self.mounts.values().map(|mount| mount.slot).collect();
+        (0..).find(|slot| !used.contains(slot)).unwrap_or(u32::MAX)
     }
 
     /// Gives a layer back; the last user unmounts it.
@@ -352,15 +392,6 @@ pub fn overlay_mount_count() -> u32 {
         .count() as u32
 }
 
-/// Turns a digest (`sha256:…`) into a safe file name.
-fn sanitize(digest: &str) -> String {
-    digest
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .take(100)
-        .collect()
-}
-
 /// A container's root file system: a size-limited tmpfs holding the overlay's upper and work
 /// directories, and the overlay itself.
 #[derive(Debug)]
@@ -369,7 +400,8 @@ pub struct Rootfs {
 }
 
 impl Rootfs {
-    /// Mounts the overlay of `lower_dirs` (lowest first) under `base`.
+    /// Mounts the overlay of `lower_dirs` (lowest first) under `base`. Lower directories that
+    /// share a parent (the layer mounts do) are named relative to it: see [`LowerDirs`].
     pub fn mount(
         base: &Path,
         lower_dirs: &[PathBuf],
@@ -404,27 +436,31 @@ impl Rootfs {
         for dir in ["upper", "work", "rootfs"] {
             std::fs::create_dir(base.join(dir)).map_err(sys(format!("creating {dir}")))?;
         }
-        // overlayfs lists lower directories top first.
-        let lower: Vec<String> = lower_dirs
-            .iter()
-            .rev()
-            .map(|dir| dir.display().to_string())
-            .collect();
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.join(":"),
-            base.join("upper").display(),
-            base.join("work").display()
-        );
-        mount(
-            Some("overlay"),
-            &self.path(),
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(options.as_str()),
-        )
-        .map_err(errno("mounting the overlay root file system"))?;
-        Ok(())
+        let lower = LowerDirs::new(lower_dirs)?;
+        let options = overlay_options(
+            &lower.option,
+            &base.join("upper"),
+            &base.join("work"),
+            lower_dirs.len(),
+        )?;
+        let target = self.path();
+        let mount_it = || {
+            mount(
+                Some("overlay"),
+                &target,
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(options.as_str()),
+            )
+            .map_err(errno(format!(
+                "mounting the overlay root file system ({} layers)",
+                lower_dirs.len()
+            )))
+        };
+        match &lower.relative_to {
+            Some(dir) => in_directory(dir, mount_it),
+            None => mount_it(),
+        }
     }
 
     /// The merged root file system.
@@ -445,6 +481,116 @@ impl Rootfs {
         let _ = std::fs::remove_dir(&self.base);
         Ok(())
     }
+}
+
+/// The `lowerdir=` value of an overlay, and the directory its names are relative to.
+///
+/// Why relative names, from a thread of its own: `mount(2)` copies at most one page of options
+/// (`copy_mount_options` in fs/namespace.c, NUL-terminated at `PAGE_SIZE - 1`), so absolute
+/// layer paths of ~100 bytes capped images at ~40 layers, and even short absolute ones
+/// (`/run/gantry/layers/1f3:`, 23 bytes) would stop at ~170. Linux 6.8's `fsconfig(2)`
+/// `lowerdir+` (one layer per call) is not in the guest's 6.1 kernel, whose overlayfs still takes
+/// its options as one legacy string capped at a page; stacking overlays of overlays is capped at
+/// `FILESYSTEM_MAX_STACK_DEPTH` (2) and complicates whiteouts. So, as runc and containerd do, the
+/// overlay names its layers relative to their common directory — with hex slot names, 500 layers
+/// take ~2 KiB — and the kernel resolves them from the mounting task's working directory.
+#[derive(Debug, PartialEq, Eq)]
+struct LowerDirs {
+    /// Colon-separated, top layer first (overlayfs's order).
+    option: String,
+    /// The working directory the names need (`None`: they are absolute).
+    relative_to: Option<PathBuf>,
+}
+
+impl LowerDirs {
+    /// `lower_dirs` is lowest first. When they all share a parent, they are named relative to
+    /// it; otherwise by their absolute paths.
+    fn new(lower_dirs: &[PathBuf]) -> Result<Self, StorageError> {
+        let parent = lower_dirs.first().and_then(|dir| dir.parent());
+        let common = parent.filter(|parent| {
+            lower_dirs
+                .iter()
+                .all(|dir| dir.parent() == Some(*parent) && dir.file_name().is_some())
+        });
+        let mut names = Vec::with_capacity(lower_dirs.len());
+        for dir in lower_dirs.iter().rev() {
+            let name = match common {
+                Some(_) => dir.file_name().map(Path::new).unwrap_or(dir),
+                None => dir.as_path(),
+            };
+            let text = name
+                .to_str()
+                .filter(|text| !text.is_empty() && !text.contains([':', ',', '\\', '\n']))
+                .ok_or_else(|| StorageError::BadLowerDir(dir.clone()))?;
+            names.push(text);
+        }
+        Ok(Self {
+            option: names.join(":"),
+            relative_to: common.map(Path::to_path_buf),
+        })
+    }
+}
+
+/// The longest mount options the kernel takes: one page, less its terminating NUL.
+fn max_mount_options_len() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|size| usize::try_from(size).ok())
+        .unwrap_or(4096)
+        .saturating_sub(1)
+}
+
+/// The overlay's mount options, refused (rather than cut short by the kernel, which then fails
+/// with a misleading `EINVAL` or `ENOENT`) when they do not fit.
+fn overlay_options(
+    lowerdir: &str,
+    upper: &Path,
+    work: &Path,
+    layers: usize,
+) -> Result<String, StorageError> {
+    let options = format!(
+        "lowerdir={lowerdir},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    let max = max_mount_options_len();
+    if options.len() > max {
+        return Err(StorageError::OptionsTooLong {
+            layers,
+            len: options.len(),
+            max,
+        });
+    }
+    Ok(options)
+}
+
+/// Runs `work` in a new thread whose working directory is `dir`, leaving the shim's alone.
+///
+/// The working directory belongs to the process (threads share one `fs_struct`), and the shim is a
+/// multi-threaded tokio process, so it must not `chdir`. Nor does it fork a helper: its reaper
+/// `waitpid(-1)`s every child. The thread instead `unshare(CLONE_FS)`s, which gives it a working
+/// directory of its own (the mount namespace stays shared), and ends when `work` is done.
+fn in_directory<T: Send>(
+    dir: &Path,
+    work: impl FnOnce() -> Result<T, StorageError> + Send,
+) -> Result<T, StorageError> {
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("gantry-mount".into())
+            .spawn_scoped(scope, || {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
+                    .map_err(errno("unsharing the mounting thread's working directory"))?;
+                nix::unistd::chdir(dir).map_err(errno(format!("entering {}", dir.display())))?;
+                work()
+            })
+            .map_err(sys("starting the mounting thread"))?;
+        thread.join().unwrap_or_else(|_| {
+            Err(sys("the mounting thread")(std::io::Error::other(
+                "it panicked",
+            )))
+        })
+    })
 }
 
 /// Whether `path` is listed as a mount point in `/proc/self/mountinfo`.
@@ -502,8 +648,160 @@ mod tests {
     }
 
     #[test]
-    fn digests_become_safe_names() {
-        assert_eq!(sanitize("sha256:ab/../c"), "sha256-ab----c");
+    fn lower_dirs_are_named_relative_to_their_common_directory_top_first() {
+        let layers = Path::new(LAYERS_DIR);
+        let dirs: Vec<PathBuf> = ["0", "1", "a"].iter().map(|n| layers.join(n)).collect();
+        assert_eq!(
+            LowerDirs::new(&dirs).unwrap(),
+            LowerDirs {
+                option: "a:1:0".into(),
+                relative_to: Some(layers.to_owned()),
+            }
+        );
+        let mixed = vec![PathBuf::from("/x/low"), PathBuf::from("/y/high")];
+        assert_eq!(
+            LowerDirs::new(&mixed).unwrap(),
+            LowerDirs {
+                option: "/y/high:/x/low".into(),
+                relative_to: None,
+            }
+        );
+        for bad in ["a:b", "a,b", "a\\b", "a\nb"] {
+            assert!(
+                matches!(
+                    LowerDirs::new(&[layers.join(bad)]),
+                    Err(StorageError::BadLowerDir(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn five_hundred_layers_fit_the_kernels_options_page_and_too_long_options_are_refused() {
+        // The worst case the shim meets: overlayfs's 500 layers, slot names of 4 hex digits
+        // (4096 or more layers mounted in the guest) and the longest container id.
+        let base = Path::new("/run/gantry/containers").join("x".repeat(128));
+        let dirs: Vec<PathBuf> = (0x1000..0x1000 + OVERLAY_MAX_LOWER_LAYERS)
+            .map(|slot| Path::new(LAYERS_DIR).join(format!("{slot:x}")))
+            .collect();
+        let lower = LowerDirs::new(&dirs).unwrap();
+        let options =
+            overlay_options(&lower.option, &base.join("upper"), &base.join("work"), 500).unwrap();
+        assert!(options.len() < 4096, "{}", options.len());
+        // Absolute names: what capped images at ~40 layers.
+        let absolute: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        assert!(matches!(
+            overlay_options(&absolute.join(":"), &base, &base, 500),
+            Err(StorageError::OptionsTooLong { layers: 500, .. })
+        ));
+    }
+
+    #[test]
+    fn free_slots_are_reused_smallest_first() {
+        let mut layers = LayerMounts::default();
+        assert_eq!(layers.free_slot(), 0);
+        for slot in [0, 1, 3] {
+            layers.mounts.insert(
+                (format!("sha256:{slot}"), u64::from(slot) << 20),
+                LayerMount {
+                    slot,
+                    mount_point: Path::new(LAYERS_DIR).join(format!("{slot:x}")),
+                    loop_device: PathBuf::from("/dev/loop0"),
+                    users: 1,
+                },
+            );
+        }
+        assert_eq!(layers.free_slot(), 2);
+    }
+
+    /// The real thing on the host kernel: an overlay of overlayfs's 500 lower directories, with a
+    /// whiteout and an opaque directory in the top one hiding what the bottom one has.
+    #[test]
+    fn an_overlay_of_five_hundred_layers_mounts_with_whiteouts_and_leaves_the_cwd_alone() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: mounting needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("gantry-shim-deep-{}", std::process::id()));
+        let layers = dir.join("layers");
+        std::fs::create_dir_all(&layers).unwrap();
+        mount(
+            Some("tmpfs"),
+            &layers,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("size=64m"),
+        )
+        .unwrap();
+        let count = OVERLAY_MAX_LOWER_LAYERS;
+        let mut lower_dirs = Vec::new();
+        for slot in 0..count {
+            let layer = layers.join(format!("{slot:x}"));
+            std::fs::create_dir_all(layer.join("files")).unwrap();
+            std::fs::write(
+                layer.join(format!("files/f{slot}")),
+                format!("layer {slot}"),
+            )
+            .unwrap();
+            lower_dirs.push(layer);
+        }
+        let (bottom, top) = (&lower_dirs[0], &lower_dirs[count - 1]);
+        std::fs::write(bottom.join("files/gone"), "old").unwrap();
+        std::fs::create_dir(bottom.join("hidden")).unwrap();
+        std::fs::write(bottom.join("hidden/low"), "low").unwrap();
+        nix::sys::stat::mknod(
+            &top.join("files/gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(0, 0),
+        )
+        .unwrap();
+        std::fs::create_dir(top.join("hidden")).unwrap();
+        std::fs::write(top.join("hidden/high"), "high").unwrap();
+        let opaque =
+            std::ffi::CString::new(top.join("hidden").into_os_string().into_encoded_bytes())
+                .unwrap();
+        // SAFETY: the path and attribute name are NUL-terminated strings and the value pointer is
+        // valid for the given length during the call.
+        let set = unsafe {
+            libc::lsetxattr(
+                opaque.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                b"y".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+
+        let cwd = std::env::current_dir().unwrap();
+        let result = Rootfs::mount(&dir.join("root"), &lower_dirs, 1 << 20);
+        assert_eq!(std::env::current_dir().unwrap(), cwd);
+        let rootfs = result.unwrap();
+        let root = rootfs.path();
+        let mut files: Vec<String> = std::fs::read_dir(root.join("files"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), count, "{files:?}");
+        assert!(!files.contains(&"gone".to_owned()));
+        for slot in [0, 1, count / 2, count - 1] {
+            assert_eq!(
+                std::fs::read_to_string(root.join(format!("files/f{slot}"))).unwrap(),
+                format!("layer {slot}")
+            );
+        }
+        let hidden: Vec<_> = std::fs::read_dir(root.join("hidden"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(hidden, ["high"]);
+        rootfs.unmount().unwrap();
+        umount2(&layers, MntFlags::MNT_DETACH).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn tempfile_dir() -> PathBuf {

@@ -2,8 +2,10 @@
 
 use gantry_proto::{ContainerSpec, ProcessSpec};
 
-/// The most layers one container may stack (overlayfs handles ~500; real images have dozens).
-pub const MAX_LAYERS: usize = 128;
+/// The most layers one container may stack: overlayfs's own limit on lower layers (Docker stops
+/// images at 127). The shim names layers so that path lengths do not cap it: see
+/// `storage::LowerDirs`.
+pub const MAX_LAYERS: usize = crate::storage::OVERLAY_MAX_LOWER_LAYERS;
 /// The smallest writable layer worth creating.
 pub const MIN_WRITABLE_BYTES: u64 = 1 << 20;
 
@@ -128,6 +130,28 @@ mod tests {
     #[test]
     fn a_sound_spec_passes() {
         assert_eq!(validate(&spec()), Ok(()));
+    }
+
+    #[test]
+    fn overlayfs_deepest_stack_passes_and_fits_one_frame() {
+        let mut deep = spec();
+        deep.layers = (0..MAX_LAYERS as u64)
+            .map(|i| LayerExtent {
+                digest: format!("sha256:{i:064x}"),
+                offset: (i + 1) << 20,
+                length: 4096,
+            })
+            .collect();
+        assert_eq!(validate(&deep), Ok(()));
+        let request = gantry_proto::Message::Request(gantry_proto::Request {
+            id: 1,
+            op: gantry_proto::Op::CreateContainer(deep.clone()),
+        });
+        let frame =
+            gantry_proto::encode_frame(&request, gantry_proto::DEFAULT_MAX_FRAME_LEN).unwrap();
+        assert!(frame.len() < 1 << 20, "{}", frame.len());
+        deep.layers.push(deep.layers[0].clone());
+        assert!(validate(&deep).is_err());
     }
 
     #[test]
