@@ -221,6 +221,26 @@ impl TestAgent {
         self.dir.path()
     }
 
+    /// The QEMU process serving `vm` (its command line names the VM's vsock socket).
+    pub fn qemu_pid(&self, vm: &str) -> Option<nix::unistd::Pid> {
+        let needle = self
+            .dir
+            .path()
+            .join(format!("{vm}.vsock"))
+            .display()
+            .to_string();
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .find_map(|entry| {
+                let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                (cmdline.starts_with("qemu-system") && cmdline.contains(&needle))
+                    .then(|| nix::unistd::Pid::from_raw(pid))
+            })
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()

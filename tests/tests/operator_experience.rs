@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -231,21 +231,6 @@ fn piped_output_is_plain_and_ends_quietly(agent: &TestAgent) {
     );
 }
 
-/// The QEMU process whose command line names `socket`.
-fn qemu_serving(socket: &Path) -> Option<nix::unistd::Pid> {
-    let needle = socket.display().to_string();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (cmdline.starts_with("qemu-system") && cmdline.contains(&needle))
-                .then(|| nix::unistd::Pid::from_raw(pid))
-        })
-}
-
 fn ps_state(agent: &TestAgent, name: &str) -> serde_json::Value {
     agent
         .cli_json(&["ps", "-a", "--vm", VM, "--json"])
@@ -287,8 +272,7 @@ fn a_dead_qemu_is_dead_and_lost_containers_stay_until_rm(agent: &TestAgent) {
     }
 
     // Kill the guest's QEMU: the agent says it is dead, not booting.
-    let vsock: PathBuf = agent.dir().join(format!("{VM}.vsock"));
-    let qemu = qemu_serving(&vsock).expect("the guest's QEMU runs");
+    let qemu = agent.qemu_pid(VM).expect("the guest's QEMU runs");
     nix::sys::signal::kill(qemu, nix::sys::signal::Signal::SIGKILL).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let run = agent
