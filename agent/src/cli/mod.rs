@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod containers;
 pub mod image;
+pub mod interactive;
 pub mod vms;
 
 use std::path::PathBuf;
