@@ -9,7 +9,7 @@ use std::path::Path;
 
 use gantry_api::VmStatus;
 use gantry_proto::{
-    ContainerId, Event, ExecId, GuestInfo, LayerExtent, Op, Reply, SHIM_VSOCK_PORT,
+    ContainerId, Event, ExecId, GuestInfo, LayerExtent, Op, ProtocolVersion, Reply, SHIM_VSOCK_PORT,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -116,6 +116,21 @@ pub enum VmError {
     /// The agent did not launch this VM's QEMU, so it cannot restart it.
     #[error("VM {0}: the agent did not launch this VM, so it cannot restart it")]
     NotLaunched(String),
+    /// The guest's shim speaks a protocol older than the operation needs.
+    #[error(
+        "VM {vm}: the guest's shim speaks protocol {shim}, and {operation} needs {needed}: \
+         rebuild the guest (qemu/build-guest.sh) with this agent's shim"
+    )]
+    ShimTooOld {
+        /// The VM.
+        vm: String,
+        /// What was asked.
+        operation: &'static str,
+        /// The version it needs.
+        needed: ProtocolVersion,
+        /// The shim's.
+        shim: ProtocolVersion,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -373,9 +388,19 @@ impl Vm {
         Ok(extent)
     }
 
-    /// Sends `op` to the shim (waiting up to `wait` for a session) and returns its reply.
+    /// Sends `op` to the shim (waiting up to `wait` for a session) and returns its reply. An
+    /// operation newer than the shim's protocol is refused here: the shim could not decode it.
     pub async fn request(&self, op: Op, wait: Duration) -> Result<Reply, VmError> {
         let session = self.session(wait).await?;
+        let (needed, shim) = (op.required_version(), session.peer().protocol_version);
+        if shim < needed {
+            return Err(VmError::ShimTooOld {
+                vm: self.config.name.clone(),
+                operation: op_name(&op),
+                needed,
+                shim,
+            });
+        }
         session
             .request(op, DEFAULT_REQUEST_TIMEOUT)
             .await
@@ -441,6 +466,17 @@ impl Vm {
         }
         self.device.shutdown();
         self.layer_device.shutdown();
+    }
+}
+
+/// The name of an operation that needs a newer protocol, for the refusal's message.
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::CreateContainerTty { .. } => "a container with a terminal",
+        Op::ExecTty { .. } => "an exec with a terminal",
+        Op::ResizeTty { .. } => "resizing a terminal",
+        Op::SubscribeEvents => "subscribing to events",
+        _ => "this operation",
     }
 }
 

@@ -23,6 +23,7 @@
 //! | GET | `/v1/vms/{vm}/containers/{id}/wait?exec=E` | `ExitRecord` |
 //! | GET | `/v1/vms/{vm}/containers/{id}/stats` | `ContainerStats` |
 //! | POST | `/v1/vms/{vm}/containers/{id}/stdin?exec=E&close=B` (body: bytes) | `{}` |
+//! | POST | `/v1/vms/{vm}/containers/{id}/resize?exec=E&rows=R&cols=C` | `{}` (a `tty` process) |
 //! | DELETE | `/v1/vms/{vm}/containers/{id}?force=B` | `{}` |
 //! | GET | `/v1/images` | `[ImageStatus]` |
 //!
@@ -36,7 +37,7 @@ pub mod client;
 pub mod records;
 pub mod stream;
 
-use gantry_proto::{ExitStatus, GuestInfo};
+use gantry_proto::{ExitStatus, GuestInfo, TtySize};
 use serde::{Deserialize, Serialize};
 
 pub use client::{ApiClient, ApiClientError};
@@ -157,6 +158,16 @@ pub struct ExecRequest {
     pub workdir: Option<String>,
     /// User (default: the container's).
     pub user: Option<String>,
+    /// Whether the operator will write to standard input (`POST …/stdin?exec=E`).
+    #[serde(default)]
+    pub stdin: bool,
+    /// Run the process on a pseudo-terminal (stdout and stderr merged; resize with
+    /// `POST …/resize?exec=E`). Needs a guest shim of protocol 1.2 or later.
+    #[serde(default)]
+    pub tty: bool,
+    /// The terminal's initial size (default 24 × 80); only with `tty`.
+    #[serde(default)]
+    pub tty_size: Option<TtySize>,
 }
 
 /// A container's state as the operator sees it: the guest's states, and `Lost` for a container
@@ -265,4 +276,11 @@ pub struct RunOptions {
     /// Whether the operator will write to standard input.
     #[serde(default)]
     pub stdin: bool,
+    /// Run the main process on a pseudo-terminal (stdout and stderr merged; resize with
+    /// `POST …/resize`). Needs a guest shim of protocol 1.2 or later.
+    #[serde(default)]
+    pub tty: bool,
+    /// The terminal's initial size (default 24 × 80); only with `tty`.
+    #[serde(default)]
+    pub tty_size: Option<TtySize>,
 }

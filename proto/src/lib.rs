@@ -26,10 +26,10 @@ pub use messages::{
     ContainerId, ContainerSpec, ContainerState, ContainerStats, ContainerSummary, ErrorKind,
     ErrorReply, Event, ExecId, ExitStatus, GuestInfo, GuestResources, Hello, LayerExtent,
     LayerMountInfo, Message, Op, OutputStream, ProcessSpec, Reply, Request, RequestId, Resources,
-    Response,
+    Response, TtySize,
 };
 pub use names::{IdError, MAX_ID_LEN, validate_id};
-pub use version::{EVENTS_BY_SUBSCRIPTION, PROTOCOL_VERSION, ProtocolVersion};
+pub use version::{EVENTS_BY_SUBSCRIPTION, PROTOCOL_VERSION, ProtocolVersion, TTY_OPERATIONS};
 
 /// The vsock port the shim listens on inside the guest.
 pub const SHIM_VSOCK_PORT: u32 = 10240;

@@ -174,6 +174,68 @@ pub enum Op {
     /// windows. Added in protocol 1.1: a 1.0 agent's connections subscribe on connect, so a
     /// short-lived connection of a 1.1 agent (a probe) never takes the events. `Reply::Done`.
     SubscribeEvents,
+    /// `CreateContainer` whose main process runs on a pseudo-terminal of `size`: the terminal is
+    /// its controlling terminal and its stdin, stdout and stderr; its output comes as `Stdout`.
+    /// Added in protocol 1.2 (a new variant rather than a field of `ProcessSpec`, whose encoding
+    /// a 1.1 shim must keep reading). `Reply::Done`.
+    CreateContainerTty {
+        /// The container, as for `CreateContainer`.
+        spec: ContainerSpec,
+        /// The terminal's initial size.
+        size: TtySize,
+    },
+    /// `Exec` on a pseudo-terminal of `size`, as `CreateContainerTty`. Added in protocol 1.2.
+    ExecTty {
+        /// The container.
+        container_id: ContainerId,
+        /// A name for the process, unique within the container.
+        exec_id: ExecId,
+        /// What to run.
+        process: ProcessSpec,
+        /// The terminal's initial size.
+        size: TtySize,
+    },
+    /// Sets the window size of a process's terminal (the process gets `SIGWINCH`). Added in
+    /// protocol 1.2. `Reply::Done`; `InvalidState` for a process without a terminal.
+    ResizeTty {
+        /// The container.
+        container_id: ContainerId,
+        /// `None` for the main process.
+        exec_id: Option<ExecId>,
+        /// The new size.
+        size: TtySize,
+    },
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct TtySize {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+impl Default for TtySize {
+    /// 24 × 80, the terminal size when the client's is unknown.
+    fn default() -> Self {
+        Self { rows: 24, cols: 80 }
+    }
+}
+
+impl Op {
+    /// The protocol version that introduced this operation: send it only to a peer whose
+    /// `Hello` announced at least that (an older one cannot even decode it).
+    pub fn required_version(&self) -> crate::ProtocolVersion {
+        match self {
+            Op::SubscribeEvents => crate::EVENTS_BY_SUBSCRIPTION,
+            Op::CreateContainerTty { .. } | Op::ExecTty { .. } | Op::ResizeTty { .. } => {
+                crate::TTY_OPERATIONS
+            }
+            _ => ProtocolVersion { major: 1, minor: 0 },
+        }
+    }
 }
 
 /// What the guest holds for containers, for operators and leak checks.

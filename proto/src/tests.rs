@@ -217,3 +217,96 @@ async fn frames_cross_a_real_stream_split_at_every_byte() {
         .unwrap();
     assert_eq!(written, frame_of(&messages[1]));
 }
+
+#[test]
+fn tty_operations_round_trip_with_their_appended_variant_indices() {
+    let size = TtySize {
+        rows: 40,
+        cols: 132,
+    };
+    let resize = Message::Request(Request {
+        id: 7,
+        op: Op::ResizeTty {
+            container_id: "c".into(),
+            exec_id: Some("e".into()),
+            size,
+        },
+    });
+    let frame = frame_of(&resize);
+    assert_eq!(decode_payload(&frame[4..]).unwrap(), resize);
+    // Appended after SubscribeEvents (15): CreateContainerTty 16, ExecTty 17, ResizeTty 18.
+    assert_eq!(&frame[16..20], &18u32.to_le_bytes());
+    let exec = Message::Request(Request {
+        id: 8,
+        op: Op::ExecTty {
+            container_id: "c".into(),
+            exec_id: "e".into(),
+            process: ProcessSpec {
+                args: vec!["sh".into()],
+                env: vec![],
+                cwd: "/".into(),
+                user: String::new(),
+                stdin: true,
+            },
+            size,
+        },
+    });
+    let frame = frame_of(&exec);
+    assert_eq!(&frame[16..20], &17u32.to_le_bytes());
+    assert_eq!(decode_payload(&frame[4..]).unwrap(), exec);
+}
+
+#[test]
+fn a_1_1_exec_frame_still_decodes_unchanged() {
+    // Protocol 1.2 added operations, not fields: a 1.1 agent's `Exec` is byte for byte the same.
+    let exec = Message::Request(Request {
+        id: 1,
+        op: Op::Exec {
+            container_id: "c".into(),
+            exec_id: "e".into(),
+            process: ProcessSpec {
+                args: vec!["true".into()],
+                env: vec![],
+                cwd: "/".into(),
+                user: String::new(),
+                stdin: false,
+            },
+        },
+    });
+    let str_field = |s: &str| [&(s.len() as u64).to_le_bytes()[..], s.as_bytes()].concat();
+    let payload: Vec<u8> = [
+        &1u32.to_le_bytes()[..], // Message::Request
+        &1u64.to_le_bytes()[..], // id
+        &4u32.to_le_bytes()[..], // Op::Exec
+        &str_field("c"),
+        &str_field("e"),
+        &1u64.to_le_bytes()[..], // args
+        &str_field("true"),
+        &0u64.to_le_bytes()[..], // env
+        &str_field("/"),
+        &str_field(""),
+        &[0u8][..], // stdin
+    ]
+    .concat();
+    assert_eq!(decode_payload(&payload).unwrap(), exec);
+}
+
+#[test]
+fn tty_operations_require_protocol_1_2() {
+    let resize = Op::ResizeTty {
+        container_id: "c".into(),
+        exec_id: None,
+        size: TtySize::default(),
+    };
+    assert_eq!(resize.required_version(), TTY_OPERATIONS);
+    assert_eq!(TTY_OPERATIONS, ProtocolVersion { major: 1, minor: 2 });
+    assert!(PROTOCOL_VERSION >= TTY_OPERATIONS);
+    assert_eq!(
+        Op::SubscribeEvents.required_version(),
+        EVENTS_BY_SUBSCRIPTION
+    );
+    assert_eq!(
+        Op::GuestInfo.required_version(),
+        ProtocolVersion { major: 1, minor: 0 }
+    );
+}

@@ -15,10 +15,14 @@ pub struct ProtocolVersion {
 }
 
 /// The version this build speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
 
 /// The first minor version of major 1 with `Op::SubscribeEvents`.
 pub const EVENTS_BY_SUBSCRIPTION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+
+/// The first minor version of major 1 with terminals: `Op::CreateContainerTty`, `Op::ExecTty`
+/// and `Op::ResizeTty`.
+pub const TTY_OPERATIONS: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
 
 impl fmt::Display for ProtocolVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

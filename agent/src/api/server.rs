@@ -74,6 +74,7 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/vms/{vm}/containers/{id}/wait", get(wait))
         .route("/v1/vms/{vm}/containers/{id}/stats", get(stats))
         .route("/v1/vms/{vm}/containers/{id}/stdin", post(stdin))
+        .route("/v1/vms/{vm}/containers/{id}/resize", post(resize))
         .route("/v1/images", get(images))
         .fallback(no_such_route)
         .method_not_allowed_fallback(wrong_method)
@@ -249,6 +250,7 @@ impl From<VmError> for ApiError {
             },
             VmError::UnexpectedReply(_) | VmError::Probe { .. } => StatusCode::BAD_GATEWAY,
             VmError::NotLaunched(_) => StatusCode::CONFLICT,
+            VmError::ShimTooOld { .. } => StatusCode::NOT_IMPLEMENTED,
             VmError::Device { .. }
             | VmError::Thread { .. }
             | VmError::LayerDevice { .. }
@@ -582,16 +584,12 @@ async fn exec(
             .map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?,
         cwd: request.workdir.unwrap_or_else(|| entry.process.cwd.clone()),
         user: request.user.unwrap_or_else(|| entry.process.user.clone()),
-        stdin: false,
+        stdin: request.stdin,
     };
     entry
         .add_exec(&exec_id)
         .map_err(|err| ApiError(StatusCode::CONFLICT, err.to_string()))?;
-    let op = Op::Exec {
-        container_id: id,
-        exec_id: exec_id.clone(),
-        process,
-    };
+    let op = exec_op(id, exec_id.clone(), process, request.tty, request.tty_size);
     expect_done(vm.request(op, SHIM_WAIT).await)?;
     Ok(Json(serde_json::json!({ "exec_id": exec_id })))
 }
@@ -772,4 +770,54 @@ async fn images(State(agent): State<AgentState>) -> Result<Json<serde_json::Valu
     serde_json::to_value(images)
         .map(Json)
         .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))
+}
+
+/// `Op::Exec`, or `Op::ExecTty` when the exec asks for a terminal.
+fn exec_op(
+    container_id: String,
+    exec_id: String,
+    process: ProcessSpec,
+    tty: bool,
+    tty_size: Option<gantry_proto::TtySize>,
+) -> Op {
+    match tty {
+        false => Op::Exec {
+            container_id,
+            exec_id,
+            process,
+        },
+        true => Op::ExecTty {
+            container_id,
+            exec_id,
+            process,
+            size: tty_size.unwrap_or_default(),
+        },
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ResizeQuery {
+    exec: Option<String>,
+    rows: u16,
+    cols: u16,
+}
+
+/// Sets the window size of a process's terminal (`run -t`, `exec -t`).
+async fn resize(
+    State(agent): State<AgentState>,
+    ContainerPath { vm: name, id }: ContainerPath,
+    Query(query): Query<ResizeQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_exec(query.exec.as_deref())?;
+    let vm = find(&agent, &name)?;
+    let op = Op::ResizeTty {
+        container_id: id,
+        exec_id: query.exec,
+        size: gantry_proto::TtySize {
+            rows: query.rows,
+            cols: query.cols,
+        },
+    };
+    expect_done(vm.request(op, SHIM_WAIT).await)?;
+    Ok(done())
 }

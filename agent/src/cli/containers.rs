@@ -15,8 +15,8 @@ use gantry_api::{ApiClient, ContainerView, ExecRequest, RunOptions, RunUpdate, V
 use gantry_proto::{ExitStatus, OutputStream};
 use hyper::Method;
 
-use super::parse_limit;
 use super::progress::RunDisplay;
+use super::{interactive, parse_limit};
 
 /// Which VM (optional when the agent serves exactly one).
 #[derive(Debug, Clone, Args)]
@@ -73,6 +73,8 @@ pub struct RunArgs {
     /// Print the time from `run` to the first output and to the exit on stderr.
     #[arg(long)]
     timing: bool,
+    #[command(flatten)]
+    interactive: InteractiveArgs,
     /// The image: `default`, `oci:DIR[:NAME]`, or a registry reference.
     image: String,
     /// The command (replaces the image's Cmd).
@@ -164,7 +166,14 @@ pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> 
             .as_deref()
             .map(parse_limit)
             .transpose()?,
-        stdin: false,
+        stdin: args.interactive.stdin,
+        tty: args.interactive.tty,
+        tty_size: None,
+    };
+    let window_changes = args.interactive.window_changes()?;
+    let options = RunOptions {
+        tty_size: args.interactive.initial_size(),
+        ..options
     };
     let body = client
         .open(
@@ -195,7 +204,14 @@ pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> 
         return Ok(ExitCode::SUCCESS);
     }
     let mut first_output = None;
-    let record = follow(client, &vm, &id, None, &mut first_output, started).await?;
+    let output = follow(client, &vm, &id, None, &mut first_output, started);
+    let record = match args
+        .interactive
+        .attach(client, &vm, &id, None, window_changes)
+    {
+        Some(attach) => interactive::attach(attach, output).await?,
+        None => output.await?,
+    };
     if args.rm {
         let _: serde_json::Value = client
             .delete(&format!("/v1/vms/{vm}/containers/{id}"))
@@ -335,6 +351,8 @@ pub struct ExecArgs {
     /// User.
     #[arg(short = 'u', long)]
     user: Option<String>,
+    #[command(flatten)]
+    interactive: InteractiveArgs,
     /// The container.
     name: String,
     /// The command.
@@ -352,6 +370,14 @@ pub async fn exec(client: &ApiClient, args: ExecArgs) -> anyhow::Result<ExitCode
         env: args.env,
         workdir: args.workdir,
         user: args.user,
+        stdin: args.interactive.stdin,
+        tty: args.interactive.tty,
+        tty_size: None,
+    };
+    let window_changes = args.interactive.window_changes()?;
+    let request = ExecRequest {
+        tty_size: args.interactive.initial_size(),
+        ..request
     };
     let answer: serde_json::Value = client
         .post_json(
@@ -363,8 +389,66 @@ pub async fn exec(client: &ApiClient, args: ExecArgs) -> anyhow::Result<ExitCode
         .as_str()
         .context("the agent named no exec")?
         .to_owned();
-    let record = follow(client, &vm, &args.name, Some(&exec_id), &mut None, started).await?;
+    let mut first_output = None;
+    let output = follow(
+        client,
+        &vm,
+        &args.name,
+        Some(&exec_id),
+        &mut first_output,
+        started,
+    );
+    let attach = args
+        .interactive
+        .attach(client, &vm, &args.name, Some(&exec_id), window_changes);
+    let record = match attach {
+        Some(attach) => interactive::attach(attach, output).await?,
+        None => output.await?,
+    };
     Ok(exit_code(&record))
+}
+
+/// `-i` and `-t` of `run` and `exec`.
+#[derive(Debug, Clone, Args)]
+pub struct InteractiveArgs {
+    /// Keep standard input open and forward it to the process.
+    #[arg(short = 'i', long = "interactive")]
+    stdin: bool,
+    /// Run the process on a pseudo-terminal; with -i this terminal goes raw meanwhile.
+    #[arg(short = 't', long)]
+    tty: bool,
+}
+
+impl InteractiveArgs {
+    /// With `-t`: `SIGWINCH`, listened to before the size is first read.
+    fn window_changes(&self) -> anyhow::Result<Option<tokio::signal::unix::Signal>> {
+        self.tty.then(interactive::window_changes).transpose()
+    }
+
+    /// With `-t`: the local terminal's size, if there is a local terminal.
+    fn initial_size(&self) -> Option<gantry_proto::TtySize> {
+        self.tty.then(interactive::local_size).flatten()
+    }
+
+    /// What to attach, when `-i` or `-t` asks for more than following the output.
+    fn attach(
+        &self,
+        client: &ApiClient,
+        vm: &str,
+        id: &str,
+        exec: Option<&str>,
+        window_changes: Option<tokio::signal::unix::Signal>,
+    ) -> Option<interactive::Attach> {
+        (self.stdin || self.tty).then(|| interactive::Attach {
+            client: client.clone(),
+            vm: vm.to_owned(),
+            id: id.to_owned(),
+            exec: exec.map(str::to_owned),
+            stdin: self.stdin,
+            tty: self.tty,
+            window_changes,
+        })
+    }
 }
 
 /// `kill`.

@@ -11,6 +11,7 @@
 pub mod cache;
 pub mod containers;
 pub mod image;
+pub mod interactive;
 pub mod progress;
 pub mod vms;
 

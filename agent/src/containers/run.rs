@@ -147,7 +147,14 @@ pub async fn run_container(
             .writable_layer_bytes
             .unwrap_or(DEFAULT_WRITABLE_LAYER_BYTES),
     };
-    if let Err(err) = expect_done(vm.request(Op::CreateContainer(spec), SHIM_WAIT).await) {
+    let create = match options.tty {
+        false => Op::CreateContainer(spec),
+        true => Op::CreateContainerTty {
+            spec,
+            size: options.tty_size.unwrap_or_default(),
+        },
+    };
+    if let Err(err) = expect_done(vm.request(create, SHIM_WAIT).await) {
         vm.containers().remove(&id);
         return Err(err);
     }

@@ -11,7 +11,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use gantry_proto::{ContainerId, Event, ExecId, Message, OutputStream};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{Notify, mpsc, watch};
 
 /// Bytes of output in flight per process before the shim waits for credit.
@@ -151,13 +151,37 @@ pub async fn pump(
     window: Arc<OutputWindow>,
     sink: Arc<EventSink>,
 ) {
-    let mut pipe = match tokio::net::unix::pipe::Receiver::from_owned_fd(pipe) {
-        Ok(pipe) => pipe,
+    match tokio::net::unix::pipe::Receiver::from_owned_fd(pipe) {
+        Ok(pipe) => pump_reader(pipe, stream, key, window, sink).await,
         Err(error) => {
             tracing::error!(%error, container = %key.container_id, "cannot read process output");
-            return;
         }
-    };
+    }
+}
+
+/// Forwards a terminal's master to the agent until the terminal is gone: one `Stdout` stream.
+pub async fn pump_tty(
+    master: OwnedFd,
+    key: ProcessKey,
+    window: Arc<OutputWindow>,
+    sink: Arc<EventSink>,
+) {
+    match super::tty::MasterReader::new(master) {
+        Ok(reader) => pump_reader(reader, OutputStream::Stdout, key, window, sink).await,
+        Err(error) => {
+            tracing::error!(%error, container = %key.container_id, "cannot read terminal output");
+        }
+    }
+}
+
+/// Forwards `pipe` to the agent until EOF, within the process's output window.
+async fn pump_reader<R: AsyncRead + Unpin>(
+    mut pipe: R,
+    stream: OutputStream,
+    key: ProcessKey,
+    window: Arc<OutputWindow>,
+    sink: Arc<EventSink>,
+) {
     let mut buffer = vec![0u8; OUTPUT_CHUNK];
     loop {
         let granted = window.take(OUTPUT_CHUNK).await;

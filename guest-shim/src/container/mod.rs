@@ -13,6 +13,7 @@ pub mod nsinit;
 pub mod pidfd;
 pub mod seccomp;
 pub mod spec;
+pub mod tty;
 pub mod user;
 
 use std::collections::HashMap;
@@ -25,7 +26,7 @@ use std::time::Duration;
 
 use gantry_proto::{
     ContainerId, ContainerSpec, ContainerState, ContainerSummary, ErrorKind, ErrorReply, Event,
-    ExecId, ExitStatus, Op, OutputStream, ProcessSpec, Reply,
+    ExecId, ExitStatus, Op, OutputStream, ProcessSpec, Reply, TtySize,
 };
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
@@ -89,6 +90,9 @@ pub enum RuntimeError {
     /// A system call.
     #[error("{0}")]
     Sys(String),
+    /// The process's terminal.
+    #[error(transparent)]
+    Tty(#[from] tty::TtyError),
 }
 
 impl From<RuntimeError> for ErrorReply {
@@ -118,6 +122,8 @@ struct Process {
     pidfd: PidFd,
     /// Write end of its standard input, when the agent asked for one.
     stdin: Option<File>,
+    /// The master of its terminal, when it runs on one (for resizes).
+    terminal: Option<OwnedFd>,
     window: Arc<OutputWindow>,
     exit: watch::Receiver<Option<ExitStatus>>,
 }
@@ -242,7 +248,10 @@ impl Runtime {
     /// Executes a container operation; `None` if `op` is not one.
     pub async fn handle(self: &Arc<Self>, op: Op) -> Option<Result<Reply, ErrorReply>> {
         let result = match op {
-            Op::CreateContainer(spec) => self.blocking(move |rt| rt.create(spec)).await,
+            Op::CreateContainer(spec) => self.blocking(move |rt| rt.create(spec, None)).await,
+            Op::CreateContainerTty { spec, size } => {
+                self.blocking(move |rt| rt.create(spec, Some(size))).await
+            }
             Op::StartContainer { container_id } => {
                 self.blocking(move |rt| rt.start(&container_id)).await
             }
@@ -251,9 +260,23 @@ impl Runtime {
                 exec_id,
                 process,
             } => {
-                self.blocking(move |rt| rt.exec(&container_id, exec_id, process))
+                self.blocking(move |rt| rt.exec(&container_id, exec_id, process, None))
                     .await
             }
+            Op::ExecTty {
+                container_id,
+                exec_id,
+                process,
+                size,
+            } => {
+                self.blocking(move |rt| rt.exec(&container_id, exec_id, process, Some(size)))
+                    .await
+            }
+            Op::ResizeTty {
+                container_id,
+                exec_id,
+                size,
+            } => self.resize(&container_id, exec_id.as_deref(), size),
             Op::Signal {
                 container_id,
                 exec_id,
@@ -304,7 +327,11 @@ impl Runtime {
             .map_err(|err| RuntimeError::Sys(format!("container task failed: {err}")))?
     }
 
-    fn create(self: &Arc<Self>, spec: ContainerSpec) -> Result<Reply, RuntimeError> {
+    fn create(
+        self: &Arc<Self>,
+        spec: ContainerSpec,
+        tty: Option<TtySize>,
+    ) -> Result<Reply, RuntimeError> {
         spec::validate(&spec)?;
         let _lifecycle = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
         let id = spec.container_id.clone();
@@ -332,8 +359,8 @@ impl Runtime {
         let cgroup = Arc::new(Cgroup::create(&id, &spec.resources)?);
         undo.cgroup = Some(Arc::clone(&cgroup));
 
-        let process = plan_process(&rootfs_path, &spec.process, &spec.hostname)?;
-        let (stdio, pipes) = process_stdio(spec.process.stdin)?;
+        let process = plan_process(&rootfs_path, &spec.process, &spec.hostname, tty.is_some())?;
+        let (stdio, pipes) = process_stdio(spec.process.stdin, tty)?;
         let plan = InitPlan {
             rootfs: rootfs_path,
             cgroup: cgroup.path().to_owned(),
@@ -403,6 +430,7 @@ impl Runtime {
         id: &str,
         exec_id: ExecId,
         process: ProcessSpec,
+        tty: Option<TtySize>,
     ) -> Result<Reply, RuntimeError> {
         spec::validate_id("exec id", &exec_id)?;
         spec::validate_process(&process)?;
@@ -436,10 +464,10 @@ impl Runtime {
         let plan = ExecPlan {
             target_pid,
             cgroup,
-            process: plan_process(&rootfs, &process, &hostname)?,
+            process: plan_process(&rootfs, &process, &hostname, tty.is_some())?,
         };
         let plan = serde_json::to_vec(&plan).map_err(|err| RuntimeError::Sys(err.to_string()))?;
-        let (stdio, pipes) = process_stdio(process.stdin)?;
+        let (stdio, pipes) = process_stdio(process.stdin, tty)?;
         let Helper {
             helper_pid,
             mut status,
@@ -638,7 +666,24 @@ impl Runtime {
                 .try_clone()
                 .map_err(sys("duplicating stdin"))?
         };
-        (&stdin).write_all(data).map_err(sys("writing to stdin"))?;
+        tty::write_all_waiting(&stdin, data).map_err(sys("writing to stdin"))?;
+        Ok(Reply::Done)
+    }
+
+    fn resize(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        size: TtySize,
+    ) -> Result<Reply, RuntimeError> {
+        let inner = self.lock();
+        let container = inner.containers.get(id).ok_or_else(|| not_found(id))?;
+        let terminal = container
+            .process(id, exec_id)?
+            .terminal
+            .as_ref()
+            .ok_or_else(|| RuntimeError::State("the process has no terminal".into()))?;
+        tty::set_size(terminal.as_fd(), size)?;
         Ok(Reply::Done)
     }
 
@@ -674,20 +719,35 @@ impl Runtime {
         let (exit_tx, exit) = watch::channel(None);
         let sink = Arc::clone(&self.sink);
         let reaper = Arc::clone(&self.reaper);
-        let stdout = tokio::spawn(io::pump(
-            pipes.stdout,
-            OutputStream::Stdout,
-            key.clone(),
-            Arc::clone(&window),
-            Arc::clone(&sink),
-        ));
-        let stderr = tokio::spawn(io::pump(
-            pipes.stderr,
-            OutputStream::Stderr,
-            key.clone(),
-            Arc::clone(&window),
-            Arc::clone(&sink),
-        ));
+        let OutputPipes { stdin, output } = pipes;
+        let (pumps, terminal) = match output {
+            ProcessOutput::Pipes { stdout, stderr } => {
+                let stdout = tokio::spawn(io::pump(
+                    stdout,
+                    OutputStream::Stdout,
+                    key.clone(),
+                    Arc::clone(&window),
+                    Arc::clone(&sink),
+                ));
+                let stderr = tokio::spawn(io::pump(
+                    stderr,
+                    OutputStream::Stderr,
+                    key.clone(),
+                    Arc::clone(&window),
+                    Arc::clone(&sink),
+                ));
+                (vec![stdout, stderr], None)
+            }
+            ProcessOutput::Tty { master, control } => {
+                let pump = tokio::spawn(io::pump_tty(
+                    master,
+                    key.clone(),
+                    Arc::clone(&window),
+                    Arc::clone(&sink),
+                ));
+                (vec![pump], Some(control))
+            }
+        };
         if let Some(cgroup) = oom_cgroup.clone() {
             tokio::spawn(watch_oom(
                 cgroup,
@@ -699,8 +759,9 @@ impl Runtime {
         tokio::spawn(async move {
             let status = reaper.wait(wait_pid).await;
             let drained = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
-                let _ = stdout.await;
-                let _ = stderr.await;
+                for pump in pumps {
+                    let _ = pump.await;
+                }
             })
             .await;
             if drained.is_err() {
@@ -728,7 +789,8 @@ impl Runtime {
         Process {
             pid,
             pidfd,
-            stdin: pipes.stdin,
+            stdin,
+            terminal,
             window,
             exit,
         }
@@ -765,11 +827,44 @@ async fn watch_oom(
 /// The shim's ends of a process's pipes.
 struct OutputPipes {
     stdin: Option<File>,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
+    output: ProcessOutput,
 }
 
-fn process_stdio(with_stdin: bool) -> Result<(ProcessStdio, OutputPipes), RuntimeError> {
+/// Where a process's output comes from.
+enum ProcessOutput {
+    /// A pipe for each stream.
+    Pipes { stdout: OwnedFd, stderr: OwnedFd },
+    /// A terminal: the master twice, one for the output pump, one for resizes.
+    Tty { master: OwnedFd, control: OwnedFd },
+}
+
+/// The process's stdio and the shim's ends: pipes, or a terminal of `tty`'s size.
+fn process_stdio(
+    with_stdin: bool,
+    tty: Option<TtySize>,
+) -> Result<(ProcessStdio, OutputPipes), RuntimeError> {
+    if let Some(size) = tty {
+        let pair = tty::open(size)?;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(sys("duplicating the terminal"));
+        let stdin = match with_stdin {
+            true => Some(File::from(dup(&pair.master)?)),
+            false => None,
+        };
+        return Ok((
+            ProcessStdio {
+                stdin: dup(&pair.slave)?,
+                stdout: dup(&pair.slave)?,
+                stderr: pair.slave,
+            },
+            OutputPipes {
+                stdin,
+                output: ProcessOutput::Tty {
+                    control: dup(&pair.master)?,
+                    master: pair.master,
+                },
+            },
+        ));
+    }
     let (stdout_read, stdout_write) = launch::pipe()?;
     let (stderr_read, stderr_write) = launch::pipe()?;
     let (stdin, stdin_write) = if with_stdin {
@@ -789,17 +884,21 @@ fn process_stdio(with_stdin: bool) -> Result<(ProcessStdio, OutputPipes), Runtim
         },
         OutputPipes {
             stdin: stdin_write,
-            stdout: stdout_read,
-            stderr: stderr_read,
+            output: ProcessOutput::Pipes {
+                stdout: stdout_read,
+                stderr: stderr_read,
+            },
         },
     ))
 }
 
-/// Resolves the user and fills in the environment Docker gives every process.
+/// Resolves the user and fills in the environment Docker gives every process (and, on a
+/// terminal, `TERM=xterm` as Docker gives).
 fn plan_process(
     rootfs: &Path,
     process: &ProcessSpec,
     hostname: &str,
+    tty: bool,
 ) -> Result<ProcessPlan, RuntimeError> {
     let user = user::resolve(rootfs, &process.user)?;
     let mut env = process.env.clone();
@@ -816,11 +915,15 @@ fn plan_process(
     if !has(&env, "HOME") {
         env.push(format!("HOME={}", user.home));
     }
+    if tty && !has(&env, "TERM") {
+        env.push("TERM=xterm".to_owned());
+    }
     Ok(ProcessPlan {
         args: process.args.clone(),
         env,
         cwd: process.cwd.clone(),
         user,
+        tty,
     })
 }
 

@@ -88,6 +88,10 @@ pub struct ProcessPlan {
     pub cwd: String,
     /// Who runs it.
     pub user: ResolvedUser,
+    /// Whether stdin is a terminal to make the process's controlling terminal (in a session
+    /// of its own).
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// Plan of `__container-init`.
@@ -503,6 +507,11 @@ fn prepare_and_find(process: &ProcessPlan) -> Result<ExecArgs, Failure> {
         .map(|e| to_c(e))
         .collect::<Result<Vec<_>, _>>()?;
     let first = process.args.first().ok_or("no command to run")?;
+
+    if process.tty {
+        super::tty::make_controlling_terminal()
+            .context("making the terminal the controlling terminal")?;
+    }
 
     let nofile = 1 << 20;
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, nofile, nofile)
