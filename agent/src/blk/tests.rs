@@ -1143,3 +1143,28 @@ fn parse_rejects_each_malformation_precisely() {
         }
     );
 }
+
+/// Regression (found by the `blk_queue` fuzz target): with `EVENT_IDX`, an available index more
+/// than a queue size ahead of the device made `enable_notification` report work forever while
+/// nothing could be popped, and the queue thread spun at 100% CPU.
+#[test]
+fn an_available_index_out_of_range_does_not_spin_the_queue() {
+    let driver = Driver::with_features(store(), true);
+    driver.ring().set_avail_idx(QUEUE_SIZE + 2);
+    let (done, finished) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        driver.kick();
+        let _ = done.send(());
+        driver
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the queue thread returns from a kick with a bad available index");
+    let mut driver = worker.join().unwrap();
+    assert!(driver.used().is_empty());
+    // The driver repairs its index: the queue serves again.
+    driver.ring().set_avail_idx(0);
+    driver.avail_idx = 0;
+    let (status, data) = driver.read(0, 512);
+    assert_eq!((status, data), (STATUS_OK, vec![0; 512]));
+}
