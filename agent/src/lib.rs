@@ -17,6 +17,8 @@ pub mod cli;
 pub mod config;
 pub mod containers;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod images;
 pub mod qemu;
 pub mod session;

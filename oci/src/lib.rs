@@ -19,6 +19,8 @@
 pub mod builder;
 pub mod compression;
 pub mod convert;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 pub mod manifest;
 pub mod reference;

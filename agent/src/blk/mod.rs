@@ -33,6 +33,8 @@
 
 mod device;
 mod execute;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layer_store;
 mod offload;
 pub mod source;

@@ -21,6 +21,7 @@ use vm_memory::{
 };
 use vmm_sys_util::epoll::EventSet;
 
+use super::fuzzing::{DriverRing, pattern};
 use super::layer_store::{
     DEFAULT_CAPACITY, HEADER_OFFSET, HEADER_REGION_SIZE, LAYER_ALIGNMENT, LayerStore,
     LayerStoreError, TAIL_ZERO_SIZE,
@@ -41,13 +42,6 @@ const BUFFERS: u64 = 0x10_0000;
 const MEM_SIZE: usize = 0x100_0000;
 const W: u16 = VRING_DESC_F_WRITE as u16;
 const N: u16 = VRING_DESC_F_NEXT as u16;
-
-/// A layer of `len` bytes whose byte at offset `i` is a function of `i` and `seed`.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u64).wrapping_mul(31).wrapping_add(u64::from(seed)) as u8 ^ (i >> 12) as u8)
-        .collect()
-}
 
 /// An in-memory source; optionally holds back one range until released.
 #[derive(Debug)]
@@ -170,29 +164,24 @@ impl Driver {
         addr
     }
 
+    /// The driver's view of the ring (shared with the fuzz harness).
+    fn ring(&self) -> DriverRing<'_> {
+        DriverRing {
+            mem: &self.mem,
+            desc_table: DESC_TABLE,
+            avail: AVAIL_RING,
+            used: USED_RING,
+            size: QUEUE_SIZE,
+        }
+    }
+
     fn write_desc(&self, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(table + u64::from(index) * 16);
-        self.mem.write_obj(addr.to_le(), at).unwrap();
-        self.mem
-            .write_obj(len.to_le(), GuestAddress(at.0 + 8))
-            .unwrap();
-        self.mem
-            .write_obj(flags.to_le(), GuestAddress(at.0 + 12))
-            .unwrap();
-        self.mem
-            .write_obj(next.to_le(), GuestAddress(at.0 + 14))
-            .unwrap();
+        self.ring().write_desc(table, index, addr, len, flags, next);
     }
 
     fn publish(&mut self, head: u16) {
-        let slot = AVAIL_RING + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(slot))
-            .unwrap();
+        self.ring().publish(self.avail_idx, head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx.to_le(), GuestAddress(AVAIL_RING + 2))
-            .unwrap();
     }
 
     /// Adds a chain of `(addr, len, writable)` descriptors, linked in order; returns its head.
@@ -265,12 +254,10 @@ impl Driver {
 
     /// The used ring's entries so far: (descriptor head, used length).
     fn used(&self) -> Vec<(u16, u32)> {
-        let idx: u16 = self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
-        (0..idx)
+        let ring = self.ring();
+        (0..ring.used_idx())
             .map(|i| {
-                let at = USED_RING + 4 + u64::from(i % QUEUE_SIZE) * 8;
-                let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-                let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+                let (id, len) = ring.used_elem(i);
                 (id as u16, len)
             })
             .collect()
@@ -1189,4 +1176,29 @@ fn parse_rejects_each_malformation_precisely() {
             status: None,
         }
     );
+}
+
+/// Regression (found by the `blk_queue` fuzz target): with `EVENT_IDX`, an available index more
+/// than a queue size ahead of the device made `enable_notification` report work forever while
+/// nothing could be popped, and the queue thread spun at 100% CPU.
+#[test]
+fn an_available_index_out_of_range_does_not_spin_the_queue() {
+    let driver = Driver::with_features(store(), true);
+    driver.ring().set_avail_idx(QUEUE_SIZE + 2);
+    let (done, finished) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        driver.kick();
+        let _ = done.send(());
+        driver
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the queue thread returns from a kick with a bad available index");
+    let mut driver = worker.join().unwrap();
+    assert!(driver.used().is_empty());
+    // The driver repairs its index: the queue serves again.
+    driver.ring().set_avail_idx(0);
+    driver.avail_idx = 0;
+    let (status, data) = driver.read(0, 512);
+    assert_eq!((status, data), (STATUS_OK, vec![0; 512]));
 }

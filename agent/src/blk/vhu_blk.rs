@@ -300,11 +300,14 @@ impl QueueWorker {
         }
         let capacity = store.capacity();
         let mut used_any = false;
+        let mut idle_rounds = 0u32;
         loop {
             if self.event_idx {
                 let _ = state.disable_notification();
             }
+            let mut popped = false;
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
+                popped = true;
                 let head = chain.head_index();
                 let completion = match Request::parse(chain, &*mem, capacity) {
                     Ok(request) if is_large_read(&request) => {
@@ -347,8 +350,16 @@ impl QueueWorker {
             if !self.event_idx {
                 break;
             }
+            idle_rounds = if popped { 0 } else { idle_rounds + 1 };
             match state.enable_notification() {
-                Ok(true) => continue,
+                // A driver whose available index runs more than a queue size ahead makes this
+                // true forever while nothing can be popped: give up after a round without
+                // progress instead of spinning (the driver's next kick tries again).
+                Ok(true) if idle_rounds < 2 => continue,
+                Ok(true) => {
+                    warn!("layer store: available index out of range; queue left as is");
+                    break;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     warn!(error = %e, "layer store: cannot enable notifications");

@@ -233,11 +233,14 @@ impl Worker {
             return;
         }
         let mut used_any = false;
+        let mut idle_rounds = 0u32;
         loop {
             if self.event_idx {
                 let _ = state.disable_notification();
             }
+            let mut popped = false;
             while let Some(mut chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
+                popped = true;
                 let head = chain.head_index();
                 self.handle_tx_chain(&mem, &mut chain);
                 if let Err(e) = state.add_used(head, 0) {
@@ -248,8 +251,15 @@ impl Worker {
             if !self.event_idx {
                 break;
             }
+            idle_rounds = if popped { 0 } else { idle_rounds + 1 };
             match state.enable_notification() {
-                Ok(true) => continue,
+                // An available index more than a queue size ahead keeps this true while
+                // nothing can be popped: stop after a round without progress, never spin.
+                Ok(true) if idle_rounds < 2 => continue,
+                Ok(true) => {
+                    warn!("vsock: tx available index out of range; queue left as is");
+                    break;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     warn!(error = %e, "vsock: cannot enable tx notifications");
@@ -343,16 +353,19 @@ impl Worker {
             return;
         }
         let mut used_any = false;
+        let mut idle_rounds = 0u32;
         loop {
             if self.event_idx {
                 let _ = state.disable_notification();
             }
             let mut out_of_buffers = false;
+            let mut popped = false;
             while self.muxer.has_rx_work() {
                 let Some(mut chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
                     out_of_buffers = true;
                     break;
                 };
+                popped = true;
                 let head = chain.head_index();
                 let used_len =
                     match VsockPacket::from_rx_virtq_chain(&*mem, &mut chain, MAX_PAYLOAD) {
@@ -377,8 +390,11 @@ impl Worker {
                 break;
             }
             // Re-arm notifications; if buffers arrived meanwhile and work remains, go on.
+            idle_rounds = if popped { 0 } else { idle_rounds + 1 };
             match state.enable_notification() {
-                Ok(true) if out_of_buffers => continue,
+                // Not after a round without progress: an available index more than a queue
+                // size ahead keeps this true while nothing can be popped.
+                Ok(true) if out_of_buffers && idle_rounds < 2 => continue,
                 Ok(_) => break,
                 Err(e) => {
                     warn!(error = %e, "vsock: cannot enable rx notifications");

@@ -132,7 +132,6 @@ impl Connection {
     }
 
     /// Guest bytes buffered for the host stream.
-    #[cfg(test)]
     pub fn buffered_to_host(&self) -> usize {
         self.to_host.len()
     }

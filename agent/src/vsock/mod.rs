@@ -42,6 +42,8 @@
 mod backend;
 mod connection;
 mod device;
+#[doc(hidden)]
+pub mod fuzzing;
 mod muxer;
 pub mod packet;
 mod requests;

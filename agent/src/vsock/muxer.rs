@@ -75,19 +75,16 @@ impl Muxer {
     }
 
     /// Number of connections in the table.
-    #[cfg(test)]
     pub fn connection_count(&self) -> usize {
         self.connections.len()
     }
 
     /// Number of stateless `OP_RST`s waiting to be sent.
-    #[cfg(test)]
     pub fn pending_rsts(&self) -> usize {
         self.rsts.len()
     }
 
     /// Guest bytes buffered for the host streams, over all connections.
-    #[cfg(test)]
     pub fn buffered_to_host(&self) -> usize {
         self.connections
             .values()

@@ -925,3 +925,32 @@ fn device_refuses_bad_config_and_non_socket_paths() {
         ));
     }
 }
+
+/// Regression (the pattern the `blk_queue` fuzz target found in the layer store): with
+/// `EVENT_IDX`, an available index more than a queue size ahead must not make the worker spin
+/// on the tx or the rx queue.
+#[test]
+fn an_available_index_out_of_range_does_not_spin_the_worker() {
+    let mut guest = Guest::new(4096, 4);
+    guest.backend.set_event_idx(true);
+    for vring in &guest.vrings {
+        vring.set_queue_event_idx(true);
+    }
+    guest.queue(TX_RING).make_available(QUEUE_SIZE + 5, 0);
+    guest.queue(RX_RING).make_available(QUEUE_SIZE + 5, 0);
+    let (done, finished) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        guest.event(TX_QUEUE);
+        // A connect leaves a request for the guest: rx has work but no usable buffer.
+        let reply = guest.connect(SHIM_PORT);
+        guest.event(RX_QUEUE);
+        let _ = done.send(());
+        (guest, reply)
+    });
+    finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the worker returns with bad available indexes");
+    let (guest, _reply) = worker.join().unwrap();
+    assert_eq!(guest.queue(TX_RING).used_idx(), 0);
+    assert_eq!(guest.queue(RX_RING).used_idx(), 0);
+}
