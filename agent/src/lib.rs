@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod containers;
 pub mod daemon;
+mod fuzz_input;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod images;

@@ -51,6 +51,7 @@ use super::virtio_blk::{
     HEADER_SIZE, MAX_CHAIN_DESCRIPTORS, SECTOR_SIZE, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
     device_id_bytes,
 };
+use crate::fuzz_input::Input;
 
 /// `VRING_DESC_F_NEXT`.
 pub const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
@@ -257,37 +258,6 @@ fn layer_a() -> Arc<FileSource> {
             Arc::new(source)
         })
         .clone()
-}
-
-/// Reads the fuzz input; past its end every value is zero.
-#[derive(Debug)]
-struct Input<'a> {
-    data: &'a [u8],
-    pos: usize,
-}
-
-impl Input<'_> {
-    fn is_empty(&self) -> bool {
-        self.pos >= self.data.len()
-    }
-
-    fn u8(&mut self) -> u8 {
-        let value = self.data.get(self.pos).copied().unwrap_or(0);
-        self.pos += 1;
-        value
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-
-    fn u64(&mut self) -> u64 {
-        u64::from(self.u32()) | (u64::from(self.u32()) << 32)
-    }
 }
 
 /// Operations of the input program (the first byte of each, modulo the count).
@@ -1206,7 +1176,7 @@ impl Harness {
 /// unmapped), the rest is a program of [`op`]s. Panics if the backend breaks a property (see
 /// the module docs); returns what happened.
 pub fn check_blk_input(data: &[u8]) -> BlkOutcome {
-    let mut input = Input { data, pos: 0 };
+    let mut input = Input::new(data);
     let mut harness = Harness::new(input.u8());
     let mut steps = 0;
     while !input.is_empty() && steps < 512 {

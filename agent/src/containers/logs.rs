@@ -66,13 +66,6 @@ impl LogLimits {
         }
         Ok(())
     }
-
-    /// The most bytes one process's log files hold (one record may overshoot a file).
-    pub fn cap_bytes(&self) -> u64 {
-        self.max_file_bytes
-            .saturating_add(u64::from(MAX_RECORD))
-            .saturating_mul(u64::from(self.max_files))
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]

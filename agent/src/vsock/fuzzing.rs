@@ -27,6 +27,7 @@ use super::packet::{
     HEADER_SIZE, HOST_CID, Header, MAX_PAYLOAD, SHUTDOWN_BOTH, TYPE_STREAM, flow_of, op,
     parse_guest_header,
 };
+use crate::fuzz_input::Input;
 
 /// The guest's CID in the harness.
 pub const GUEST_CID: u64 = 3;
@@ -59,37 +60,6 @@ pub mod ops {
     pub const RESET_ALL: u8 = 8;
     /// Number of operations.
     pub const COUNT: u8 = 9;
-}
-
-/// Reads the fuzz input; past its end every value is zero.
-#[derive(Debug)]
-struct Input<'a> {
-    data: &'a [u8],
-    pos: usize,
-}
-
-impl Input<'_> {
-    fn is_empty(&self) -> bool {
-        self.pos >= self.data.len()
-    }
-
-    fn u8(&mut self) -> u8 {
-        let value = self.data.get(self.pos).copied().unwrap_or(0);
-        self.pos += 1;
-        value
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-
-    fn u64(&mut self) -> u64 {
-        u64::from(self.u32()) | (u64::from(self.u32()) << 32)
-    }
 }
 
 /// Byte `offset` of the stream the guest sends on connection `seed`.
@@ -509,7 +479,7 @@ impl Harness {
 /// `u16`), a length, flags, a credit and the addressing (mostly right, or a raw source CID,
 /// destination CID or type). Panics if the muxer breaks a property (see the module docs).
 pub fn check_vsock_input(data: &[u8]) -> VsockOutcome {
-    let mut input = Input { data, pos: 0 };
+    let mut input = Input::new(data);
     let buf_alloc = BUF_ALLOCS[usize::from(input.u8()) % BUF_ALLOCS.len()];
     let mut harness = Harness {
         muxer: Muxer::new(GUEST_CID, buf_alloc, MAX_CONNECTIONS).expect("muxer"),
