@@ -157,7 +157,8 @@ impl OciLayout {
         })
     }
 
-    fn blob_path(&self, digest: &Digest) -> PathBuf {
+    /// Where the layout keeps the blob `digest` (which may not exist).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("blobs").join("sha256").join(digest.hex())
     }
 

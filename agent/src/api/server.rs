@@ -76,6 +76,7 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/vms/{vm}/containers/{id}/stdin", post(stdin))
         .route("/v1/vms/{vm}/containers/{id}/resize", post(resize))
         .route("/v1/images", get(images))
+        .route("/v1/lazy", get(lazy_stats))
         .fallback(no_such_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(agent)
@@ -770,6 +771,10 @@ async fn images(State(agent): State<AgentState>) -> Result<Json<serde_json::Valu
     serde_json::to_value(images)
         .map(Json)
         .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))
+}
+
+async fn lazy_stats(State(agent): State<AgentState>) -> Json<gantry_api::LazyStats> {
+    Json(agent.images.lazy.stats())
 }
 
 /// `Op::Exec`, or `Op::ExecTty` when the exec asks for a terminal.
