@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::ops::Range;
 
 use sha2::{Digest as _, Sha256};
+use tracing::debug;
 use zstd::zstd_safe::{self, CParameter};
 
 use super::error::ChunkedError;
@@ -182,6 +183,14 @@ pub fn write_chunked_layer<R: Read, W: Write>(
         .map_err(ChunkedError::Output)?;
     out.write_all(&payload).map_err(ChunkedError::Output)?;
     let (digest, size) = out.finish().map_err(ChunkedError::Output)?;
+    debug!(
+        %digest,
+        size,
+        uncompressed_size,
+        chunk_count,
+        chunk_size,
+        "wrote a chunked EROFS layer"
+    );
     Ok(ChunkedLayer {
         digest,
         size,
