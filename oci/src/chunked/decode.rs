@@ -12,7 +12,7 @@ use super::frame::{self, DATA_MAGIC};
 use super::hashing::HashingWriter;
 use super::index::ChunkIndex;
 use super::media::ChunkCompression;
-use crate::Digest;
+use crate::reference::Digest;
 
 /// Largest zstd window the eager decoder accepts (128 MiB, zstd's default limit): a frame header
 /// asking for more would make the streaming decoder allocate it.

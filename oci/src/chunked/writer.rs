@@ -17,8 +17,8 @@ use super::media::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_INDEX_RANGE, ANNOTATION_UNCOMPRESSED_DIGEST,
     ChunkCompression, DEFAULT_CHUNK_SIZE, MEDIA_TYPE_EROFS_ZSTD,
 };
-use crate::Digest;
 use crate::manifest::Descriptor;
+use crate::reference::Digest;
 
 /// How [`write_chunked_layer`] cuts and compresses.
 #[derive(Clone, Debug, PartialEq, Eq)]

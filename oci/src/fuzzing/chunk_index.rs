@@ -11,13 +11,13 @@ use std::collections::BTreeMap;
 
 use sha2::Digest as _;
 
-use crate::Digest;
 use crate::chunked::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_INDEX_RANGE, ChunkCompression, ChunkIndex,
     ChunkedLayerOptions, IndexLocation, MEDIA_TYPE_EROFS, MEDIA_TYPE_EROFS_ZSTD,
     decode_whole_layer, write_chunked_layer,
 };
 use crate::manifest::Descriptor;
+use crate::reference::Digest;
 
 /// Mode bit: a raw `application/vnd.erofs` layer (else `+zstd`).
 pub const MODE_RAW: u8 = 0x01;
