@@ -378,3 +378,29 @@ pub struct LazyLayerStats {
     /// The blob's size up to its chunk index (what a full fetch costs).
     pub blob_bytes: u64,
 }
+
+/// `POST /v1/images/prefetch`: bring an image into the cache without running it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchRequest {
+    /// The image, as `run` takes it.
+    pub image: String,
+    /// How its lazy-format layers come in (default: the agent's `lazy.mode`). `lazy` fetches
+    /// only their chunk indexes, `fill` starts the background fill, `eager` answers once
+    /// every chunk is present.
+    #[serde(default)]
+    pub pull_mode: Option<PullMode>,
+}
+
+/// What a prefetch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchReport {
+    /// The image's name in the cache.
+    pub image: String,
+    /// The platform manifest's digest.
+    pub manifest_digest: String,
+    /// Layers of the image.
+    pub layers: usize,
+    /// Of which in the lazy format.
+    pub lazy_layers: usize,
+}

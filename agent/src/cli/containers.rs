@@ -580,6 +580,40 @@ pub async fn stats(client: &ApiClient, args: StatsArgs) -> anyhow::Result<ExitCo
 }
 
 /// `images`: the images in the agent's cache.
+/// `prefetch`.
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// How lazy-format layers come in: `lazy` (chunk indexes only), `fill` (and the rest in
+    /// the background), `eager` (return once every chunk is present). Default: the agent's
+    /// `lazy.mode`.
+    #[arg(long, value_name = "lazy|fill|eager")]
+    pull_mode: Option<gantry_api::PullMode>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// The image: `default`, `oci:DIR[:NAME]`, or a registry reference.
+    image: String,
+}
+
+/// `prefetch`.
+pub async fn prefetch(client: &ApiClient, args: PrefetchArgs) -> anyhow::Result<()> {
+    let request = gantry_api::PrefetchRequest {
+        image: args.image,
+        pull_mode: args.pull_mode,
+    };
+    let report: gantry_api::PrefetchReport =
+        client.post_json("/v1/images/prefetch", &request).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} {} ({} layers, {} lazy)",
+            report.image, report.manifest_digest, report.layers, report.lazy_layers
+        );
+    }
+    Ok(())
+}
+
 pub async fn images(client: &ApiClient, json: bool) -> anyhow::Result<ExitCode> {
     let images: Vec<serde_json::Value> = client.get("/v1/images").await?;
     if json {

@@ -103,6 +103,9 @@ pub enum Command {
     Image(ImageCommand),
     /// Pull an image into the card's cache (works with or without a running agent).
     Pull(cache::PullArgs),
+    /// Have the agent bring an image into its cache without running it (lazy-format layers
+    /// as `--pull-mode` says).
+    Prefetch(containers::PrefetchArgs),
     /// Remove an image from the cache (layers other images or running containers use stay).
     Rmi(cache::RmiArgs),
     /// Maintain the cache.
@@ -187,6 +190,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm(args) => return containers::rm(&client, args).await,
         Command::Stats(args) => return containers::stats(&client, args).await,
         Command::Images { json } => return containers::images(&client, json).await,
+        Command::Prefetch(args) => containers::prefetch(&client, args).await?,
         Command::Pull(args) => cache::run_pull(&args).await?,
         Command::Rmi(args) => cache::run_rmi(&args).await?,
         Command::Cache(CacheCommand::Gc(args)) => cache::run_gc(&args).await?,
