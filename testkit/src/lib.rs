@@ -1,8 +1,11 @@
 //! Test support shared by the agent's registry tests and the end-to-end tests: a real
-//! `docker-registry` ([`Registry`]) and a fault-injecting proxy in front of it ([`FaultProxy`]).
+//! `docker-registry` ([`Registry`]), a fault-injecting proxy in front of it ([`FaultProxy`]),
+//! and a shaping proxy that imitates a slower, longer link ([`ShapingProxy`]).
 
 pub mod proxy;
 pub mod registry;
+pub mod shaping;
 
 pub use proxy::{FaultProxy, Faults, ProxyLog};
 pub use registry::{Registry, docker_config, free_port, tools_available};
+pub use shaping::{Shaping, ShapingProxy};

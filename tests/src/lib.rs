@@ -41,6 +41,93 @@ pub fn agent_binary() -> PathBuf {
     path
 }
 
+/// Runs `command` (standard input closed, output captured); kills it and fails, with what it
+/// wrote to standard error, if it takes longer than `timeout`. `on_first_stdout` is called as
+/// soon as its first bytes of standard output arrive. The pipes are drained meanwhile, so a
+/// chatty command cannot block on a full pipe.
+pub fn output_within(
+    command: &mut Command,
+    timeout: Duration,
+    on_first_stdout: impl FnOnce() + Send + 'static,
+) -> Result<Output> {
+    use std::io::Read;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    let mut stdout_pipe = child.stdout.take().context("stdout is piped")?;
+    let mut stderr_pipe = child.stderr.take().context("stderr is piped")?;
+    let stdout = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let mut on_first = Some(on_first_stdout);
+        let mut buffer = [0u8; 8192];
+        while let Ok(n @ 1..) = stdout_pipe.read(&mut buffer) {
+            if let Some(on_first) = on_first.take() {
+                on_first();
+            }
+            bytes.extend_from_slice(&buffer[..n]);
+        }
+        bytes
+    });
+    let stderr = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stderr_pipe.read_to_end(&mut bytes);
+        bytes
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = stderr.join().unwrap_or_default();
+            bail!(
+                "did not finish within {timeout:?}\nstderr: {}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    })
+}
+
+/// `skopeo inspect --raw` of `docker://REFERENCE` (a plain-HTTP registry): the manifest or
+/// index as the registry serves it.
+pub fn raw_manifest(reference: &str) -> Result<serde_json::Value> {
+    let output = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .context("running skopeo inspect")?;
+    ensure!(
+        output.status.success(),
+        "skopeo inspect {reference}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).context("skopeo printed no JSON manifest")
+}
+
+/// The layer descriptors of an image in a registry (of the first manifest of an index).
+pub fn image_layers(reference: &str) -> Result<Vec<gantry_oci::manifest::Descriptor>> {
+    let mut document = raw_manifest(reference)?;
+    if let Some(digest) = document["manifests"][0]["digest"].as_str() {
+        let name = reference
+            .rsplit_once(':')
+            .filter(|(_, tag)| !tag.contains('/'))
+            .map_or(reference, |(name, _)| name);
+        document = raw_manifest(&format!("{name}@{digest}"))?;
+    }
+    serde_json::from_value(document["layers"].clone()).context("layer descriptors")
+}
+
 /// A guest built by `qemu/build-guest.sh`.
 #[derive(Debug, Clone)]
 pub struct GuestImage {
@@ -297,49 +384,26 @@ impl TestAgent {
     /// log) if it takes longer than `timeout`. The pipes are drained meanwhile, so a chatty
     /// command cannot block on a full pipe.
     pub fn cli_within(&self, args: &[&str], timeout: Duration) -> Output {
-        let mut child = Command::new(agent_binary())
-            .arg("--api-socket")
-            .arg(&self.api_socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the CLI starts");
-        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut bytes = Vec::new();
-                if let Some(mut pipe) = pipe {
-                    let _ = pipe.read_to_end(&mut bytes);
-                }
-                bytes
-            })
-        };
-        let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-        let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("poll the CLI") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                let stderr = stderr.join().unwrap_or_default();
-                panic!(
-                    "`gantry-agent {}` did not finish within {timeout:?}\nstderr: {}\n\
-                     --- agent log ---\n{}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&stderr),
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Output {
-            status,
-            stdout: stdout.join().expect("stdout reader"),
-            stderr: stderr.join().expect("stderr reader"),
+        self.cli_observed(args, timeout, || {})
+    }
+
+    /// [`Self::cli_within`], calling `on_first_stdout` as soon as the command's first bytes of
+    /// standard output arrive (e.g. to read a counter at a container's first output).
+    pub fn cli_observed(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+        on_first_stdout: impl FnOnce() + Send + 'static,
+    ) -> Output {
+        let mut command = Command::new(agent_binary());
+        command.arg("--api-socket").arg(&self.api_socket).args(args);
+        match output_within(&mut command, timeout, on_first_stdout) {
+            Ok(output) => output,
+            Err(error) => panic!(
+                "`gantry-agent {}`: {error:#}\n--- agent log ---\n{}",
+                args.join(" "),
+                self.log()
+            ),
         }
     }
 
@@ -354,6 +418,20 @@ impl TestAgent {
             self.log()
         );
         Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    /// `images --json`'s presence of the layer blob `digest`: (present chunks, chunks).
+    pub fn layer_presence(&self, digest: &gantry_oci::Digest) -> Result<(u64, u64)> {
+        let images = self.cli_json(&["images", "--json"])?;
+        let wanted = digest.to_string();
+        images
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|image| image["layer_presence"].as_array().into_iter().flatten())
+            .find(|layer| layer["blob_digest"] == wanted.as_str())
+            .and_then(|layer| Some((layer["present_chunks"].as_u64()?, layer["chunks"].as_u64()?)))
+            .with_context(|| format!("no image lists layer {digest}"))
     }
 
     /// Waits until `vm`'s shim answers `GuestInfo`; returns the report.

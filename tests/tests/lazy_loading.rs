@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use gantry_agent::images::default_image;
-use gantry_e2e::{TestAgent, TestVm, agent_binary};
+use gantry_e2e::{TestAgent, TestVm, agent_binary, image_layers};
 use gantry_oci::Digest;
 use gantry_oci::builder::{self, ImageConfigSpec, LayerBuilder};
 use gantry_oci::chunked::IndexLocation;
@@ -178,7 +178,8 @@ fn image(fixture: &Fixture, name: &str, seed: u64, host: &str) -> TestImage {
         text(&convert.stderr)
     );
     println!("{name}: converted and pushed in {:?}", started.elapsed());
-    let data_layer = converted_layers(&converted_at_registry)
+    let data_layer = image_layers(&converted_at_registry)
+        .expect("the converted image's layers")
         .pop()
         .expect("a data layer");
     TestImage {
@@ -190,41 +191,9 @@ fn image(fixture: &Fixture, name: &str, seed: u64, host: &str) -> TestImage {
     }
 }
 
-/// `skopeo inspect --raw docker://REFERENCE`.
-fn raw_manifest(reference: &str) -> serde_json::Value {
-    let output = Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{reference}"))
-        .output()
-        .expect("skopeo inspect");
-    assert!(output.status.success(), "skopeo: {}", text(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("a JSON manifest")
-}
-
-/// The layer descriptors of a pushed image (the first manifest of an index).
-fn converted_layers(reference: &str) -> Vec<Descriptor> {
-    let mut document = raw_manifest(reference);
-    if let Some(digest) = document["manifests"][0]["digest"].as_str() {
-        let (name, _) = reference.rsplit_once(':').unwrap();
-        document = raw_manifest(&format!("{name}@{digest}"));
-    }
-    serde_json::from_value(document["layers"].clone()).expect("layer descriptors")
-}
-
 /// `images --json`'s presence of the layer blob `digest`: (present chunks, chunks).
 fn presence(agent: &TestAgent, digest: &Digest) -> (u64, u64) {
-    let images = agent.cli_json(&["images", "--json"]).expect("images");
-    for image in images.as_array().unwrap() {
-        for layer in image["layer_presence"].as_array().unwrap() {
-            if layer["blob_digest"] == digest.to_string() {
-                return (
-                    layer["present_chunks"].as_u64().unwrap(),
-                    layer["chunks"].as_u64().unwrap(),
-                );
-            }
-        }
-    }
-    panic!("no image lists layer {digest}");
+    agent.layer_presence(digest).expect("images --json")
 }
 
 fn lazy_stats(agent: &TestAgent) -> gantry_api::LazyStats {
