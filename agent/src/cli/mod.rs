@@ -127,6 +127,9 @@ pub enum CacheCommand {
 pub enum ImageCommand {
     /// Convert an OCI layer (tar, tar+gzip, tar+zstd) into an EROFS image.
     ConvertLayer(image::ConvertLayerArgs),
+    /// Show the startup trace the cache holds for an image (the chunks its first lazy start
+    /// read, replayed as the first prefetch of later cold starts).
+    Trace(cache::TraceArgs),
     /// Write the embedded default image (busybox) as an OCI layout.
     BuildDefault {
         /// The layout directory to create.
@@ -198,6 +201,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Image(ImageCommand::ConvertLayer(args)) => {
             image::run_convert_layer(&args)?;
         }
+        Command::Image(ImageCommand::Trace(args)) => cache::run_trace(&args).await?,
         Command::Image(ImageCommand::BuildDefault { output, busybox }) => {
             image::run_build_default(&output, &busybox)?;
         }
