@@ -17,7 +17,8 @@
 //!
 //! Imports point one way: `reference` ← `manifest` ← `source` ← {`layout`, `registry`};
 //! `compression`, `tar_stream` ← `convert` (which writes through `gantry-erofs`);
-//! `reference`, `manifest` ← `chunked`.
+//! `reference`, `manifest` ← `chunked` (whose `media`, importing nothing, `manifest` uses to accept
+//! EROFS layers).
 
 pub mod builder;
 pub mod chunked;

@@ -198,7 +198,10 @@ impl ManifestDocument {
 impl ImageManifest {
     fn check_layers(&self) -> Result<(), ManifestError> {
         for layer in &self.layers {
-            if !LAYER_MEDIA_TYPES.contains(&layer.media_type.as_str()) {
+            // Tar layers (converted on the card) or EROFS layers (the lazy format, or whole).
+            if !LAYER_MEDIA_TYPES.contains(&layer.media_type.as_str())
+                && crate::chunked::media::erofs_layer_kind(&layer.media_type).is_none()
+            {
                 return Err(ManifestError::UnsupportedLayer {
                     digest: layer.digest.clone(),
                     media_type: layer.media_type.clone(),

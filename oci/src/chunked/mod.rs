@@ -24,7 +24,7 @@ mod frame;
 mod hashing;
 mod index;
 mod location;
-mod media;
+pub mod media;
 mod writer;
 
 pub use decode::decode_whole_layer;
