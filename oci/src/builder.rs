@@ -13,11 +13,10 @@ use flate2::write::GzEncoder;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-use crate::layout::REF_NAME_ANNOTATION;
+use crate::layout::{LayoutError, LayoutWriter};
+use crate::manifest::{Descriptor, OCI_CONFIG, OCI_MANIFEST};
 
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
-const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// Errors building an image.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +32,9 @@ pub enum BuildError {
     /// A path in a layer description is not relative and clean.
     #[error("layer path {0:?} must be relative, without '..'")]
     BadPath(String),
+    /// Writing into the layout failed.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
 }
 
 /// Maps an I/O error at `path` into a [`BuildError`].
@@ -207,16 +209,6 @@ fn sha256_hex(data: &[u8]) -> String {
     hash.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Writes `data` as a blob of `layout`; returns its digest (`sha256:…`).
-fn write_blob(layout: &Path, data: &[u8]) -> Result<String, BuildError> {
-    let hex = sha256_hex(data);
-    let dir = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-    let path = dir.join(&hex);
-    std::fs::write(&path, data).map_err(io_at(&path))?;
-    Ok(format!("sha256:{hex}"))
-}
-
 /// Writes an image of `layers` (lowest first) named `name` into the OCI layout at `layout`
 /// (created, or added to); returns the manifest digest.
 pub fn write_image(
@@ -225,11 +217,7 @@ pub fn write_image(
     layers: &[LayerBuilder],
     config: &ImageConfigSpec,
 ) -> Result<String, BuildError> {
-    std::fs::create_dir_all(layout).map_err(io_at(layout))?;
-    let oci_layout = layout.join("oci-layout");
-    std::fs::write(&oci_layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
-        .map_err(io_at(&oci_layout))?;
-
+    let writer = LayoutWriter::create(layout)?;
     let mut layer_descriptors = Vec::new();
     let mut diff_ids = Vec::new();
     for layer in layers {
@@ -239,7 +227,7 @@ pub fn write_image(
         let mut gzip = GzEncoder::new(Vec::new(), Compression::default());
         gzip.write_all(&tar).map_err(io_at(layout))?;
         let compressed = gzip.finish().map_err(io_at(layout))?;
-        let digest = write_blob(layout, &compressed)?;
+        let digest = writer.write_blob(&compressed)?;
         layer_descriptors.push(json!({
             "mediaType": LAYER_MEDIA_TYPE, "digest": digest, "size": compressed.len()
         }));
@@ -270,34 +258,18 @@ pub fn write_image(
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     }))
     .map_err(|err| io_at(layout)(err.into()))?;
-    let config_digest = write_blob(layout, &config_json)?;
+    let config_digest = writer.write_blob(&config_json)?;
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": { "mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": config_json.len() },
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": OCI_CONFIG, "digest": config_digest, "size": config_json.len() },
         "layers": layer_descriptors,
     }))
     .map_err(|err| io_at(layout)(err.into()))?;
-    let manifest_digest = write_blob(layout, &manifest)?;
-
-    // Keep the layout's other images; replace one of the same name.
-    let index_path = layout.join("index.json");
-    let mut manifests: Vec<serde_json::Value> = std::fs::read(&index_path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-        .and_then(|index| index["manifests"].as_array().cloned())
-        .unwrap_or_default();
-    manifests.retain(|m| m["annotations"][REF_NAME_ANNOTATION] != name);
-    manifests.push(json!({
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "digest": manifest_digest,
-        "size": manifest.len(),
-        "annotations": { REF_NAME_ANNOTATION: name },
-    }));
-    let index = serde_json::to_vec_pretty(&json!({ "schemaVersion": 2, "manifests": manifests }))
-        .map_err(|err| io_at(layout)(err.into()))?;
-    std::fs::write(&index_path, index).map_err(io_at(&index_path))?;
-    Ok(manifest_digest)
+    let manifest_digest = writer.write_blob(&manifest)?;
+    // Keeps the layout's other images; replaces one of the same name.
+    writer.name_image(&Descriptor::of(OCI_MANIFEST, &manifest), name)?;
+    Ok(manifest_digest.to_string())
 }
 
 #[cfg(test)]

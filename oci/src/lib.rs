@@ -4,21 +4,26 @@
 //!   content digests.
 //! - [`manifest`]: descriptors, image manifests, indexes, configs, platform selection.
 //! - [`source`]: what an image source provides ([`ImageSource`]) and how blobs are verified.
-//! - [`layout`]: OCI image layout directories as a source.
+//! - [`destination`]: what an image destination provides ([`ImageDestination`]).
+//! - [`layout`]: OCI image layout directories as a source and a destination.
+//! - [`fsutil`]: atomic, durable file replacement.
 //! - [`builder`]: tar layers and OCI layouts described in code (default images, tests, bundles).
 //! - [`compression`]: tar / tar+gzip / tar+zstd detection and the decompression cap.
 //! - [`tar_stream`]: a streaming tar reader hardened for untrusted layers.
 //! - [`convert`]: an OCI layer converted into an EROFS image ([`convert_layer`]), with
 //!   whiteouts and opaque directories for overlayfs.
 //! - [`registry`]: the distribution API client: auth, credentials, mirrors, retries, ranged
-//!   blob reads.
+//!   blob reads, pushes.
 //!
-//! Imports point one way: `reference` ← `manifest` ← `source` ← {`layout`, `registry`};
+//! Imports point one way: `reference` ← `manifest` ← {`source`, `destination`} ←
+//! {`layout`, `registry`};
 //! `compression`, `tar_stream` ← `convert` (which writes through `gantry-erofs`).
 
 pub mod builder;
 pub mod compression;
 pub mod convert;
+pub mod destination;
+pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod layout;
@@ -29,5 +34,6 @@ pub mod source;
 pub mod tar_stream;
 
 pub use convert::{ConvertError, ConvertOptions, ConvertSummary, convert_layer};
-pub use reference::{Digest, Reference};
+pub use destination::{BlobData, BlobOutcome, EncodedManifest, ImageDestination};
+pub use reference::{Digest, ImageLocation, Reference};
 pub use source::{BlobSink, BlobVerifier, FetchedManifest, ImageSource, SinkError, VerifyError};

@@ -151,19 +151,72 @@ pub trait ImageSource: Sync {
     ) -> impl Future<Output = Result<String, Self::Error>> + Send;
 }
 
+/// Collects a small blob in memory (the verifier refuses more than the declared size, which
+/// the caller checked against its limit).
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    /// What arrived.
+    pub bytes: Vec<u8>,
+}
+
+impl BlobSink for MemorySink {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+        self.bytes.extend_from_slice(&chunk);
+        Ok(())
+    }
+
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        self.bytes.clear();
+        Ok(())
+    }
+}
+
+/// Why [`fetch_config`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFetchError<E: std::error::Error + 'static> {
+    /// The descriptor declares more than the source accepts.
+    #[error("config {digest} is {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// Its digest.
+        digest: Digest,
+        /// Its declared size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The source failed.
+    #[error(transparent)]
+    Source(E),
+}
+
+/// Fetches an image config blob into memory, verified, refusing one larger than the source's
+/// [`ImageSource::max_config_bytes`] before any byte is read.
+pub async fn fetch_config<S: ImageSource>(
+    source: &S,
+    descriptor: &Descriptor,
+) -> Result<Vec<u8>, ConfigFetchError<S::Error>> {
+    let limit = source.max_config_bytes();
+    if descriptor.size > limit {
+        return Err(ConfigFetchError::TooLarge {
+            digest: descriptor.digest.clone(),
+            size: descriptor.size,
+            limit,
+        });
+    }
+    let mut sink = MemorySink::default();
+    source
+        .fetch_blob(descriptor, &mut sink)
+        .await
+        .map_err(ConfigFetchError::Source)?;
+    Ok(sink.bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn descriptor(bytes: &[u8]) -> Descriptor {
-        Descriptor {
-            media_type: String::new(),
-            digest: Digest::of(bytes),
-            size: bytes.len() as u64,
-            platform: None,
-            annotations: Default::default(),
-            urls: Vec::new(),
-        }
+        Descriptor::of("", bytes)
     }
 
     #[test]

@@ -23,7 +23,6 @@
 //! the modification time of `layer.json`, touched on every pin.
 
 pub mod bitmap;
-pub mod fsutil;
 pub mod lock;
 
 use std::collections::{HashMap, HashSet};
@@ -40,9 +39,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use self::bitmap::{BitmapError, ChunkBitmap, DEFAULT_CHUNK_SIZE};
-use self::fsutil::{sync_dir, unique_suffix, write_atomic};
 use self::lock::{FileLock, LockMode};
 use crate::sync::lock;
+use gantry_oci::fsutil::{sync_dir, unique_suffix, write_atomic};
 
 const IMAGE_FILE: &str = "image.erofs";
 const BITMAP_FILE: &str = "chunks.bitmap";

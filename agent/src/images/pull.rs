@@ -27,7 +27,9 @@ use crate::cache::{Cache, CacheError, ImageRecord, LayerRecord, PinGuard};
 use gantry_oci::manifest::{
     Descriptor, ImageConfiguration, ImageManifest, ManifestDocument, ManifestError,
 };
-use gantry_oci::source::{BlobSink, FetchedManifest, ImageSource, SinkError};
+use gantry_oci::source::{
+    self, BlobSink, ConfigFetchError, FetchedManifest, ImageSource, SinkError,
+};
 use gantry_oci::{ConvertError, ConvertOptions, ConvertSummary, Digest, convert_layer};
 
 /// Errors of pulling an image.
@@ -269,44 +271,24 @@ async fn fetch_config<S: ImageSource>(
     image: &str,
     manifest: &ImageManifest,
 ) -> Result<Vec<u8>, PullError> {
-    let descriptor = &manifest.config;
-    let limit = source.max_config_bytes();
-    if descriptor.size > limit {
-        return Err(PullError::ConfigTooLarge {
-            image: image.to_string(),
-            digest: descriptor.digest.clone(),
-            size: descriptor.size,
-            limit,
-        });
-    }
-    let mut sink = MemorySink::default();
-    source
-        .fetch_blob(descriptor, &mut sink)
+    source::fetch_config(source, &manifest.config)
         .await
-        .map_err(|error| PullError::Source {
-            image: image.to_string(),
-            error: Box::new(error),
-        })?;
-    Ok(sink.bytes)
-}
-
-/// Collects a small blob in memory (the size was checked against the limit beforehand and the
-/// verifier refuses more than the declared size).
-#[derive(Debug, Default)]
-struct MemorySink {
-    bytes: Vec<u8>,
-}
-
-impl BlobSink for MemorySink {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
-        self.bytes.extend_from_slice(&chunk);
-        Ok(())
-    }
-
-    async fn reset(&mut self) -> Result<(), SinkError> {
-        self.bytes.clear();
-        Ok(())
-    }
+        .map_err(|error| match error {
+            ConfigFetchError::TooLarge {
+                digest,
+                size,
+                limit,
+            } => PullError::ConfigTooLarge {
+                image: image.to_string(),
+                digest,
+                size,
+                limit,
+            },
+            ConfigFetchError::Source(error) => PullError::Source {
+                image: image.to_string(),
+                error: Box::new(error),
+            },
+        })
 }
 
 async fn pull_layer<S: ImageSource>(
