@@ -12,14 +12,18 @@
 //! - [`tar_stream`]: a streaming tar reader hardened for untrusted layers.
 //! - [`convert`]: an OCI layer converted into an EROFS image ([`convert_layer`]), with
 //!   whiteouts and opaque directories for overlayfs.
+//! - [`chunked`]: the lazy EROFS layer format (erofs-image-spec v1): media types, the chunk
+//!   index, the `+zstd` blob writer, chunk and whole-blob decoding.
 //! - [`registry`]: the distribution API client: auth, credentials, mirrors, retries, ranged
 //!   blob reads, pushes.
 //!
 //! Imports point one way: `reference` ← `manifest` ← {`source`, `destination`} ←
 //! {`layout`, `registry`};
-//! `compression`, `tar_stream` ← `convert` (which writes through `gantry-erofs`).
+//! `compression`, `tar_stream` ← `convert` (which writes through `gantry-erofs`);
+//! `reference`, `manifest` ← `chunked`.
 
 pub mod builder;
+pub mod chunked;
 pub mod compression;
 pub mod convert;
 pub mod destination;
