@@ -13,6 +13,7 @@ use flate2::write::GzEncoder;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
+pub use crate::compression::Compression as LayerCompression;
 use crate::layout::{LayoutError, LayoutWriter};
 use crate::manifest::{Descriptor, OCI_CONFIG, OCI_MANIFEST};
 
@@ -61,16 +62,42 @@ enum Node {
     },
 }
 
-/// One layer, as a set of paths (kept sorted, so the tar is deterministic).
+/// One layer, as a set of paths (kept sorted, so the tar is deterministic), and how its blob
+/// is compressed (gzip unless [`LayerBuilder::compression`] says otherwise).
 #[derive(Debug, Clone, Default)]
 pub struct LayerBuilder {
     nodes: BTreeMap<String, Node>,
+    compression: Option<LayerCompression>,
 }
 
 impl LayerBuilder {
     /// An empty layer.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Stores the layer's blob with `compression` (tar, tar+gzip or tar+zstd).
+    pub fn compression(&mut self, compression: LayerCompression) -> &mut Self {
+        self.compression = Some(compression);
+        self
+    }
+
+    /// The layer's blob and its media type.
+    fn blob(&self, tar: &[u8], scratch: &Path) -> Result<(Vec<u8>, &'static str), BuildError> {
+        Ok(match self.compression.unwrap_or(LayerCompression::Gzip) {
+            LayerCompression::None => (tar.to_vec(), "application/vnd.oci.image.layer.v1.tar"),
+            LayerCompression::Gzip => {
+                // No file name or time in the gzip header: the same tar gives the same blob.
+                let mut gzip = GzEncoder::new(Vec::new(), Compression::default());
+                gzip.write_all(tar).map_err(io_at(scratch))?;
+                (gzip.finish().map_err(io_at(scratch))?, LAYER_MEDIA_TYPE)
+            }
+            LayerCompression::Zstd => (
+                // Single-threaded zstd at a fixed level is deterministic.
+                zstd::encode_all(tar, 3).map_err(io_at(scratch))?,
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+            ),
+        })
     }
 
     fn insert(&mut self, path: &str, node: Node) -> Result<&mut Self, BuildError> {
@@ -223,13 +250,10 @@ pub fn write_image(
     for layer in layers {
         let tar = layer.to_tar()?;
         diff_ids.push(format!("sha256:{}", sha256_hex(&tar)));
-        // No file name or time in the gzip header: the same tar gives the same blob.
-        let mut gzip = GzEncoder::new(Vec::new(), Compression::default());
-        gzip.write_all(&tar).map_err(io_at(layout))?;
-        let compressed = gzip.finish().map_err(io_at(layout))?;
-        let digest = writer.write_blob(&compressed)?;
+        let (blob, media_type) = layer.blob(&tar, layout)?;
+        let digest = writer.write_blob(&blob)?;
         layer_descriptors.push(json!({
-            "mediaType": LAYER_MEDIA_TYPE, "digest": digest, "size": compressed.len()
+            "mediaType": media_type, "digest": digest, "size": blob.len()
         }));
     }
     let mut image_config = serde_json::Map::new();
@@ -307,6 +331,40 @@ mod tests {
             first,
             write_image(&dir.path().join("three"), "x", &different, &config).unwrap()
         );
+    }
+
+    #[test]
+    fn layers_are_stored_as_their_compression_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut layers = two_layers();
+        layers[0].compression(LayerCompression::Zstd);
+        layers[1].compression(LayerCompression::None);
+        let digest = write_image(dir.path(), "x", &layers, &ImageConfigSpec::default()).unwrap();
+        let blob = |digest: &str| {
+            let hex = digest.strip_prefix("sha256:").unwrap();
+            std::fs::read(dir.path().join("blobs/sha256").join(hex)).unwrap()
+        };
+        let manifest: serde_json::Value = serde_json::from_slice(&blob(&digest)).unwrap();
+        let media_types: Vec<&str> = manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["mediaType"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            media_types,
+            [
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+                "application/vnd.oci.image.layer.v1.tar"
+            ]
+        );
+        let zstd_layer = blob(manifest["layers"][0]["digest"].as_str().unwrap());
+        assert_eq!(
+            zstd::decode_all(&zstd_layer[..]).unwrap(),
+            layers[0].to_tar().unwrap()
+        );
+        let plain = blob(manifest["layers"][1]["digest"].as_str().unwrap());
+        assert_eq!(plain, layers[1].to_tar().unwrap());
     }
 
     #[test]

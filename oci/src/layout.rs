@@ -29,17 +29,17 @@ const READ_CHUNK: usize = 1 << 20;
 /// The content of `oci-layout` that [`LayoutWriter`] writes.
 const LAYOUT_MARKER: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
-/// Errors of layout sources.
+/// Errors of layout sources and destinations. Messages include their causes (none is a
+/// `source`, which reporters printing the chain would repeat).
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
-    /// A file could not be read.
-    #[error("{path}: {source}")]
+    /// A file could not be read or written.
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Not an OCI layout, or a malformed `index.json`.
     #[error("{path}: {reason}")]
@@ -201,10 +201,7 @@ fn blob_path(root: &Path, digest: &Digest) -> PathBuf {
 }
 
 fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, LayoutError> {
-    let io_error = |source| LayoutError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io_error = |error| io_at(path)(error);
     let len = std::fs::metadata(path).map_err(io_error)?.len();
     if len > limit {
         return Err(LayoutError::TooLarge {
@@ -262,12 +259,7 @@ impl ImageSource for OciLayoutSource<'_> {
 
     async fn fetch_manifest(&self, digest: &Digest) -> Result<FetchedManifest, LayoutError> {
         let path = self.layout.blob_path(digest);
-        let size = std::fs::metadata(&path)
-            .map_err(|source| LayoutError::Io {
-                path: path.clone(),
-                source,
-            })?
-            .len();
+        let size = std::fs::metadata(&path).map_err(io_at(&path))?.len();
         self.layout
             .read_manifest(&Descriptor::new("", digest.clone(), size))
     }
@@ -278,10 +270,7 @@ impl ImageSource for OciLayoutSource<'_> {
         sink: &mut S,
     ) -> Result<String, LayoutError> {
         let path = self.layout.blob_path(&descriptor.digest);
-        let io_error = |source| LayoutError::Io {
-            path: path.clone(),
-            source,
-        };
+        let io_error = |error| io_at(&path)(error);
         let mut file = tokio::fs::File::open(&path).await.map_err(io_error)?;
         let mut verifier = BlobVerifier::new(descriptor);
         let mut sink_error = None;
@@ -477,10 +466,9 @@ impl LayoutDestination {
         tokio::task::spawn_blocking(move || work(writer))
             .await
             .unwrap_or_else(|join| {
-                Err(LayoutError::Io {
-                    path: self.writer.root.clone(),
-                    source: std::io::Error::other(join.to_string()),
-                })
+                Err(io_at(&self.writer.root)(std::io::Error::other(
+                    join.to_string(),
+                )))
             })
     }
 }
@@ -558,9 +546,9 @@ fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> LayoutError + '_ {
-    move |source| LayoutError::Io {
+    move |error| LayoutError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -14,13 +14,15 @@
 //!   whiteouts and opaque directories for overlayfs.
 //! - [`chunked`]: the lazy EROFS layer format (erofs-image-spec v1): media types, the chunk
 //!   index, the `+zstd` blob writer, chunk and whole-blob decoding.
+//! - [`image_convert`]: whole images converted into the lazy EROFS format (every layer through
+//!   `convert` and `chunked`) and written to a destination (registry or layout).
 //! - [`registry`]: the distribution API client: auth, credentials, mirrors, retries, ranged
 //!   blob reads, pushes.
 //!
 //! Imports point one way: `reference` ← `manifest` ← {`source`, `destination`} ←
 //! {`layout`, `registry`};
 //! `compression`, `tar_stream` ← `convert` (which writes through `gantry-erofs`);
-//! `reference`, `manifest` ← `chunked`.
+//! `reference`, `manifest` ← `chunked`; everything but `builder` ← `image_convert`.
 
 pub mod builder;
 pub mod chunked;
@@ -30,6 +32,7 @@ pub mod destination;
 pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod image_convert;
 pub mod layout;
 pub mod manifest;
 pub mod reference;

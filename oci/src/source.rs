@@ -171,6 +171,59 @@ impl BlobSink for MemorySink {
     }
 }
 
+/// How often a [`CountingSink`] reports.
+const REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Passes a blob on to `inner`, calling `report` with the bytes received so far a few times a
+/// second and when the last byte arrives (so live displays stay cheap); after a reset (the
+/// source starts over) the next report counts from 0 again.
+#[derive(Debug)]
+pub struct CountingSink<S, F> {
+    inner: S,
+    size: u64,
+    received: u64,
+    reported_at: Option<std::time::Instant>,
+    report: F,
+}
+
+impl<S, F: Fn(u64) + Send> CountingSink<S, F> {
+    /// Counts a blob of `size` bytes on its way to `inner`.
+    pub fn new(inner: S, size: u64, report: F) -> Self {
+        CountingSink {
+            inner,
+            size,
+            received: 0,
+            reported_at: None,
+            report,
+        }
+    }
+
+    /// The sink the bytes went to.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: BlobSink, F: Fn(u64) + Send> BlobSink for CountingSink<S, F> {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+        self.received += chunk.len() as u64;
+        let due = self
+            .reported_at
+            .is_none_or(|at| at.elapsed() >= REPORT_INTERVAL);
+        if due || self.received == self.size {
+            self.reported_at = Some(std::time::Instant::now());
+            (self.report)(self.received);
+        }
+        self.inner.write(chunk).await
+    }
+
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        self.received = 0;
+        self.reported_at = None;
+        self.inner.reset().await
+    }
+}
+
 /// Why [`fetch_config`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFetchError<E: std::error::Error + 'static> {
@@ -217,6 +270,27 @@ mod tests {
 
     fn descriptor(bytes: &[u8]) -> Descriptor {
         Descriptor::of("", bytes)
+    }
+
+    #[tokio::test]
+    async fn counting_reports_the_first_and_last_bytes_and_restarts_after_a_reset() {
+        let reports = std::sync::Mutex::new(Vec::new());
+        let mut sink = CountingSink::new(MemorySink::default(), 6, |n| {
+            reports.lock().unwrap().push(n)
+        });
+        for chunk in [&b"ab"[..], b"cd", b"ef"] {
+            sink.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        sink.reset().await.unwrap();
+        sink.write(Bytes::from_static(b"abcdef")).await.unwrap();
+        // The first write and the last byte are always reported (a slow machine may add the
+        // middle one), then the restart counts from 0.
+        assert_eq!(sink.into_inner().bytes, b"abcdef");
+        let reports = reports.into_inner().unwrap();
+        assert!(
+            reports == [2, 6, 6] || reports == [2, 4, 6, 6],
+            "{reports:?}"
+        );
     }
 
     #[test]

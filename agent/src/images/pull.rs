@@ -28,7 +28,7 @@ use gantry_oci::manifest::{
     Descriptor, ImageConfiguration, ImageManifest, ManifestDocument, ManifestError,
 };
 use gantry_oci::source::{
-    self, BlobSink, ConfigFetchError, FetchedManifest, ImageSource, SinkError,
+    self, BlobSink, ConfigFetchError, CountingSink, FetchedManifest, ImageSource, SinkError,
 };
 use gantry_oci::{ConvertError, ConvertOptions, ConvertSummary, Digest, convert_layer};
 
@@ -324,16 +324,20 @@ async fn pull_layer<S: ImageSource>(
         size: descriptor.size,
     });
     let build = cache.begin_build()?;
-    let mut sink = CountingSink {
-        inner: ConvertSink::new(build.image_path(), cache.convert_options()),
-        index,
-        size: descriptor.size,
-        received: 0,
-        reported_at: None,
-        progress,
-    };
+    let size = descriptor.size;
+    let mut sink = CountingSink::new(
+        ConvertSink::new(build.image_path(), cache.convert_options()),
+        size,
+        |received| {
+            progress(&PullEvent::LayerBytes {
+                index,
+                received,
+                size,
+            })
+        },
+    );
     let fetched = source.fetch_blob(descriptor, &mut sink).await;
-    let mut sink = sink.inner;
+    let mut sink = sink.into_inner();
     let summary = match fetched {
         Ok(url) => match sink.finish().await {
             Ok(summary) => (summary, url),
@@ -365,43 +369,6 @@ async fn pull_layer<S: ImageSource>(
         seconds: started.elapsed().as_secs_f64(),
     });
     Ok(pinned)
-}
-
-/// How often a layer's byte count is reported while it downloads.
-const BYTES_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// Passes a blob on to `inner`, reporting the bytes received as [`PullEvent::LayerBytes`].
-struct CountingSink<'p, S> {
-    inner: S,
-    index: usize,
-    size: u64,
-    received: u64,
-    reported_at: Option<Instant>,
-    progress: Progress<'p>,
-}
-
-impl<S: BlobSink> BlobSink for CountingSink<'_, S> {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
-        self.received += chunk.len() as u64;
-        let due = self
-            .reported_at
-            .is_none_or(|at| at.elapsed() >= BYTES_REPORT_INTERVAL);
-        if due || self.received == self.size {
-            self.reported_at = Some(Instant::now());
-            (self.progress)(&PullEvent::LayerBytes {
-                index: self.index,
-                received: self.received,
-                size: self.size,
-            });
-        }
-        self.inner.write(chunk).await
-    }
-
-    async fn reset(&mut self) -> Result<(), SinkError> {
-        self.received = 0;
-        self.reported_at = None;
-        self.inner.reset().await
-    }
 }
 
 /// Depth of the queue between the download and the converter thread.

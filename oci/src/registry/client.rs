@@ -136,15 +136,14 @@ pub enum RegistryError {
     #[error("storing the blob: {0}")]
     Sink(String),
     /// A push step failed.
-    #[error("pushing {what} to {repository}: {source}")]
+    #[error("pushing {what} to {repository}: {error}")]
     Push {
         /// What was pushed (`blob sha256:…`, `manifest TAG`).
         what: String,
         /// `host/repository`.
         repository: String,
-        /// Why.
-        #[source]
-        source: Box<RegistryError>,
+        /// Why (in the message, so not a `source`).
+        error: Box<RegistryError>,
     },
     /// An upload's `Location` is missing or unusable.
     #[error("{url}: the registry sent no usable upload Location (got {location:?})")]

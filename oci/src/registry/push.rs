@@ -14,7 +14,7 @@
 use futures::TryStreamExt as _;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode, Url};
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::client::{
     Endpoint, RegistryClient, RegistryError, expect_status, header_str, same_origin,
@@ -116,7 +116,7 @@ impl RegistryClient {
         })
         .await
         .map_err(|error| push_error(reference, format!("manifest {target}"), error))?;
-        info!(%url, digest = %manifest.digest, "pushed manifest");
+        debug!(%url, digest = %manifest.digest, "pushed manifest");
         Ok(manifest.digest.clone())
     }
 
@@ -188,7 +188,7 @@ impl RegistryClient {
         let response = expect_status(url, response, wanted).await?;
         if response.status() == StatusCode::CREATED {
             check_served_digest(url, response.headers(), &descriptor.digest)?;
-            info!(digest = %descriptor.digest, from = target.mount_from, "mounted blob");
+            debug!(digest = %descriptor.digest, from = target.mount_from, "mounted blob");
             return Ok(Some(BlobOutcome::Mounted));
         }
         let session = upload_session(url, response.headers())?;
@@ -216,7 +216,7 @@ impl RegistryClient {
             .await?;
         let response = expect_status(&put, response, &[StatusCode::CREATED]).await?;
         check_served_digest(&put, response.headers(), &descriptor.digest)?;
-        info!(digest = %descriptor.digest, size = descriptor.size, "uploaded blob");
+        debug!(digest = %descriptor.digest, size = descriptor.size, "uploaded blob");
         Ok(Some(BlobOutcome::Stored))
     }
 
@@ -257,7 +257,7 @@ fn push_error(reference: &Reference, what: String, error: RegistryError) -> Regi
     RegistryError::Push {
         what,
         repository: format!("{}/{}", reference.registry, reference.repository),
-        source: Box::new(error),
+        error: Box::new(error),
     }
 }
 
