@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::containers::logs::LogLimits;
+use crate::lazy::LazyConfig;
 use crate::qemu::Accel;
 
 /// Errors loading the configuration.
@@ -61,6 +62,9 @@ pub struct AgentConfig {
     /// Size caps of container logs.
     #[serde(default)]
     pub logs: LogLimits,
+    /// Lazy loading: the default pull mode, timeouts, connections, bandwidth.
+    #[serde(default)]
+    pub lazy: LazyConfig,
     /// The VMs this agent is the device for.
     #[serde(rename = "vm", default)]
     pub vms: Vec<VmConfig>,
@@ -160,6 +164,7 @@ impl AgentConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.lazy.validate().map_err(ConfigError::Invalid)?;
         let mut names = std::collections::HashSet::new();
         let mut cids = std::collections::HashSet::new();
         self.logs.validate().map_err(ConfigError::Invalid)?;

@@ -73,7 +73,13 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         },
     )?;
     let registry = RegistryClient::new(config.registry.clone())?;
-    let images = ImageService::new(cache, registry, &config.state_dir, &config.busybox);
+    let images = ImageService::new(
+        cache,
+        registry,
+        config.lazy.clone(),
+        &config.state_dir,
+        &config.busybox,
+    );
     let mut vms = BTreeMap::new();
     for vm_config in config.vms {
         let qemu = vm_config

@@ -5,7 +5,7 @@
 //!
 //! Devices: [`blk`] (the layer store), [`vsock`] (the control channel), [`vhost_user`] (what the
 //! two share). Images: [`cache`] (content-addressed layers), [`images`] (image service, pull,
-//! default image). Containers: [`containers`] (run, logs, specs), [`session`] (one shim session),
+//! default image), [`lazy`] (layers fetched chunk by chunk while mapped). Containers: [`containers`] (run, logs, specs), [`session`] (one shim session),
 //! [`vm`] (one attached VM), [`qemu`] (the launch recipe). The daemon: [`config`], [`state`],
 //! [`daemon`], [`api`] (the server). The operator: [`cli`]. Formats, the registry client and the
 //! API types are the `gantry-erofs`, `gantry-oci` and `gantry-api` crates.
@@ -21,6 +21,7 @@ mod fuzz_input;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod images;
+pub mod lazy;
 pub mod qemu;
 pub mod session;
 pub mod state;

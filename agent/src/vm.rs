@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::blk::{
-    FileSource, LayerStoreConfig, LayerStoreDevice, LayerStoreDeviceError, LayerStoreError,
+    BlockSource, LayerStoreConfig, LayerStoreDevice, LayerStoreDeviceError, LayerStoreError,
 };
 use crate::cache::{LayerRecord, PinGuard};
 use crate::config::VmConfig;
@@ -361,7 +361,12 @@ impl Vm {
 
     /// Maps a cached layer into this VM's layer store (once per VM: later containers share it)
     /// and returns where the guest finds it. The pin keeps the layer in the cache while mapped.
-    pub fn map_layer(&self, layer: &LayerRecord, pin: PinGuard) -> Result<LayerExtent, VmError> {
+    pub fn map_layer(
+        &self,
+        layer: &LayerRecord,
+        source: Arc<dyn BlockSource>,
+        pin: PinGuard,
+    ) -> Result<LayerExtent, VmError> {
         let digest = layer.erofs_digest.to_string();
         let mut mapped = lock(&self.mapped_layers);
         if let Some((extent, _)) = mapped.get(&digest) {
@@ -372,12 +377,10 @@ impl Vm {
             digest: digest.clone(),
             reason,
         };
-        let source = FileSource::open(&layer.erofs_path)
-            .map_err(|err| map_error(format!("{}: {err}", layer.erofs_path.display())))?;
         let extent = self
             .layer_device
             .extents()
-            .map_layer(&digest, Arc::new(source))
+            .map_layer(&digest, source)
             .map_err(|err: LayerStoreError| map_error(err.to_string()))?;
         let extent = LayerExtent {
             digest: digest.clone(),

@@ -283,4 +283,124 @@ pub struct RunOptions {
     /// The terminal's initial size (default 24 × 80); only with `tty`.
     #[serde(default)]
     pub tty_size: Option<TtySize>,
+    /// How layers in the lazy format are brought in (default: the agent's `lazy.mode`).
+    #[serde(default)]
+    pub pull_mode: Option<PullMode>,
+}
+
+/// How the layers of an image in the lazy format (`application/vnd.erofs+zstd`) are brought
+/// into the cache. Layers in tar formats are always downloaded whole before the start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullMode {
+    /// Only the chunks the guest reads (and their read-ahead) are fetched.
+    Lazy,
+    /// Start as `lazy`, then fetch the rest of each layer in the background.
+    #[default]
+    Fill,
+    /// Every chunk is fetched before the container starts.
+    Eager,
+}
+
+impl PullMode {
+    /// The mode's name as the CLI and the config spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullMode::Lazy => "lazy",
+            PullMode::Fill => "fill",
+            PullMode::Eager => "eager",
+        }
+    }
+}
+
+impl std::str::FromStr for PullMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "lazy" => Ok(PullMode::Lazy),
+            "fill" => Ok(PullMode::Fill),
+            "eager" => Ok(PullMode::Eager),
+            other => Err(format!("unknown pull mode {other:?} (lazy, fill or eager)")),
+        }
+    }
+}
+
+/// What `GET /v1/lazy` reports: the lazy fetcher's counters since the agent started, and the
+/// lazy layers open now.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LazyStats {
+    /// Chunks stored after a guest asked for them (coalesced neighbours included).
+    pub foreground_chunks: u64,
+    /// Chunks stored by read-ahead, trace prefetch and background fill.
+    pub background_chunks: u64,
+    /// Blob bytes received.
+    pub bytes: u64,
+    /// Range requests sent.
+    pub requests: u64,
+    /// Responses discarded because a chunk failed verification.
+    pub verification_failures: u64,
+    /// Fetches that gave up.
+    pub failed_fetches: u64,
+    /// How long guests' reads waited for their chunk: bucket upper bounds in milliseconds
+    /// (the last bucket has none) and counts.
+    pub park_time_ms_buckets: Vec<(Option<u64>, u64)>,
+    /// Per origin (registry repository, file, peer): chunks and bytes it delivered.
+    pub origins: Vec<OriginStats>,
+    /// The lazy layers open now.
+    pub layers: Vec<LazyLayerStats>,
+}
+
+/// Chunks one origin delivered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginStats {
+    /// The origin's name.
+    pub origin: String,
+    /// Chunks it delivered that were stored.
+    pub chunks: u64,
+    /// Blob bytes it sent.
+    pub bytes: u64,
+    /// Responses from it that failed verification.
+    pub verification_failures: u64,
+}
+
+/// One open lazy layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LazyLayerStats {
+    /// The layer blob's digest.
+    pub digest: String,
+    /// Chunks in the layer.
+    pub chunks: u64,
+    /// Chunks present.
+    pub present_chunks: u64,
+    /// Blob bytes fetched for it by this agent.
+    pub fetched_bytes: u64,
+    /// The blob's size up to its chunk index (what a full fetch costs).
+    pub blob_bytes: u64,
+}
+
+/// `POST /v1/images/prefetch`: bring an image into the cache without running it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchRequest {
+    /// The image, as `run` takes it.
+    pub image: String,
+    /// How its lazy-format layers come in (default: the agent's `lazy.mode`). `lazy` fetches
+    /// only their chunk indexes, `fill` starts the background fill, `eager` answers once
+    /// every chunk is present.
+    #[serde(default)]
+    pub pull_mode: Option<PullMode>,
+}
+
+/// What a prefetch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchReport {
+    /// The image's name in the cache.
+    pub image: String,
+    /// The platform manifest's digest.
+    pub manifest_digest: String,
+    /// Layers of the image.
+    pub layers: usize,
+    /// Of which in the lazy format.
+    pub lazy_layers: usize,
 }

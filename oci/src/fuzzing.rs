@@ -8,6 +8,8 @@
 //!   consistent with the others and with the caps; a failed conversion leaves no file behind.
 //! - [`check_manifest`]: a registry's manifest bytes go through [`ManifestDocument::parse`] with
 //!   the media type the registry announced, then platform selection and re-serialization.
+//! - [`check_chunk_index`]: an EROFS layer blob and its chunk-index section through the lazy
+//!   format's parser, chunk decoder and whole-blob decoder ([`chunk_index`]).
 //!
 //! Not part of the crate's API (`#[doc(hidden)]`): only the fuzz targets and tests call it.
 
@@ -25,6 +27,9 @@ use crate::manifest::{
     ManifestDocument, OCI_INDEX, OCI_MANIFEST, Platform,
 };
 use crate::tar_stream::{TarError, TarStream};
+
+pub mod chunk_index;
+pub use chunk_index::{ChunkIndexOutcome, check_chunk_index};
 
 /// First input byte asking [`check_tar_layer`] to gzip the rest before reading it.
 pub const TAR_MODE_GZIP: u8 = 0x01;

@@ -152,7 +152,8 @@ impl OciLayout {
         })
     }
 
-    fn blob_path(&self, digest: &Digest) -> PathBuf {
+    /// Where the layout keeps the blob `digest` (which may not exist).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         blob_path(&self.root, digest)
     }
 

@@ -185,16 +185,30 @@ impl ManifestDocument {
     /// Parses a manifest whose layers must be tar layers (what a pull converts), using the
     /// document's own `mediaType`, else the one the server sent, else its shape.
     pub fn parse(bytes: &[u8], served_media_type: Option<&str>) -> Result<Self, ManifestError> {
-        let document = Self::parse_any_layers(bytes, served_media_type)?;
-        if let ManifestDocument::Image(manifest) = &document {
-            manifest.check_layers()?;
+        Self::parse_with(bytes, served_media_type, is_tar_layer)
+    }
+
+    /// Parses a manifest as [`ManifestDocument::parse`] does, with the layer media types
+    /// `accepted` says (for callers that handle other layer forms too, such as the lazy EROFS
+    /// format).
+    pub fn parse_with(
+        bytes: &[u8],
+        served_media_type: Option<&str>,
+        accepted: impl Fn(&str) -> bool,
+    ) -> Result<Self, ManifestError> {
+        let document = Self::parse_structure(bytes, served_media_type)?;
+        if let ManifestDocument::Image(manifest) = &document
+            && let Some(layer) = manifest.layers.iter().find(|l| !accepted(&l.media_type))
+        {
+            return Err(ManifestError::UnsupportedLayer {
+                digest: layer.digest.clone(),
+                media_type: layer.media_type.clone(),
+            });
         }
         Ok(document)
     }
 
-    /// Parses a manifest as [`ManifestDocument::parse`] does, whatever its layers' media types
-    /// (for callers that handle other layer forms themselves).
-    pub fn parse_any_layers(
+    fn parse_structure(
         bytes: &[u8],
         served_media_type: Option<&str>,
     ) -> Result<Self, ManifestError> {
@@ -230,20 +244,6 @@ impl ManifestDocument {
                 })?;
             Ok(ManifestDocument::Image(manifest))
         }
-    }
-}
-
-impl ImageManifest {
-    fn check_layers(&self) -> Result<(), ManifestError> {
-        for layer in &self.layers {
-            if !is_tar_layer(&layer.media_type) {
-                return Err(ManifestError::UnsupportedLayer {
-                    digest: layer.digest.clone(),
-                    media_type: layer.media_type.clone(),
-                });
-            }
-        }
-        Ok(())
     }
 }
 

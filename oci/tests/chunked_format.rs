@@ -486,6 +486,10 @@ fn an_empty_image_is_a_valid_layer_of_zero_chunks() {
     let (written, digest) =
         decode_whole_layer(&blob[..], &mut out, ChunkCompression::Zstd, None, 0).unwrap();
     assert_eq!((written, digest), (0, Digest::of(b"")));
+    // Told where the index starts (0: no frames at all), the same.
+    let (written, digest) =
+        decode_whole_layer(&blob[..], &mut out, ChunkCompression::Zstd, Some(0), 0).unwrap();
+    assert_eq!((written, digest, out.len()), (0, Digest::of(b""), 0));
     if let Some(zstd) = zstd_cli() {
         assert_eq!(zstd_cli_decode(&zstd, &blob), b"");
     }

@@ -85,6 +85,41 @@ fn the_manifest_corpus_replays_and_valid_seeds_parse() {
 }
 
 #[test]
+fn the_chunk_index_corpus_replays_and_valid_seeds_decode() {
+    let mut valid = 0;
+    let mut replayed = 0;
+    for (name, data) in files("chunk_index") {
+        let outcome = fuzzing::check_chunk_index(&data);
+        if name.starts_with("valid-") {
+            let chunks = outcome
+                .parsed
+                .clone()
+                .unwrap_or_else(|e| panic!("{name} was refused: {e}"));
+            assert_eq!(outcome.decoded, chunks, "{name}: {outcome:?}");
+            assert!(outcome.eager.is_ok(), "{name}: {outcome:?}");
+            valid += 1;
+        }
+        match name.as_str() {
+            "no-digest" | "lying-count" | "zstd-as-raw" => {
+                assert!(outcome.parsed.is_err(), "{name}: {outcome:?}")
+            }
+            // Parsed (only decoding can tell), then refused chunk by chunk.
+            "lying-size" | "corrupt-chunk" => {
+                let chunks = outcome.parsed.clone().unwrap();
+                assert!(outcome.decoded < chunks, "{name}: {outcome:?}");
+            }
+            _ => {}
+        }
+        replayed += 1;
+    }
+    assert!(
+        valid >= 5,
+        "expected the committed valid seeds, found {valid}"
+    );
+    assert!(replayed > valid, "expected the committed edge-case seeds");
+}
+
+#[test]
 fn edge_case_seeds_are_refused() {
     for (name, data) in files("tar_convert") {
         let outcome = fuzzing::check_tar_layer_always(&data);
@@ -119,6 +154,7 @@ fn write_seeds() {
     for (target, seeds) in [
         ("tar_convert", fuzzing::seeds::tar()),
         ("manifest_parse", fuzzing::seeds::manifest()),
+        ("chunk_index", fuzzing::chunk_index::seeds()),
     ] {
         let dir = corpus(target);
         std::fs::create_dir_all(&dir).unwrap();

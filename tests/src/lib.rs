@@ -165,11 +165,28 @@ impl TestAgent {
         }
         let config_path = dir.path().join("agent.toml");
         std::fs::write(&config_path, config)?;
-        let log = std::fs::File::create(dir.path().join("agent.log"))?;
+        let (child, watchdog) = Self::spawn(dir.path())?;
+        let mut agent = Self {
+            child,
+            watchdog,
+            dir,
+            api_socket,
+        };
+        agent.wait_for_socket()?;
+        Ok(agent)
+    }
+
+    /// Starts `gantry-agent serve` on the config in `dir` (its log appended to `agent.log`),
+    /// and its watchdog.
+    fn spawn(dir: &Path) -> Result<(Child, Child)> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))?;
         let child = Command::new(agent_binary())
             .arg("serve")
             .arg("--config")
-            .arg(&config_path)
+            .arg(dir.join("agent.toml"))
             .env("RUST_LOG", "info,gantry_agent=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -185,12 +202,26 @@ impl TestAgent {
             .stderr(Stdio::null())
             .spawn()
             .context("starting the agent's watchdog")?;
-        let mut agent = Self {
-            child,
-            watchdog,
-            dir,
-            api_socket,
-        };
+        Ok((child, watchdog))
+    }
+
+    /// Kills the agent with SIGKILL (no cleanup: a crash) and starts it again on the same
+    /// config and state directory; waits for its API socket.
+    pub fn crash_and_restart(&mut self) -> Result<()> {
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
+        self.child.kill()?;
+        self.child.wait()?;
+        // A crashed agent leaves its API socket behind; the new one replaces it.
+        let _ = std::fs::remove_file(&self.api_socket);
+        let (child, watchdog) = Self::spawn(self.dir.path())?;
+        self.child = child;
+        self.watchdog = watchdog;
+        self.wait_for_socket()
+    }
+
+    fn wait_for_socket(&mut self) -> Result<()> {
+        let agent = self;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !agent.api_socket.exists() {
             if let Some(status) = agent.child.try_wait()? {
@@ -203,7 +234,7 @@ impl TestAgent {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(agent)
+        Ok(())
     }
 
     /// The agent's API socket.
@@ -260,6 +291,56 @@ impl TestAgent {
             .args(args)
             .stdin(Stdio::null())
             .output()?)
+    }
+
+    /// Runs the agent's CLI against this agent; kills it and fails the test (with the agent's
+    /// log) if it takes longer than `timeout`. The pipes are drained meanwhile, so a chatty
+    /// command cannot block on a full pipe.
+    pub fn cli_within(&self, args: &[&str], timeout: Duration) -> Output {
+        let mut child = Command::new(agent_binary())
+            .arg("--api-socket")
+            .arg(&self.api_socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the CLI starts");
+        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("poll the CLI") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let stderr = stderr.join().unwrap_or_default();
+                panic!(
+                    "`gantry-agent {}` did not finish within {timeout:?}\nstderr: {}\n\
+                     --- agent log ---\n{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&stderr),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: stdout.join().expect("stdout reader"),
+            stderr: stderr.join().expect("stderr reader"),
+        }
     }
 
     /// Runs the CLI, requiring success, and decodes its `--json` output.

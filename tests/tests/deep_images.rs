@@ -7,11 +7,11 @@
 //! (`cargo test -p gantry-e2e --test deep_images -- --nocapture` shows it).
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use gantry_agent::images::default_image;
-use gantry_e2e::{TestAgent, TestVm, agent_binary};
+use gantry_e2e::{TestAgent, TestVm};
 use gantry_oci::builder::{self, LayerBuilder};
 
 const VM: &str = "deep";
@@ -27,47 +27,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// `gantry-agent ARGS…`, killed (and the test failed) after `timeout`.
 fn cli(agent: &TestAgent, args: &[&str], timeout: Duration) -> Output {
-    let mut child = Command::new(agent_binary())
-        .arg("--api-socket")
-        .arg(agent.api_socket())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the CLI starts");
-    // Drain the pipes meanwhile, so a chatty command cannot block on a full pipe.
-    let stdout = child.stdout.take().expect("stdout");
-    let stderr = child.stderr.take().expect("stderr");
-    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = pipe.read_to_end(&mut bytes);
-            bytes
-        })
-    };
-    let (stdout, stderr) = (drain(Box::new(stdout)), drain(Box::new(stderr)));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll the CLI") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "`gantry-agent {}` did not finish within {timeout:?}\n--- agent log ---\n{}",
-                args.join(" "),
-                agent.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Output {
-        status,
-        stdout: stdout.join().expect("stdout reader"),
-        stderr: stderr.join().expect("stderr reader"),
-    }
+    agent.cli_within(args, timeout)
 }
 
 fn guest_resources(agent: &TestAgent) -> serde_json::Value {

@@ -7,10 +7,10 @@
 //! `static` fixture would never be dropped. Every CLI call has a deadline, so a case that hangs
 //! fails instead of holding the suite.
 
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use gantry_e2e::{TestAgent, TestVm, agent_binary};
+use gantry_e2e::{TestAgent, TestVm};
 
 const VM: &str = "vm-hostile";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -30,29 +30,7 @@ fn text(bytes: &[u8]) -> String {
 impl Guest {
     /// The CLI with `args`, killed after [`CALL_TIMEOUT`].
     fn cli(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(agent_binary())
-            .arg("--api-socket")
-            .arg(self.agent.api_socket())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the CLI starts");
-        let deadline = Instant::now() + CALL_TIMEOUT;
-        while child.try_wait().expect("poll the CLI").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let output = child.wait_with_output().expect("the CLI's output");
-                panic!(
-                    "gantry-agent {} took more than {CALL_TIMEOUT:?}; stderr: {}",
-                    args.join(" "),
-                    text(&output.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().expect("the CLI's output")
+        self.agent.cli_within(args, CALL_TIMEOUT)
     }
 
     /// `run --vm VM -q --rm [EXTRA…] default sh -c SCRIPT`.

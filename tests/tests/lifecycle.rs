@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use gantry_agent::images::default_image;
 use gantry_e2e::{TestAgent, TestVm, agent_binary};
 use gantry_oci::builder::{self, ImageConfigSpec, LayerBuilder};
+use gantry_testkit::Registry;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const SHARED: &str = "vm-a";
@@ -479,57 +480,6 @@ fn twenty_containers_in_a_row_leave_no_mount_loop_device_or_cgroup() {
     );
     let ps = cli(&["ps", "--vm", COUNTED, "-a", "--json"]);
     assert_eq!(text(&ps.stdout).trim(), "[]");
-}
-
-/// Debian's reference registry on a free loopback port, with a temporary store; killed on drop.
-struct Registry {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("free port")
-            .port();
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("store").display()
-            ),
-        )
-        .expect("registry config");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker-registry is installed (qemu/setup-host.sh installs it)");
-        let registry = Registry {
-            child,
-            port,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the registry did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        registry
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

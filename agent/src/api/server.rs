@@ -76,6 +76,8 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/vms/{vm}/containers/{id}/stdin", post(stdin))
         .route("/v1/vms/{vm}/containers/{id}/resize", post(resize))
         .route("/v1/images", get(images))
+        .route("/v1/images/prefetch", post(prefetch))
+        .route("/v1/lazy", get(lazy_stats))
         .fallback(no_such_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(agent)
@@ -770,6 +772,34 @@ async fn images(State(agent): State<AgentState>) -> Result<Json<serde_json::Valu
     serde_json::to_value(images)
         .map(Json)
         .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))
+}
+
+/// Pulls an image into the cache without running it.
+async fn prefetch(
+    State(agent): State<AgentState>,
+    ApiJson(request): ApiJson<gantry_api::PrefetchRequest>,
+) -> Result<Json<gantry_api::PrefetchReport>, ApiError> {
+    crate::images::parse_image(&request.image)
+        .map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?;
+    let pulled = agent
+        .images
+        .pull(
+            &request.image,
+            request.pull_mode,
+            &crate::images::pull::no_progress,
+        )
+        .await
+        .map_err(|err| ApiError(StatusCode::BAD_GATEWAY, err.to_string()))?;
+    Ok(Json(gantry_api::PrefetchReport {
+        image: pulled.record.name.clone(),
+        manifest_digest: pulled.record.manifest_digest.to_string(),
+        layers: pulled.record.layers.len(),
+        lazy_layers: pulled.lazy_layers.len(),
+    }))
+}
+
+async fn lazy_stats(State(agent): State<AgentState>) -> Json<gantry_api::LazyStats> {
+    Json(agent.images.lazy.stats())
 }
 
 /// `Op::Exec`, or `Op::ExecTty` when the exec asks for a terminal.

@@ -4,7 +4,8 @@
 //! ```text
 //! 0   8  magic "GNTYCHNK"
 //! 8   4  version (1)
-//! 12  4  chunk size in bytes (a power of two, at least 4096)
+//! 12  4  chunk size in bytes (a power of two, at least 4096), or 0: chunks of varying
+//!        size, as the layer's chunk index lays them out (lazy layers)
 //! 16  8  image size in bytes
 //! 24  8  number of chunks
 //! 32  …  one bit per chunk, LSB first; bit set = the chunk's bytes are in the image file
@@ -67,6 +68,29 @@ impl ChunkBitmap {
             ));
         }
         let count = image_size.div_ceil(u64::from(chunk_size));
+        Self::create_counted(path, image_size, chunk_size, count, all_present)
+    }
+
+    /// Creates `path` for an image of `image_size` bytes cut into `count` chunks of varying
+    /// sizes (a lazy layer's chunk index says where each starts), none present, and fsyncs it.
+    pub fn create_variable(
+        path: &Path,
+        image_size: u64,
+        count: u64,
+    ) -> Result<ChunkBitmap, BitmapError> {
+        if count > image_size {
+            return Err(BitmapError::Corrupt("more chunks than bytes"));
+        }
+        Self::create_counted(path, image_size, 0, count, false)
+    }
+
+    fn create_counted(
+        path: &Path,
+        image_size: u64,
+        chunk_size: u32,
+        count: u64,
+        all_present: bool,
+    ) -> Result<ChunkBitmap, BitmapError> {
         let len = usize::try_from(count.div_ceil(8))
             .map_err(|_| BitmapError::Corrupt("too many chunks"))?;
         let mut bits = vec![if all_present { 0xff } else { 0 }; len];
@@ -118,10 +142,14 @@ impl ChunkBitmap {
         let chunk_size = le32(field(12..16));
         let image_size = le64(field(16..24));
         let count = le64(field(24..32));
-        if !chunk_size.is_power_of_two()
-            || chunk_size < 4096
-            || count != image_size.div_ceil(u64::from(chunk_size))
-        {
+        let consistent = if chunk_size == 0 {
+            count <= image_size
+        } else {
+            chunk_size.is_power_of_two()
+                && chunk_size >= 4096
+                && count == image_size.div_ceil(u64::from(chunk_size))
+        };
+        if !consistent {
             return Err(BitmapError::Corrupt("inconsistent header"));
         }
         let len = count.div_ceil(8);
@@ -139,7 +167,7 @@ impl ChunkBitmap {
         })
     }
 
-    /// Chunk size in bytes.
+    /// Chunk size in bytes; 0 when chunks vary in size (see the layer's chunk index).
     pub fn chunk_size(&self) -> u32 {
         self.chunk_size
     }
@@ -194,6 +222,34 @@ impl ChunkBitmap {
         self.file.sync_data()?;
         Ok(())
     }
+
+    /// Marks every chunk in `indexes` present and makes that durable with one sync. The caller
+    /// must have made the chunks' data durable first. Nothing is marked if an index is out of
+    /// range.
+    pub fn set_present_many(&mut self, indexes: &[u64]) -> Result<(), BitmapError> {
+        if let Some(&index) = indexes.iter().find(|&&index| index >= self.count) {
+            return Err(BitmapError::OutOfRange {
+                index,
+                count: self.count,
+            });
+        }
+        let (mut low, mut high) = (usize::MAX, 0usize);
+        for &index in indexes {
+            // In range (checked above), so the byte exists.
+            let byte = (index / 8) as usize;
+            if let Some(bits) = self.bits.get_mut(byte) {
+                *bits |= 1 << (index % 8);
+            }
+            low = low.min(byte);
+            high = high.max(byte);
+        }
+        if let Some(changed) = self.bits.get(low..=high) {
+            self.file.seek(SeekFrom::Start(HEADER_LEN + low as u64))?;
+            self.file.write_all(changed)?;
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -219,6 +275,20 @@ mod tests {
         assert!(reopened.is_present(3) && reopened.is_present(10) && !reopened.is_present(4));
         assert_eq!(reopened.present_count(), 2);
         assert_eq!(reopened.image_size(), size);
+
+        let path3 = dir.path().join("v");
+        let mut variable = ChunkBitmap::create_variable(&path3, 3 << 20, 17).unwrap();
+        assert_eq!((variable.chunk_size(), variable.chunk_count()), (0, 17));
+        variable.set_present_many(&[0, 7, 8, 16]).unwrap();
+        assert!(variable.set_present_many(&[1, 17]).is_err());
+        assert!(
+            !variable.is_present(1),
+            "nothing is marked when one index is out of range"
+        );
+        let reopened = ChunkBitmap::open(&path3).unwrap();
+        assert_eq!(reopened.present_count(), 4);
+        assert!(reopened.is_present(16) && reopened.is_present(8) && !reopened.is_present(9));
+        assert!(ChunkBitmap::create_variable(&dir.path().join("w"), 3, 4).is_err());
 
         std::fs::write(&path2, b"GNTYCHNK garbage").unwrap();
         assert!(ChunkBitmap::open(&path2).is_err());

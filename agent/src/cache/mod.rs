@@ -7,6 +7,7 @@
 //! layers/sha256-<blob hex>/     one published layer, keyed by its blob digest:
 //!     image.erofs               the EROFS image, a sparse file
 //!     chunks.bitmap             present chunks (all set after a full conversion)
+//!     chunk-index.bin           lazy layers only: the verified chunk index (its payload)
 //!     layer.json                LayerMeta; also the file pins lock (shared flock)
 //! locks/sha256-<hex>.lock       per-layer single-flight lock (exclusive flock while fetching)
 //! tmp/<pid>-<n>/                work in progress, owned while its owner.lock is held
@@ -14,8 +15,11 @@
 //! Publication is atomic: a layer is built in its own `tmp/` directory, every file fsynced,
 //! and the directory renamed into `layers/` (then `layers/` fsynced). A crash leaves either no
 //! layer or a complete one; stale `tmp/` directories are removed when found unowned.
+//! A lazily fetched layer (the `application/vnd.erofs+zstd` format) is published as soon as its
+//! chunk index is verified, with a sparse image and an empty bitmap; the fetcher fills it in
+//! place (`lazy::layer`), setting a chunk's bit only after its data is durable.
 //! Image records are written after all their layers are published, so a record never names a
-//! layer that was not complete when it was written (eviction may remove one later: such an
+//! layer that was not published (complete, or lazy) when it was written (eviction may remove one later: such an
 //! image shows as incomplete and the next pull fetches the missing layers again).
 //!
 //! Pins are shared flocks on a layer's `layer.json`; eviction takes the exclusive lock without
@@ -24,6 +28,7 @@
 
 pub mod bitmap;
 pub mod lock;
+pub mod trace;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -33,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use gantry_oci::chunked::ChunkIndex;
 use gantry_oci::manifest::{Descriptor, ImageConfiguration};
 use gantry_oci::{ConvertOptions, ConvertSummary, Digest};
 use serde::{Deserialize, Serialize};
@@ -41,11 +47,14 @@ use tracing::{debug, info, warn};
 use self::bitmap::{BitmapError, ChunkBitmap, DEFAULT_CHUNK_SIZE};
 use self::lock::{FileLock, LockMode};
 use crate::sync::lock;
-use gantry_oci::fsutil::{sync_dir, unique_suffix, write_atomic};
+use gantry_oci::fsutil::{self, sync_dir, unique_suffix, write_atomic};
 
 const IMAGE_FILE: &str = "image.erofs";
 const BITMAP_FILE: &str = "chunks.bitmap";
 const META_FILE: &str = "layer.json";
+const INDEX_FILE: &str = "chunk-index.bin";
+/// Largest chunk index read back from the cache.
+const MAX_INDEX_BYTES: u64 = 256 << 20;
 const OWNER_LOCK: &str = "owner.lock";
 /// Largest record or layer metadata file read back.
 const MAX_METADATA_BYTES: u64 = 16 << 20;
@@ -146,6 +155,18 @@ pub struct LayerMeta {
     pub uncompressed_size: u64,
     /// When it was published (Unix seconds).
     pub created_unix: u64,
+    /// For a lazily fetched layer: what vouches for its chunk index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<LazyLayerMeta>,
+}
+
+/// What `layer.json` adds for a lazily fetched layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LazyLayerMeta {
+    /// Digest of the chunk-index payload (from the layer descriptor, checked at publication).
+    pub index_digest: Digest,
+    /// Where the chunk-index section starts in the blob.
+    pub section_start: u64,
 }
 
 /// A layer in the cache, as an image record lists it.
@@ -163,6 +184,9 @@ pub struct LayerRecord {
     pub erofs_path: PathBuf,
     /// Path of its chunk bitmap.
     pub bitmap_path: PathBuf,
+    /// Whether the layer is fetched lazily (its bitmap may be incomplete).
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 /// An image in the cache.
@@ -199,6 +223,21 @@ pub struct ImageStatus {
     pub record: ImageRecord,
     /// Layers evicted since the pull.
     pub missing_layers: Vec<Digest>,
+    /// How much of each layer is present, in order.
+    pub layer_presence: Vec<LayerPresence>,
+}
+
+/// How much of a layer the cache holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerPresence {
+    /// The layer blob.
+    pub blob_digest: Digest,
+    /// Whether it is fetched lazily.
+    pub lazy: bool,
+    /// Chunks in its bitmap.
+    pub chunks: u64,
+    /// Chunks present.
+    pub present_chunks: u64,
 }
 
 /// Keeps a layer from eviction while held (in this or any process).
@@ -330,6 +369,7 @@ impl Cache {
             erofs_size: meta.erofs_size,
             erofs_path: dir.join(IMAGE_FILE),
             bitmap_path: dir.join(BITMAP_FILE),
+            lazy: meta.lazy.is_some(),
         }
     }
 
@@ -460,6 +500,7 @@ impl Cache {
             chunk_size: self.config.chunk_size,
             uncompressed_size: summary.uncompressed_size,
             created_unix: unix_now(),
+            lazy: None,
         };
         let target = self.layer_dir(&descriptor.digest);
         let dir = build.dir.clone();
@@ -472,18 +513,7 @@ impl Cache {
                     path: bitmap.clone(),
                     source,
                 })?;
-            let meta_path = dir.join(META_FILE);
-            let json = serde_json::to_vec_pretty(&task_meta).map_err(|e| CacheError::Corrupt {
-                path: meta_path.clone(),
-                reason: e.to_string(),
-            })?;
-            write_atomic(&meta_path, &json).map_err(io_error(&meta_path))?;
-            // The owner lock file is not part of a published layer.
-            let owner = dir.join(OWNER_LOCK);
-            fs::remove_file(&owner).map_err(io_error(&owner))?;
-            sync_dir(&dir).map_err(io_error(&dir))?;
-            fs::rename(&dir, &target).map_err(io_error(&target))?;
-            sync_dir(&layers).map_err(io_error(&layers))
+            publish_dir(&dir, &task_meta, &target, &layers)
         })
         .await
         .map_err(|e| CacheError::Task(e.to_string()))??;
@@ -491,6 +521,83 @@ impl Cache {
         info!(layer = %descriptor.digest, erofs = %meta.erofs_digest, size = meta.erofs_size, "layer published");
         self.pin_layer_if_present(&descriptor.digest)?
             .ok_or_else(|| CacheError::LayerMissing(descriptor.digest.clone()))
+    }
+
+    /// Publishes a lazily fetched layer whose chunk index was verified: an empty sparse image
+    /// of the index's uncompressed size, a bitmap with no chunk present, the index itself and
+    /// the metadata, fsynced and renamed into `layers/`. Returns the layer pinned.
+    pub async fn publish_lazy_layer(
+        &self,
+        descriptor: &Descriptor,
+        index: &ChunkIndex,
+        index_digest: &Digest,
+        erofs_digest: Digest,
+    ) -> Result<(LayerRecord, PinGuard), CacheError> {
+        let mut build = self.begin_build()?;
+        let meta = LayerMeta {
+            blob_digest: descriptor.digest.clone(),
+            blob_size: descriptor.size,
+            media_type: descriptor.media_type.clone(),
+            erofs_digest,
+            erofs_size: index.uncompressed_size(),
+            chunk_size: 0,
+            uncompressed_size: index.uncompressed_size(),
+            created_unix: unix_now(),
+            lazy: Some(LazyLayerMeta {
+                index_digest: index_digest.clone(),
+                section_start: index.section_start(),
+            }),
+        };
+        let target = self.layer_dir(&descriptor.digest);
+        let dir = build.dir.clone();
+        let image = build.image.clone();
+        let layers = self.root.join("layers");
+        let task_meta = meta.clone();
+        let (payload, count) = (index.payload_bytes(), index.len() as u64);
+        tokio::task::spawn_blocking(move || -> Result<(), CacheError> {
+            let file = fs::File::create(&image).map_err(io_error(&image))?;
+            file.set_len(task_meta.erofs_size)
+                .and_then(|()| file.sync_all())
+                .map_err(io_error(&image))?;
+            let bitmap = dir.join(BITMAP_FILE);
+            ChunkBitmap::create_variable(&bitmap, task_meta.erofs_size, count).map_err(
+                |source| CacheError::Bitmap {
+                    path: bitmap.clone(),
+                    source,
+                },
+            )?;
+            let index_path = dir.join(INDEX_FILE);
+            write_atomic(&index_path, &payload).map_err(io_error(&index_path))?;
+            publish_dir(&dir, &task_meta, &target, &layers)
+        })
+        .await
+        .map_err(|e| CacheError::Task(e.to_string()))??;
+        build.owner = None;
+        info!(layer = %descriptor.digest, chunks = count, size = meta.erofs_size, "lazy layer published");
+        self.pin_layer_if_present(&descriptor.digest)?
+            .ok_or_else(|| CacheError::LayerMissing(descriptor.digest.clone()))
+    }
+
+    /// The chunk index of a lazily fetched layer, read back and checked against the digest its
+    /// metadata recorded.
+    pub fn lazy_index(&self, digest: &Digest) -> Result<ChunkIndex, CacheError> {
+        let dir = self.layer_dir(digest);
+        let meta = self
+            .layer(digest)?
+            .ok_or_else(|| CacheError::LayerMissing(digest.clone()))?;
+        let path = dir.join(INDEX_FILE);
+        let corrupt = |reason: String| CacheError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let lazy = meta
+            .lazy
+            .ok_or_else(|| corrupt("the layer is not a lazy layer".into()))?;
+        let payload = fsutil::read_capped(&path, MAX_INDEX_BYTES).map_err(io_error(&path))?;
+        if Digest::of(&payload) != lazy.index_digest {
+            return Err(corrupt("the chunk index does not match its digest".into()));
+        }
+        ChunkIndex::parse_payload(&payload, lazy.section_start).map_err(|e| corrupt(e.to_string()))
     }
 
     /// Writes (or replaces) an image record.
@@ -555,14 +662,30 @@ impl Cache {
             .into_iter()
             .map(|record| {
                 let mut missing = Vec::new();
+                let mut presence = Vec::new();
                 for layer in &record.layers {
                     if self.layer(&layer.blob_digest)?.is_none() {
                         missing.push(layer.blob_digest.clone());
+                        continue;
                     }
+                    // The bitmap file is what is durable: a chunk counts once its bit is there.
+                    let (chunks, present_chunks) = ChunkBitmap::open(&layer.bitmap_path)
+                        .map(|bitmap| (bitmap.chunk_count(), bitmap.present_count()))
+                        .map_err(|source| CacheError::Bitmap {
+                            path: layer.bitmap_path.clone(),
+                            source,
+                        })?;
+                    presence.push(LayerPresence {
+                        blob_digest: layer.blob_digest.clone(),
+                        lazy: layer.lazy,
+                        chunks,
+                        present_chunks,
+                    });
                 }
                 Ok(ImageStatus {
                     record,
                     missing_layers: missing,
+                    layer_presence: presence,
                 })
             })
             .collect()
@@ -814,6 +937,28 @@ impl CacheView {
         report.layers_bytes = total;
         Ok(report)
     }
+}
+
+/// The last steps of a publication (blocking): the metadata written, the owner lock removed,
+/// the build directory synced and renamed to `target`, and `layers/` synced.
+fn publish_dir(
+    dir: &Path,
+    meta: &LayerMeta,
+    target: &Path,
+    layers: &Path,
+) -> Result<(), CacheError> {
+    let meta_path = dir.join(META_FILE);
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| CacheError::Corrupt {
+        path: meta_path.clone(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&meta_path, &json).map_err(io_error(&meta_path))?;
+    // The owner lock file is not part of a published layer.
+    let owner = dir.join(OWNER_LOCK);
+    fs::remove_file(&owner).map_err(io_error(&owner))?;
+    sync_dir(dir).map_err(io_error(dir))?;
+    fs::rename(dir, target).map_err(io_error(target))?;
+    sync_dir(layers).map_err(io_error(layers))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CacheError> {

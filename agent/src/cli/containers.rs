@@ -67,6 +67,11 @@ pub struct RunArgs {
     /// Size of the writable layer, e.g. 64m (default 256m).
     #[arg(long)]
     writable_layer: Option<String>,
+    /// How lazy-format layers come in: `lazy` (only what the container reads), `fill` (and
+    /// the rest in the background), `eager` (everything before the start). Default: the
+    /// agent's `lazy.mode`.
+    #[arg(long, value_name = "lazy|fill|eager")]
+    pull_mode: Option<gantry_api::PullMode>,
     /// Print no progress.
     #[arg(short, long)]
     quiet: bool,
@@ -106,13 +111,23 @@ fn exit_code(record: &ExitRecord) -> ExitCode {
     ExitCode::from((record.shell_code() & 0xff) as u8)
 }
 
+/// When the first output arrived, and what the lazy fetcher had fetched by then.
+#[derive(Debug, Default)]
+struct FirstOutput {
+    /// Time from the start of the command to the first output.
+    at: Option<Duration>,
+    /// Ask the agent for its lazy counters at the first output.
+    want_lazy: bool,
+    lazy: Option<gantry_api::LazyStats>,
+}
+
 /// Streams a process's output to this terminal until it exits; returns how it ended.
 async fn follow(
     client: &ApiClient,
     vm: &str,
     id: &str,
     exec: Option<&str>,
-    first_output: &mut Option<Duration>,
+    first_output: &mut FirstOutput,
     started: Instant,
 ) -> anyhow::Result<ExitRecord> {
     let exec_query = exec.map(|e| format!("&exec={e}")).unwrap_or_default();
@@ -127,7 +142,12 @@ async fn follow(
     while let Some(item) = records.record().await? {
         match item {
             LogItem::Output(stream, data) => {
-                first_output.get_or_insert_with(|| started.elapsed());
+                if first_output.at.is_none() {
+                    first_output.at = Some(started.elapsed());
+                    if first_output.want_lazy {
+                        first_output.lazy = client.get("/v1/lazy").await.ok();
+                    }
+                }
                 match stream {
                     OutputStream::Stdout => write_all(&mut std::io::stdout().lock(), &data)?,
                     OutputStream::Stderr => write_all(&mut std::io::stderr().lock(), &data)?,
@@ -169,6 +189,7 @@ pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> 
         stdin: args.interactive.stdin,
         tty: args.interactive.tty,
         tty_size: None,
+        pull_mode: args.pull_mode,
     };
     let window_changes = args.interactive.window_changes()?;
     let options = RunOptions {
@@ -203,7 +224,10 @@ pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> 
         println!("{id}");
         return Ok(ExitCode::SUCCESS);
     }
-    let mut first_output = None;
+    let mut first_output = FirstOutput {
+        want_lazy: args.timing,
+        ..FirstOutput::default()
+    };
     let output = follow(client, &vm, &id, None, &mut first_output, started);
     let record = match args
         .interactive
@@ -218,7 +242,7 @@ pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> 
             .await?;
     }
     if args.timing {
-        let first = first_output.map_or_else(
+        let first = first_output.at.map_or_else(
             || "no output".to_owned(),
             |d| format!("{} ms", d.as_millis()),
         );
@@ -226,6 +250,16 @@ pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> 
             "timing: run → first output {first}; run → exit {} ms",
             started.elapsed().as_millis()
         );
+        if let Some(lazy) = first_output.lazy.filter(|lazy| !lazy.layers.is_empty()) {
+            let fetched: u64 = lazy.layers.iter().map(|l| l.fetched_bytes).sum();
+            let total: u64 = lazy.layers.iter().map(|l| l.blob_bytes).sum();
+            eprintln!(
+                "timing: lazy layers at first output: {fetched} of {total} blob bytes fetched \
+                 ({:.1}%), {} foreground chunks",
+                fetched as f64 * 100.0 / total.max(1) as f64,
+                lazy.foreground_chunks
+            );
+        }
     }
     if record.oom_killed {
         eprintln!("{id}: killed by the kernel's OOM killer (memory limit reached)");
@@ -389,7 +423,7 @@ pub async fn exec(client: &ApiClient, args: ExecArgs) -> anyhow::Result<ExitCode
         .as_str()
         .context("the agent named no exec")?
         .to_owned();
-    let mut first_output = None;
+    let mut first_output = FirstOutput::default();
     let output = follow(
         client,
         &vm,
@@ -546,20 +580,72 @@ pub async fn stats(client: &ApiClient, args: StatsArgs) -> anyhow::Result<ExitCo
 }
 
 /// `images`: the images in the agent's cache.
+/// `prefetch`.
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// How lazy-format layers come in: `lazy` (chunk indexes only), `fill` (and the rest in
+    /// the background), `eager` (return once every chunk is present). Default: the agent's
+    /// `lazy.mode`.
+    #[arg(long, value_name = "lazy|fill|eager")]
+    pull_mode: Option<gantry_api::PullMode>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// The image: `default`, `oci:DIR[:NAME]`, or a registry reference.
+    image: String,
+}
+
+/// `prefetch`.
+pub async fn prefetch(client: &ApiClient, args: PrefetchArgs) -> anyhow::Result<()> {
+    let request = gantry_api::PrefetchRequest {
+        image: args.image,
+        pull_mode: args.pull_mode,
+    };
+    let report: gantry_api::PrefetchReport =
+        client.post_json("/v1/images/prefetch", &request).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} {} ({} layers, {} lazy)",
+            report.image, report.manifest_digest, report.layers, report.lazy_layers
+        );
+    }
+    Ok(())
+}
+
 pub async fn images(client: &ApiClient, json: bool) -> anyhow::Result<ExitCode> {
     let images: Vec<serde_json::Value> = client.get("/v1/images").await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&images)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<48} {:<20} {:>6}", "IMAGE", "MANIFEST", "LAYERS");
+    println!(
+        "{:<48} {:<20} {:>6} {:>8}",
+        "IMAGE", "MANIFEST", "LAYERS", "PRESENT"
+    );
     for image in images {
         let digest = image["manifest_digest"].as_str().unwrap_or("?");
+        let count = |field: &str| {
+            image["layer_presence"].as_array().map_or(0, |layers| {
+                layers
+                    .iter()
+                    .map(|layer| layer[field].as_u64().unwrap_or(0))
+                    .sum::<u64>()
+            })
+        };
+        let (chunks, present) = (count("chunks"), count("present_chunks"));
+        let present = if chunks == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.0}%", present as f64 * 100.0 / chunks as f64)
+        };
         println!(
-            "{:<48} {:<20} {:>6}",
+            "{:<48} {:<20} {:>6} {:>8}",
             image["name"].as_str().unwrap_or("?"),
             digest.get(..19).unwrap_or(digest),
-            image["layers"].as_array().map_or(0, Vec::len)
+            image["layers"].as_array().map_or(0, Vec::len),
+            present
         );
     }
     Ok(ExitCode::SUCCESS)

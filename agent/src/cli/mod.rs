@@ -104,6 +104,9 @@ pub enum Command {
     Image(ImageCommand),
     /// Pull an image into the card's cache (works with or without a running agent).
     Pull(cache::PullArgs),
+    /// Have the agent bring an image into its cache without running it (lazy-format layers
+    /// as `--pull-mode` says).
+    Prefetch(containers::PrefetchArgs),
     /// Remove an image from the cache (layers other images or running containers use stay).
     Rmi(cache::RmiArgs),
     /// Maintain the cache.
@@ -128,6 +131,9 @@ pub enum ImageCommand {
     Convert(image::ConvertArgs),
     /// Convert an OCI layer (tar, tar+gzip, tar+zstd) into an EROFS image.
     ConvertLayer(image::ConvertLayerArgs),
+    /// Show the startup trace the cache holds for an image (the chunks its first lazy start
+    /// read, replayed as the first prefetch of later cold starts).
+    Trace(cache::TraceArgs),
     /// Write the embedded default image (busybox) as an OCI layout.
     BuildDefault {
         /// The layout directory to create.
@@ -191,6 +197,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm(args) => return containers::rm(&client, args).await,
         Command::Stats(args) => return containers::stats(&client, args).await,
         Command::Images { json } => return containers::images(&client, json).await,
+        Command::Prefetch(args) => containers::prefetch(&client, args).await?,
         Command::Pull(args) => cache::run_pull(&args).await?,
         Command::Rmi(args) => cache::run_rmi(&args).await?,
         Command::Cache(CacheCommand::Gc(args)) => cache::run_gc(&args).await?,
@@ -199,6 +206,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Image(ImageCommand::ConvertLayer(args)) => {
             image::run_convert_layer(&args)?;
         }
+        Command::Image(ImageCommand::Trace(args)) => cache::run_trace(&args).await?,
         Command::Image(ImageCommand::BuildDefault { output, busybox }) => {
             image::run_build_default(&output, &busybox)?;
         }

@@ -14,7 +14,7 @@ use gantry_api::{LayerProgress, RunOptions, RunUpdate};
 use super::spec::{self, DEFAULT_WRITABLE_LAYER_BYTES, ImageDefaults, RunSpecError};
 use crate::cache::{CacheError, ImageRecord};
 use crate::images::pull::{PullEvent, describe};
-use crate::images::{ImageError, ImageService};
+use crate::images::{ImageError, ImageService, PulledImage};
 use crate::vm::{Vm, VmError};
 
 /// How long `run` waits for a booting guest's shim.
@@ -108,14 +108,23 @@ pub async fn run_container(
             other => progress(RunUpdate::Progress(describe(other))),
         })
     };
-    let (record, pins) = images.pull(&options.image, pull_progress.as_ref()).await?;
-    let process = spec::process_spec(&image_defaults(&record), &options)?;
+    let pulled = images
+        .pull(&options.image, options.pull_mode, pull_progress.as_ref())
+        .await?;
+    let record = &pulled.record;
+    let process = spec::process_spec(&image_defaults(record), &options)?;
     let resources = spec::resources(&options)?;
 
     let mut layers = Vec::with_capacity(record.layers.len());
     // The pull's own pins go to the mappings: no moment without one, whatever a GC does.
-    for (layer, pin) in record.layers.iter().zip(pins) {
-        let extent = vm.map_layer(layer, pin)?;
+    let PulledImage {
+        record,
+        pins,
+        sources,
+        ..
+    } = pulled;
+    for ((layer, pin), source) in record.layers.iter().zip(pins).zip(sources) {
+        let extent = vm.map_layer(layer, source, pin)?;
         progress(RunUpdate::Progress(format!(
             "layer {} mapped at {:#x} ({} bytes)",
             layer.erofs_digest, extent.offset, extent.length

@@ -9,4 +9,4 @@ pub mod default_image;
 pub mod pull;
 pub mod service;
 
-pub use service::{ImageError, ImageRef, ImageService, parse_image};
+pub use service::{ImageError, ImageRef, ImageService, PulledImage, parse_image};

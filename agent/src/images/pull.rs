@@ -16,6 +16,7 @@
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -24,8 +25,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::cache::{Cache, CacheError, ImageRecord, LayerRecord, PinGuard};
+use crate::lazy::origin::BlobOrigin;
+use gantry_oci::chunked::{IndexLocation, erofs_layer_kind};
 use gantry_oci::manifest::{
-    Descriptor, ImageConfiguration, ImageManifest, ManifestDocument, ManifestError,
+    Descriptor, ImageConfiguration, ImageManifest, ManifestDocument, ManifestError, is_tar_layer,
 };
 use gantry_oci::source::{
     self, BlobSink, ConfigFetchError, CountingSink, FetchedManifest, ImageSource, SinkError,
@@ -87,10 +90,39 @@ pub enum PullError {
         /// The converter's error.
         message: String,
     },
+    /// A layer in the lazy format cannot be brought in.
+    #[error("{image}: layer {digest}: {message}")]
+    Lazy {
+        /// The image.
+        image: String,
+        /// The layer blob.
+        digest: Digest,
+        /// Why.
+        message: String,
+    },
     /// The cache failed.
     #[error(transparent)]
     Cache(#[from] CacheError),
 }
+
+/// How a pull reaches the blobs of lazy-format layers: their chunk index now, their chunks
+/// later (through the fetcher).
+pub struct LazyPull<'a> {
+    /// The origin of a layer blob of this image.
+    pub origin: &'a (dyn Fn(&Descriptor) -> Arc<dyn BlobOrigin> + Send + Sync),
+}
+
+impl std::fmt::Debug for LazyPull<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyPull").finish_non_exhaustive()
+    }
+}
+
+/// Largest chunk-index section fetched (1 MiB chunks with SHA-256 need 48 bytes each: this
+/// covers layers of over a terabyte).
+const MAX_INDEX_SECTION_BYTES: u64 = 64 << 20;
+/// Largest uncompressed chunk accepted: the fetcher holds whole chunks in memory.
+const MAX_CHUNK_BYTES: u64 = 64 << 20;
 
 /// What a pull reports while it runs.
 #[derive(Debug, Clone)]
@@ -172,20 +204,33 @@ pub async fn pull_pinned<S: ImageSource>(
     source: &S,
     progress: Progress<'_>,
 ) -> Result<(ImageRecord, Vec<PinGuard>), PullError> {
+    pull_lazy(cache, source, progress, None).await
+}
+
+/// [`pull_pinned`], with lazy-format layers published as soon as their chunk index is
+/// verified (their chunks are fetched later). Without `lazy`, such layers are refused.
+pub async fn pull_lazy<S: ImageSource>(
+    cache: &Cache,
+    source: &S,
+    progress: Progress<'_>,
+    lazy: Option<&LazyPull<'_>>,
+) -> Result<(ImageRecord, Vec<PinGuard>), PullError> {
     let image = source.describe();
     let source_error = |error: S::Error| PullError::Source {
         image: image.clone(),
         error: Box::new(error),
     };
     let document = |what, fetched: &FetchedManifest| {
-        ManifestDocument::parse(&fetched.bytes, fetched.media_type.as_deref()).map_err(|error| {
-            PullError::Document {
+        // Tar layers are converted, lazy EROFS layers published at their chunk index.
+        let pullable =
+            |media_type: &str| is_tar_layer(media_type) || erofs_layer_kind(media_type).is_some();
+        ManifestDocument::parse_with(&fetched.bytes, fetched.media_type.as_deref(), pullable)
+            .map_err(|error| PullError::Document {
                 image: image.clone(),
                 what,
                 source_name: fetched.source.clone(),
                 error: Box::new(error),
-            }
-        })
+            })
     };
 
     let root = source.fetch_root_manifest().await.map_err(source_error)?;
@@ -240,7 +285,9 @@ pub async fn pull_pinned<S: ImageSource>(
         .layers
         .iter()
         .enumerate()
-        .map(|(index, descriptor)| pull_layer(cache, source, &image, index, descriptor, progress))
+        .map(|(index, descriptor)| {
+            pull_layer(cache, source, &image, index, descriptor, progress, lazy)
+        })
         .collect();
     let results: Vec<(LayerRecord, PinGuard)> = futures::stream::iter(layer_pulls)
         .buffered(parallel)
@@ -298,6 +345,7 @@ async fn pull_layer<S: ImageSource>(
     index: usize,
     descriptor: &Descriptor,
     progress: Progress<'_>,
+    lazy: Option<&LazyPull<'_>>,
 ) -> Result<(LayerRecord, PinGuard), PullError> {
     let digest = &descriptor.digest;
     if let Some(hit) = cache.pin_layer_if_present(digest)? {
@@ -323,6 +371,29 @@ async fn pull_layer<S: ImageSource>(
         digest: digest.clone(),
         size: descriptor.size,
     });
+    if erofs_layer_kind(&descriptor.media_type).is_some() {
+        let lazy_error = |message: String| PullError::Lazy {
+            image: image.to_string(),
+            digest: digest.clone(),
+            message,
+        };
+        let lazy = lazy.ok_or_else(|| {
+            lazy_error("a layer in the lazy EROFS format is pulled only by the agent".into())
+        })?;
+        let origin = (lazy.origin)(descriptor);
+        let published = publish_lazy(cache, descriptor, origin.as_ref())
+            .await
+            .map_err(lazy_error)?;
+        drop(slot);
+        progress(&PullEvent::LayerDone {
+            index,
+            digest: digest.clone(),
+            erofs_size: published.0.erofs_size,
+            source: format!("{} (chunk index; chunks on demand)", origin.describe()),
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        return Ok(published);
+    }
     let build = cache.begin_build()?;
     let size = descriptor.size;
     let mut sink = CountingSink::new(
@@ -369,6 +440,55 @@ async fn pull_layer<S: ImageSource>(
         seconds: started.elapsed().as_secs_f64(),
     });
     Ok(pinned)
+}
+
+/// Fetches and verifies a lazy-format layer's chunk index and publishes the layer with no
+/// chunk present. Errors are messages for [`PullError::Lazy`].
+async fn publish_lazy(
+    cache: &Cache,
+    descriptor: &Descriptor,
+    origin: &dyn BlobOrigin,
+) -> Result<(LayerRecord, PinGuard), String> {
+    let location = IndexLocation::from_descriptor(descriptor).map_err(|e| e.to_string())?;
+    let section_len = location.range.end.saturating_sub(location.range.start);
+    if section_len > MAX_INDEX_SECTION_BYTES {
+        return Err(format!(
+            "its chunk index is {section_len} bytes, over the limit of {MAX_INDEX_SECTION_BYTES}"
+        ));
+    }
+    let index_digest = location.digest.clone().ok_or_else(|| {
+        format!(
+            "no {} annotation: the chunk index cannot be verified, so the layer cannot be \
+             served lazily",
+            gantry_oci::chunked::ANNOTATION_INDEX_DIGEST
+        )
+    })?;
+    let section = origin
+        .read_range(location.range.clone())
+        .await
+        .map_err(|e| format!("fetching the chunk index from {}: {e}", origin.describe()))?;
+    let index = location
+        .parse(&section)
+        .map_err(|e| format!("chunk index from {}: {e}", origin.describe()))?;
+    if !index.is_verifiable() {
+        return Err("its chunk index has no per-chunk checksums: chunks cannot be verified".into());
+    }
+    if let Some(chunk) = (0..index.len()).find(|&chunk| {
+        let range = index.uncompressed_range(chunk);
+        range.end - range.start > MAX_CHUNK_BYTES
+    }) {
+        return Err(format!(
+            "chunk {chunk} is larger than the {MAX_CHUNK_BYTES} bytes the agent accepts"
+        ));
+    }
+    let erofs_digest = location
+        .uncompressed_digest
+        .clone()
+        .unwrap_or_else(|| descriptor.digest.clone());
+    cache
+        .publish_lazy_layer(descriptor, &index, &index_digest, erofs_digest)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Depth of the queue between the download and the converter thread.

@@ -3,14 +3,25 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_api::PullMode;
+use gantry_oci::manifest::Descriptor;
+use tracing::{info, warn};
 
 use gantry_oci::Reference;
 use gantry_oci::layout::{OciLayout, OciLayoutSource};
 use gantry_oci::registry::{RegistryClient, RegistrySource};
 
 use super::default_image::{self, DEFAULT_IMAGE_NAME, DefaultImageError};
-use super::pull::{self, PullError, PullEvent};
+use super::pull::{self, LazyPull, PullError, PullEvent};
+use crate::blk::{BlockSource, FileSource};
+use crate::cache::trace::{self, StartupTrace, TracedLayer};
 use crate::cache::{Cache, ImageRecord, PinGuard};
+use crate::lazy::layer::LazyLayer;
+use crate::lazy::origin::{BlobOrigin, FileOrigin, RegistryOrigin};
+use crate::lazy::{LazyConfig, LazyLayers};
 
 /// Errors finding or pulling an image.
 #[derive(Debug, thiserror::Error)]
@@ -80,33 +91,60 @@ pub struct ImageService {
     /// The shared layer cache.
     pub cache: Cache,
     /// The registry client.
-    pub registry: RegistryClient,
+    pub registry: Arc<RegistryClient>,
+    /// Layers fetched while mapped, and their fetcher.
+    pub lazy: LazyLayers,
     default_layout: PathBuf,
     busybox: PathBuf,
     /// One build of the default image at a time: concurrent first `run`s must not race.
     default_build: tokio::sync::Mutex<()>,
 }
 
+/// A pulled image, ready to map: its record, the pins holding its layers, and the lazy layers
+/// among them (by position).
+#[derive(Debug)]
+pub struct PulledImage {
+    /// The image record.
+    pub record: ImageRecord,
+    /// One pin per layer, in order.
+    pub pins: Vec<PinGuard>,
+    /// The block source of each layer, in order.
+    pub sources: Vec<Arc<dyn BlockSource>>,
+    /// The lazy layers, in order (a subset of the layers).
+    pub lazy_layers: Vec<Arc<LazyLayer>>,
+}
+
 impl ImageService {
-    /// Images cached in `cache`, the default image kept under `state_dir` and built from `busybox`.
-    pub fn new(cache: Cache, registry: RegistryClient, state_dir: &Path, busybox: &Path) -> Self {
+    /// Images cached in `cache`, the default image kept under `state_dir` and built from
+    /// `busybox`. Starts the lazy fetcher on the current runtime.
+    pub fn new(
+        cache: Cache,
+        registry: RegistryClient,
+        lazy: LazyConfig,
+        state_dir: &Path,
+        busybox: &Path,
+    ) -> Self {
         Self {
             cache,
-            registry,
+            registry: Arc::new(registry),
+            lazy: LazyLayers::new(lazy),
             default_layout: state_dir.join("images").join("default"),
             busybox: busybox.to_owned(),
             default_build: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Pulls `image` into the cache (a no-op for layers already there); returns its record and
-    /// the pins holding its layers, one per layer in order.
+    /// Pulls `image` into the cache (a no-op for layers already there) and prepares its layers
+    /// for mapping. Lazy-format layers are brought in as `mode` (default: the agent's) says:
+    /// `lazy` returns once their chunk indexes are verified, `fill` also starts their
+    /// background fill, `eager` waits until every chunk is present.
     pub async fn pull(
         &self,
         image: &str,
+        mode: Option<PullMode>,
         progress: &(dyn Fn(&PullEvent) + Send + Sync),
-    ) -> Result<(ImageRecord, Vec<PinGuard>), ImageError> {
-        match parse_image(image)? {
+    ) -> Result<PulledImage, ImageError> {
+        let (record, pins, origin) = match parse_image(image)? {
             ImageRef::Default => {
                 let _single_flight = self.default_build.lock().await;
                 let (layout, busybox) = (self.default_layout.clone(), self.busybox.clone());
@@ -115,17 +153,28 @@ impl ImageService {
                 })
                 .await
                 .map_err(|err| ImageError::Internal(err.to_string()))??;
-                self.pull_layout(&dir, DEFAULT_IMAGE_NAME, progress).await
+                self.pull_layout(&dir, DEFAULT_IMAGE_NAME, progress).await?
             }
-            ImageRef::Layout { dir, name } => self.pull_layout(&dir, &name, progress).await,
+            ImageRef::Layout { dir, name } => self.pull_layout(&dir, &name, progress).await?,
             ImageRef::Registry(reference) => {
                 let source = RegistrySource {
                     client: &self.registry,
                     reference: &reference,
                 };
-                Ok(pull::pull_pinned(&self.cache, &source, progress).await?)
+                let origin = registry_origin(&self.registry, &reference);
+                let lazy = LazyPull { origin: &origin };
+                let (record, pins) =
+                    pull::pull_lazy(&self.cache, &source, progress, Some(&lazy)).await?;
+                (record, pins, Box::new(origin) as Box<OriginFor>)
             }
-        }
+        };
+        self.prepare(
+            record,
+            pins,
+            origin.as_ref(),
+            mode.unwrap_or(self.lazy.config().mode),
+        )
+        .await
     }
 
     async fn pull_layout(
@@ -133,13 +182,185 @@ impl ImageService {
         dir: &Path,
         name: &str,
         progress: &(dyn Fn(&PullEvent) + Send + Sync),
-    ) -> Result<(ImageRecord, Vec<PinGuard>), ImageError> {
+    ) -> Result<(ImageRecord, Vec<PinGuard>, Box<OriginFor>), ImageError> {
         let layout = OciLayout::open(dir).map_err(|err| ImageError::BadImage {
             image: format!("oci:{}", dir.display()),
             reason: err.to_string(),
         })?;
         let source = OciLayoutSource::new(&layout, name);
-        Ok(pull::pull_pinned(&self.cache, &source, progress).await?)
+        let origin = layout_origin(layout.clone());
+        let lazy = LazyPull { origin: &origin };
+        let (record, pins) = pull::pull_lazy(&self.cache, &source, progress, Some(&lazy)).await?;
+        Ok((record, pins, Box::new(origin)))
+    }
+
+    /// Opens the image's lazy layers (adding this image's origin to each), starts or awaits
+    /// their fill as `mode` says, and gives every layer its block source.
+    async fn prepare(
+        &self,
+        record: ImageRecord,
+        pins: Vec<PinGuard>,
+        origin: &OriginFor,
+        mode: PullMode,
+    ) -> Result<PulledImage, ImageError> {
+        let mut sources: Vec<Arc<dyn BlockSource>> = Vec::with_capacity(record.layers.len());
+        let mut lazy_layers = Vec::new();
+        for layer in &record.layers {
+            if !layer.lazy {
+                let source = FileSource::open(&layer.erofs_path).map_err(|err| {
+                    ImageError::Internal(format!("{}: {err}", layer.erofs_path.display()))
+                })?;
+                sources.push(Arc::new(source));
+                continue;
+            }
+            let lazy = self
+                .lazy
+                .open(&self.cache, layer)
+                .map_err(|err| ImageError::Internal(err.to_string()))?;
+            lazy.add_origin(origin(&Descriptor {
+                media_type: String::new(),
+                digest: layer.blob_digest.clone(),
+                size: layer.blob_size,
+                platform: None,
+                annotations: Default::default(),
+                urls: Vec::new(),
+            }));
+            if mode != PullMode::Lazy && !lazy.is_complete() {
+                self.lazy.fill(Arc::clone(&lazy));
+            }
+            sources.push(Arc::clone(&lazy) as Arc<dyn BlockSource>);
+            lazy_layers.push(lazy);
+        }
+        if !lazy_layers.is_empty() {
+            self.replay_or_record_trace(&record, &lazy_layers).await;
+        }
+        if mode == PullMode::Eager {
+            for layer in &lazy_layers {
+                layer.wait_complete().await;
+            }
+        }
+        Ok(PulledImage {
+            record,
+            pins,
+            sources,
+            lazy_layers,
+        })
+    }
+}
+
+impl ImageService {
+    /// Replays the image's startup trace as the first prefetch if the cache has one;
+    /// otherwise records one during the next `lazy.trace_seconds` and stores it.
+    async fn replay_or_record_trace(&self, record: &ImageRecord, layers: &[Arc<LazyLayer>]) {
+        let root = self.cache.root().to_path_buf();
+        let manifest = record.manifest_digest.clone();
+        let found = {
+            let (root, manifest) = (root.clone(), manifest.clone());
+            tokio::task::spawn_blocking(move || trace::read_trace(&root, &manifest)).await
+        };
+        match found {
+            Ok(Ok(Some(trace))) => {
+                for traced in &trace.layers {
+                    let Some(layer) = layers.iter().find(|l| *l.digest() == traced.blob_digest)
+                    else {
+                        continue;
+                    };
+                    let chunks: Vec<usize> = traced
+                        .chunks
+                        .iter()
+                        .map(|&chunk| chunk as usize)
+                        .filter(|&chunk| chunk < layer.index().len() && !layer.is_present(chunk))
+                        .collect();
+                    if !chunks.is_empty() {
+                        self.lazy.prefetch(Arc::clone(layer), chunks);
+                    }
+                }
+                return;
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => {
+                warn!(%error, "ignoring an unusable startup trace");
+                return;
+            }
+            Err(error) => {
+                warn!(%error, "reading the startup trace");
+                return;
+            }
+        }
+        let seconds = self.lazy.config().trace_seconds;
+        if seconds <= 0.0 {
+            return;
+        }
+        let window = Duration::from_secs_f64(seconds);
+        for layer in layers {
+            layer.record_trace(window);
+        }
+        let layers = layers.to_vec();
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            let trace = StartupTrace {
+                version: trace::TRACE_VERSION,
+                manifest_digest: manifest.clone(),
+                window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+                recorded_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                layers: layers
+                    .iter()
+                    .map(|layer| TracedLayer {
+                        blob_digest: layer.digest().clone(),
+                        chunks: layer
+                            .trace()
+                            .into_iter()
+                            .filter_map(|chunk| u32::try_from(chunk).ok())
+                            .collect(),
+                    })
+                    .collect(),
+            };
+            if trace.chunk_count() == 0 {
+                return;
+            }
+            let chunks = trace.chunk_count();
+            let written = tokio::task::spawn_blocking(move || {
+                // The first trace recorded for an image stays: later starts were helped by it.
+                match trace::read_trace(&root, &manifest) {
+                    Ok(Some(_)) => Ok(false),
+                    _ => trace::write_trace(&root, &trace).map(|()| true),
+                }
+            })
+            .await;
+            match written {
+                Ok(Ok(true)) => info!(chunks, "startup trace recorded"),
+                Ok(Ok(false)) => {}
+                Ok(Err(error)) => warn!(%error, "cannot store the startup trace"),
+                Err(error) => warn!(%error, "storing the startup trace"),
+            }
+        });
+    }
+}
+
+/// Makes the origin of one layer blob of an image.
+type OriginFor = dyn Fn(&Descriptor) -> Arc<dyn BlobOrigin> + Send + Sync;
+
+fn registry_origin(
+    client: &Arc<RegistryClient>,
+    reference: &Reference,
+) -> impl Fn(&Descriptor) -> Arc<dyn BlobOrigin> + Send + Sync + 'static {
+    let (client, reference) = (Arc::clone(client), reference.clone());
+    move |descriptor: &Descriptor| {
+        Arc::new(RegistryOrigin::new(
+            Arc::clone(&client),
+            reference.clone(),
+            descriptor.clone(),
+        )) as Arc<dyn BlobOrigin>
+    }
+}
+
+fn layout_origin(
+    layout: OciLayout,
+) -> impl Fn(&Descriptor) -> Arc<dyn BlobOrigin> + Send + Sync + 'static {
+    move |descriptor: &Descriptor| {
+        Arc::new(FileOrigin::new(layout.blob_path(&descriptor.digest))) as Arc<dyn BlobOrigin>
     }
 }
 

@@ -12,7 +12,7 @@ use super::frame::{self, DATA_MAGIC};
 use super::hashing::HashingWriter;
 use super::index::ChunkIndex;
 use super::media::ChunkCompression;
-use crate::Digest;
+use crate::reference::Digest;
 
 /// Largest zstd window the eager decoder accepts (128 MiB, zstd's default limit): a frame header
 /// asking for more would make the streaming decoder allocate it.
@@ -29,6 +29,9 @@ impl ChunkIndex {
     ///
     /// Only the last chunk's frame may be followed by skippable frames: its stored bytes run to
     /// the index section, and producers may pad there (§3.4.3).
+    ///
+    /// The checksum is checked before anything is written to `out`; after any other error `out`
+    /// may hold part of the chunk and must not be used.
     pub fn decode_chunk_into(
         &self,
         chunk: usize,
@@ -235,6 +238,9 @@ pub fn decode_whole_layer<R: Read, W: Write>(
             }
             copy_capped(&mut (&mut source).take(limit), &mut sink, max_output)
         }
+        // No frames before the index: the zstd decoder would call nothing at all an incomplete
+        // frame.
+        ChunkCompression::Zstd if limit == 0 => Ok(0),
         ChunkCompression::Zstd => {
             let stream = |source| ChunkedError::Stream { offset: 0, source };
             let mut decoder =

@@ -3,7 +3,7 @@
 use std::io;
 
 use super::media::ChunkCompression;
-use crate::Digest;
+use crate::reference::Digest;
 
 /// Errors of reading, checking, decoding and writing EROFS layers and chunk indexes.
 #[derive(Debug, thiserror::Error)]

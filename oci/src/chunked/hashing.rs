@@ -5,7 +5,7 @@ use std::io::{self, Write};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::Digest;
+use crate::reference::Digest;
 
 /// Passes writes on to `inner`, hashing and counting the bytes it accepted.
 pub(crate) struct HashingWriter<W> {

@@ -367,3 +367,122 @@ impl ChunkIndex {
         Ok(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A payload laid out by hand from the spec's tables (not by `payload_bytes`).
+    fn payload(
+        compression: u8,
+        size: u64,
+        hash: (u8, u8),
+        entries: &[(u64, u64, Option<[u8; 32]>)],
+    ) -> Vec<u8> {
+        let mut p = vec![0xCD, 0xE4, 0xEC, 0x67, 1, compression, 0, 0];
+        p.extend_from_slice(&size.to_le_bytes());
+        p.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+        p.extend_from_slice(&[hash.0, hash.1]);
+        p.extend_from_slice(&[0; 10]);
+        for (block, offset, checksum) in entries {
+            p.extend_from_slice(&block.to_le_bytes());
+            p.extend_from_slice(&offset.to_le_bytes());
+            if let Some(sum) = checksum {
+                p.extend_from_slice(sum);
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn uneven_chunks_are_found_and_measured() {
+        // Chunks of 10, 5 and 100 bytes stored in 7, 3 and 50 bytes, the index at 60.
+        let bytes = payload(
+            1,
+            115,
+            (0, 0),
+            &[(0, 0, None), (7, 10, None), (10, 15, None)],
+        );
+        let index = ChunkIndex::parse_payload(&bytes, 60).unwrap();
+        assert_eq!(index.payload_bytes(), bytes);
+        assert!(!index.is_verifiable());
+        let expected = [(0..10, 0..7), (10..15, 7..10), (15..115, 10..60)];
+        for (chunk, (data, stored)) in expected.iter().enumerate() {
+            assert_eq!(index.uncompressed_range(chunk), *data);
+            assert_eq!(index.blob_range(chunk), *stored);
+        }
+        let found: Vec<Option<usize>> = [0, 9, 10, 14, 15, 114, 115]
+            .iter()
+            .map(|&offset| index.chunk_at(offset))
+            .collect();
+        assert_eq!(
+            found,
+            [Some(0), Some(0), Some(1), Some(1), Some(2), Some(2), None]
+        );
+        assert_eq!(index.max_chunk_len(), 100);
+    }
+
+    #[test]
+    fn raw_chunks_are_the_image_bytes() {
+        let sums = [Some([1u8; 32]), Some([2u8; 32])];
+        let bytes = payload(0, 12, (1, 32), &[(0, 0, sums[0]), (8, 8, sums[1])]);
+        let index = ChunkIndex::parse_payload(&bytes, 12).unwrap();
+        assert_eq!(index.compression(), ChunkCompression::None);
+        assert_eq!(index.blob_range(1), 8..12);
+        assert_eq!(index.entries()[1].checksum, sums[1]);
+        assert_eq!(index.payload_bytes(), bytes);
+        assert!(index.is_verifiable());
+        // Block and uncompressed offsets must agree, and the image must end at the index.
+        let shifted = payload(0, 12, (0, 0), &[(0, 0, None), (9, 8, None)]);
+        assert!(matches!(
+            ChunkIndex::parse_payload(&shifted, 12),
+            Err(ChunkedError::RawOffsetsDiffer { chunk: 1, .. })
+        ));
+        assert!(matches!(
+            ChunkIndex::parse_payload(&payload(0, 12, (0, 0), &[(0, 0, None)]), 13),
+            Err(ChunkedError::RawSizeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn empty_indexes_keep_their_hash_fields() {
+        for hash in [(0u8, 0u8), (1, 32)] {
+            let bytes = payload(1, 0, hash, &[]);
+            let index = ChunkIndex::parse_payload(&bytes, 0).unwrap();
+            assert!(index.is_empty() && index.is_verifiable());
+            assert_eq!(index.payload_bytes(), bytes, "{hash:?}");
+            assert_eq!(index.max_chunk_len(), 0);
+        }
+        assert!(matches!(
+            ChunkIndex::parse_payload(&payload(1, 5, (0, 0), &[]), 40),
+            Err(ChunkedError::NoChunks(5))
+        ));
+        assert!(matches!(
+            ChunkIndex::parse_payload(&[0xCD, 0xE4, 0xEC, 0x67], 0),
+            Err(ChunkedError::PayloadTooShort(4))
+        ));
+    }
+
+    #[test]
+    fn chunks_a_reader_would_not_buffer_are_refused() {
+        let huge = MAX_CHUNK_LEN + 1;
+        let bytes = payload(1, huge + 10, (0, 0), &[(0, 0, None), (5, huge, None)]);
+        assert!(matches!(
+            ChunkIndex::parse_payload(&bytes, 10),
+            Err(ChunkedError::ChunkTooLarge { chunk: 0, .. })
+        ));
+        // Small when decoded, but stored in more than a reader fetches for one chunk.
+        let bytes = payload(
+            1,
+            20,
+            (0, 0),
+            &[(0, 0, None), (MAX_STORED_CHUNK_LEN + 1, 10, None)],
+        );
+        let err = ChunkIndex::parse_payload(&bytes, MAX_STORED_CHUNK_LEN + 2).unwrap_err();
+        assert!(
+            matches!(err, ChunkedError::ChunkTooLarge { chunk: 0, stored, .. } if stored == MAX_STORED_CHUNK_LEN + 1),
+            "{err}"
+        );
+        assert!(err.falls_back_to_eager());
+    }
+}

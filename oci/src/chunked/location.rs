@@ -10,8 +10,8 @@ use super::media::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_INDEX_MEDIA_TYPE, ANNOTATION_INDEX_RANGE,
     ANNOTATION_UNCOMPRESSED_DIGEST, ChunkCompression, MEDIA_TYPE_CHUNK_INDEX, erofs_layer_kind,
 };
-use crate::Digest;
 use crate::manifest::Descriptor;
+use crate::reference::Digest;
 
 /// The largest index section accepted: the section is fetched into memory whole, so a lying
 /// range must not make a reader fetch gigabytes. 64 MiB hold 1.4 million SHA-256 entries,

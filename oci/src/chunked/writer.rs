@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::ops::Range;
 
 use sha2::{Digest as _, Sha256};
+use tracing::debug;
 use zstd::zstd_safe::{self, CParameter};
 
 use super::error::ChunkedError;
@@ -16,8 +17,8 @@ use super::media::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_INDEX_RANGE, ANNOTATION_UNCOMPRESSED_DIGEST,
     ChunkCompression, DEFAULT_CHUNK_SIZE, MEDIA_TYPE_EROFS_ZSTD,
 };
-use crate::Digest;
 use crate::manifest::Descriptor;
+use crate::reference::Digest;
 
 /// How [`write_chunked_layer`] cuts and compresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -182,6 +183,14 @@ pub fn write_chunked_layer<R: Read, W: Write>(
         .map_err(ChunkedError::Output)?;
     out.write_all(&payload).map_err(ChunkedError::Output)?;
     let (digest, size) = out.finish().map_err(ChunkedError::Output)?;
+    debug!(
+        %digest,
+        size,
+        uncompressed_size,
+        chunk_count,
+        chunk_size,
+        "wrote a chunked EROFS layer"
+    );
     Ok(ChunkedLayer {
         digest,
         size,

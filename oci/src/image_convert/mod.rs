@@ -465,14 +465,14 @@ impl<S: ImageSource, D: ImageDestination> Run<'_, S, D> {
         what: &'static str,
         fetched: &FetchedManifest,
     ) -> Result<ManifestDocument, ImageConvertError> {
-        ManifestDocument::parse_any_layers(&fetched.bytes, fetched.media_type.as_deref()).map_err(
-            |error| ImageConvertError::Manifest {
+        let convertible = |media_type: &str| layer::LayerKind::of(media_type).is_ok();
+        ManifestDocument::parse_with(&fetched.bytes, fetched.media_type.as_deref(), convertible)
+            .map_err(|error| ImageConvertError::Manifest {
                 image: self.image.clone(),
                 what,
                 digest: fetched.digest.clone(),
                 error: Box::new(error),
-            },
-        )
+            })
     }
 
     fn remembered(&self, key: &(Digest, bool)) -> Option<LayerDone> {

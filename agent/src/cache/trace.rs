@@ -1,0 +1,157 @@
+//! Startup traces: the chunks an image's lazy layers served during a container's first seconds,
+//! recorded once per image and replayed as the first prefetch of later cold starts.
+//!
+//! Stored as `traces/<manifest hex>.json` in the cache, keyed by the platform manifest's digest
+//! (a trace belongs to exactly those layers), replaced atomically.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use gantry_oci::Digest;
+use serde::{Deserialize, Serialize};
+
+use gantry_oci::fsutil::{read_capped, write_atomic};
+
+/// Current trace format version.
+pub const TRACE_VERSION: u32 = 1;
+/// Largest trace file read back.
+const MAX_TRACE_BYTES: u64 = 16 << 20;
+
+/// Errors of trace files.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// Reading or writing failed.
+    #[error("trace {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The file does not parse or is of another version.
+    #[error("trace {path}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// An image's startup trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartupTrace {
+    /// [`TRACE_VERSION`].
+    pub version: u32,
+    /// The platform manifest the trace was recorded for.
+    pub manifest_digest: Digest,
+    /// How long the recording lasted, in milliseconds.
+    pub window_ms: u64,
+    /// When it was recorded (Unix seconds).
+    pub recorded_unix: u64,
+    /// The lazy layers, in manifest order, with the chunks read, first touch first.
+    pub layers: Vec<TracedLayer>,
+}
+
+/// One layer of a trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracedLayer {
+    /// The layer blob.
+    pub blob_digest: Digest,
+    /// Chunk indexes, in the order they were first read.
+    pub chunks: Vec<u32>,
+}
+
+impl StartupTrace {
+    /// Chunks in all layers.
+    pub fn chunk_count(&self) -> usize {
+        self.layers.iter().map(|layer| layer.chunks.len()).sum()
+    }
+}
+
+/// Where the trace of `manifest` lives under the cache root.
+pub fn trace_path(root: &Path, manifest: &Digest) -> PathBuf {
+    root.join("traces").join(format!("{}.json", manifest.hex()))
+}
+
+/// Reads the trace of `manifest`, if there is one.
+pub fn read_trace(root: &Path, manifest: &Digest) -> Result<Option<StartupTrace>, TraceError> {
+    let path = trace_path(root, manifest);
+    let bytes = match read_capped(&path, MAX_TRACE_BYTES) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(TraceError::Io { path, source }),
+    };
+    let corrupt = |reason: String| TraceError::Corrupt {
+        path: path.clone(),
+        reason,
+    };
+    let trace: StartupTrace =
+        serde_json::from_slice(&bytes).map_err(|error| corrupt(error.to_string()))?;
+    if trace.version != TRACE_VERSION {
+        return Err(corrupt(format!("unsupported version {}", trace.version)));
+    }
+    if trace.manifest_digest != *manifest {
+        return Err(corrupt("the trace names another manifest".into()));
+    }
+    Ok(Some(trace))
+}
+
+/// Writes (or replaces) a trace.
+pub fn write_trace(root: &Path, trace: &StartupTrace) -> Result<(), TraceError> {
+    let path = trace_path(root, &trace.manifest_digest);
+    let io_error = |source| TraceError::Io {
+        path: path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io_error)?;
+    }
+    let json = serde_json::to_vec_pretty(trace).map_err(|error| TraceError::Corrupt {
+        path: path.clone(),
+        reason: error.to_string(),
+    })?;
+    write_atomic(&path, &json).map_err(io_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traces_round_trip_and_refuse_another_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = Digest::of(b"manifest");
+        assert!(read_trace(dir.path(), &manifest).unwrap().is_none());
+        let trace = StartupTrace {
+            version: TRACE_VERSION,
+            manifest_digest: manifest.clone(),
+            window_ms: 5000,
+            recorded_unix: 1,
+            layers: vec![TracedLayer {
+                blob_digest: Digest::of(b"layer"),
+                chunks: vec![0, 7, 3],
+            }],
+        };
+        write_trace(dir.path(), &trace).unwrap();
+        assert_eq!(
+            read_trace(dir.path(), &manifest).unwrap(),
+            Some(trace.clone())
+        );
+        // A file copied under another manifest's name is refused, not replayed.
+        let other = Digest::of(b"other");
+        fs::copy(
+            trace_path(dir.path(), &manifest),
+            trace_path(dir.path(), &other),
+        )
+        .unwrap();
+        assert!(matches!(
+            read_trace(dir.path(), &other),
+            Err(TraceError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,724 @@
+//! The fetcher: one tokio task that decides what to fetch next, and a task per fetch.
+//!
+//! - **Priorities**: a guest's read (a foreground [`Want`]) goes before read-ahead and
+//!   background fill; `connections` fetches run at once, of which `foreground_reserved` are
+//!   never used by background work, so a guest's read never waits behind a fill.
+//! - **Single flight**: a chunk is in at most one fetch; a want for a chunk in flight waits
+//!   for that fetch.
+//! - **Coalescing**: a foreground fetch takes the following chunks the guest also wants, a
+//!   background one the following missing chunks, up to `coalesce_bytes` of blob, in one
+//!   `Range` request.
+//! - **Read-ahead**: after a foreground fetch, the next `read_ahead_chunks` chunks are queued at
+//!   background priority.
+//! - **Fill**: a layer handed to [`Fetcher::fill`] is completed chunk by chunk in order at
+//!   background priority, under the agent's background bandwidth limit.
+//! - **Verification and durability** are the layer's ([`LazyLayer::store_chunks`]): nothing
+//!   unverified is written, and a bit is set only over synced data.
+//! - **Failure**: each origin is tried in order, `retries` extra rounds; a foreground fetch
+//!   gives up after `park_timeout` at the latest. The layer then fails the waiting reads.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use gantry_api::{LazyStats, OriginStats};
+
+use super::LazyConfig;
+use super::layer::{LazyLayer, StoreError, Want};
+use super::origin::{BlobOrigin, StreamReceiver};
+use crate::sync::lock;
+
+/// Counters of the fetcher, for the operator.
+#[derive(Debug, Default)]
+pub struct FetchCounters {
+    /// Chunks stored after a guest asked for them (coalesced neighbours included).
+    pub foreground_chunks: AtomicU64,
+    /// Chunks stored by read-ahead and fill.
+    pub background_chunks: AtomicU64,
+    /// Blob bytes received.
+    pub bytes: AtomicU64,
+    /// Range requests sent.
+    pub requests: AtomicU64,
+    /// Chunks whose bytes failed verification (each such response is discarded).
+    pub verification_failures: AtomicU64,
+    /// Fetches that gave up (the waiting reads failed).
+    pub failed_fetches: AtomicU64,
+    /// Foreground wait (first want to stored) histogram: counts per bucket of
+    /// [`PARK_BUCKETS_MS`], then the overflow bucket.
+    pub park_time_buckets: [AtomicU64; PARK_BUCKETS_MS.len() + 1],
+    /// Per origin name: what it delivered.
+    pub per_origin: Mutex<BTreeMap<String, OriginStats>>,
+}
+
+/// Upper bounds (ms) of the park time histogram's buckets.
+pub const PARK_BUCKETS_MS: [u64; 8] = [1, 5, 20, 50, 200, 1000, 5000, 30000];
+
+impl FetchCounters {
+    fn per_origin(&self, origin: &str, update: impl FnOnce(&mut OriginStats)) {
+        let mut map = lock(&self.per_origin);
+        let entry = map
+            .entry(origin.to_string())
+            .or_insert_with(|| OriginStats {
+                origin: origin.to_string(),
+                ..OriginStats::default()
+            });
+        update(entry);
+    }
+
+    /// The counters as the API reports them (without the layers).
+    pub fn snapshot(&self) -> LazyStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        LazyStats {
+            foreground_chunks: load(&self.foreground_chunks),
+            background_chunks: load(&self.background_chunks),
+            bytes: load(&self.bytes),
+            requests: load(&self.requests),
+            verification_failures: load(&self.verification_failures),
+            failed_fetches: load(&self.failed_fetches),
+            park_time_ms_buckets: self
+                .park_time_buckets
+                .iter()
+                .enumerate()
+                .map(|(i, count)| (PARK_BUCKETS_MS.get(i).copied(), load(count)))
+                .collect(),
+            origins: lock(&self.per_origin).values().cloned().collect(),
+            layers: Vec::new(),
+        }
+    }
+
+    fn record_park(&self, waited: Duration) {
+        let ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        let bucket = PARK_BUCKETS_MS
+            .iter()
+            .position(|&bound| ms <= bound)
+            .unwrap_or(PARK_BUCKETS_MS.len());
+        if let Some(counter) = self.park_time_buckets.get(bucket) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Priority of a fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Priority {
+    Foreground,
+    Background,
+}
+
+/// One range request's worth of chunks.
+#[derive(Debug)]
+struct Job {
+    layer: Arc<LazyLayer>,
+    chunks: Range<usize>,
+    priority: Priority,
+    /// For foreground jobs: when the guest first asked.
+    since: Option<Instant>,
+    /// Whether the background bandwidth limit applies (fill).
+    limited: bool,
+}
+
+impl Job {
+    fn background(layer: Arc<LazyLayer>, chunks: Range<usize>, limited: bool) -> Job {
+        Job {
+            layer,
+            chunks,
+            priority: Priority::Background,
+            since: None,
+            limited,
+        }
+    }
+}
+
+enum Control {
+    Fill(Arc<LazyLayer>),
+    /// Chunks to fetch in this order ahead of read-ahead and fill (a startup trace).
+    Prefetch(Arc<LazyLayer>, Vec<usize>),
+    /// Another pass over a layer whose previous fill pass left chunks missing.
+    Refill {
+        layer: Arc<LazyLayer>,
+        pass: u32,
+    },
+    Finished {
+        layer_id: usize,
+        chunks: Range<usize>,
+        priority: Priority,
+    },
+}
+
+/// A handle to the fetcher task.
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    wants: mpsc::UnboundedSender<Want>,
+    control: mpsc::UnboundedSender<ControlMessage>,
+    counters: Arc<FetchCounters>,
+}
+
+/// Wrapper so the enum stays private while the channel type is named in [`Fetcher`].
+pub struct ControlMessage(Control);
+
+impl std::fmt::Debug for ControlMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlMessage")
+    }
+}
+
+fn layer_id(layer: &Arc<LazyLayer>) -> usize {
+    Arc::as_ptr(layer) as usize
+}
+
+impl Fetcher {
+    /// Starts the fetcher task on the current runtime.
+    pub fn start(config: LazyConfig) -> Fetcher {
+        let (wants, want_rx) = mpsc::unbounded_channel();
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let counters = Arc::new(FetchCounters::default());
+        let scheduler = Scheduler {
+            config,
+            counters: Arc::clone(&counters),
+            control: control.clone(),
+            foreground: VecDeque::new(),
+            prefetch: VecDeque::new(),
+            background: VecDeque::new(),
+            fills: VecDeque::new(),
+            in_flight: HashSet::new(),
+            running_foreground: 0,
+            running_background: 0,
+            background_allowed_at: Instant::now(),
+        };
+        tokio::spawn(scheduler.run(want_rx, control_rx));
+        Fetcher {
+            wants,
+            control,
+            counters,
+        }
+    }
+
+    /// Where the data path sends its wants.
+    pub fn wants(&self) -> mpsc::UnboundedSender<Want> {
+        self.wants.clone()
+    }
+
+    /// Completes `layer` in the background.
+    pub fn fill(&self, layer: Arc<LazyLayer>) {
+        let _ = self.control.send(ControlMessage(Control::Fill(layer)));
+    }
+
+    /// Fetches `chunks` of `layer` in this order, before read-ahead and fill (but after every
+    /// guest read), outside the background bandwidth limit: a startup trace.
+    pub fn prefetch(&self, layer: Arc<LazyLayer>, chunks: Vec<usize>) {
+        let _ = self
+            .control
+            .send(ControlMessage(Control::Prefetch(layer, chunks)));
+    }
+
+    /// The fetcher's counters.
+    pub fn counters(&self) -> &FetchCounters {
+        &self.counters
+    }
+}
+
+/// A layer being filled: the next chunk to look at.
+struct FillCursor {
+    layer: Arc<LazyLayer>,
+    next: usize,
+    pass: u32,
+}
+
+/// Passes a fill makes over a layer before it leaves the rest to the guest's reads.
+const FILL_PASSES: u32 = 5;
+/// Pause between fill passes (a failing origin is not hammered).
+const FILL_PASS_PAUSE: Duration = Duration::from_secs(10);
+
+struct Scheduler {
+    config: LazyConfig,
+    counters: Arc<FetchCounters>,
+    control: mpsc::UnboundedSender<ControlMessage>,
+    foreground: VecDeque<Want>,
+    /// Trace chunks, in recorded order.
+    prefetch: VecDeque<(Arc<LazyLayer>, usize)>,
+    /// Read-ahead chunks.
+    background: VecDeque<(Arc<LazyLayer>, usize)>,
+    fills: VecDeque<FillCursor>,
+    in_flight: HashSet<(usize, usize)>,
+    running_foreground: usize,
+    running_background: usize,
+    /// The background bandwidth limit: no background fetch starts before this.
+    background_allowed_at: Instant,
+}
+
+impl Scheduler {
+    async fn run(
+        mut self,
+        mut wants: mpsc::UnboundedReceiver<Want>,
+        mut control: mpsc::UnboundedReceiver<ControlMessage>,
+    ) {
+        loop {
+            self.dispatch();
+            let background_waiting = self.has_background_work()
+                && self.running_background < self.background_slots()
+                && self.running() < self.config.connections.max(1);
+            let wake_for_background = tokio::time::sleep_until(self.background_allowed_at.into());
+            tokio::select! {
+                biased;
+                want = wants.recv() => match want {
+                    Some(want) => self.foreground.push_back(want),
+                    None => return,
+                },
+                message = control.recv() => match message {
+                    Some(ControlMessage(message)) => self.handle(message),
+                    None => return,
+                },
+                () = wake_for_background, if background_waiting => {}
+            }
+        }
+    }
+
+    fn running(&self) -> usize {
+        self.running_foreground + self.running_background
+    }
+
+    fn background_slots(&self) -> usize {
+        let connections = self.config.connections.max(1);
+        connections
+            .saturating_sub(self.config.foreground_reserved)
+            .max(1)
+    }
+
+    fn has_background_work(&self) -> bool {
+        !self.prefetch.is_empty() || !self.background.is_empty() || !self.fills.is_empty()
+    }
+
+    fn handle(&mut self, message: Control) {
+        match message {
+            Control::Fill(layer) => self.add_fill(layer, 0),
+            Control::Prefetch(layer, chunks) => {
+                info!(layer = %layer.digest(), chunks = chunks.len(), "prefetching a startup trace");
+                self.prefetch
+                    .extend(chunks.into_iter().map(|chunk| (Arc::clone(&layer), chunk)));
+            }
+            Control::Refill { layer, pass } => self.add_fill(layer, pass),
+            Control::Finished {
+                layer_id,
+                chunks,
+                priority,
+            } => {
+                for chunk in chunks {
+                    self.in_flight.remove(&(layer_id, chunk));
+                }
+                match priority {
+                    Priority::Foreground => self.running_foreground -= 1,
+                    Priority::Background => self.running_background -= 1,
+                }
+            }
+        }
+    }
+
+    fn add_fill(&mut self, layer: Arc<LazyLayer>, pass: u32) {
+        if layer.is_complete()
+            || self
+                .fills
+                .iter()
+                .any(|fill| Arc::ptr_eq(&fill.layer, &layer))
+        {
+            return;
+        }
+        info!(layer = %layer.digest(), pass, "background fill started");
+        self.fills.push_back(FillCursor {
+            layer,
+            next: 0,
+            pass,
+        });
+    }
+
+    fn dispatch(&mut self) {
+        let connections = self.config.connections.max(1);
+        while self.running() < connections {
+            if let Some(job) = self.next_foreground() {
+                self.start(job);
+                continue;
+            }
+            if self.running_background < self.background_slots()
+                && let Some(job) = self.next_background()
+            {
+                self.start(job);
+                continue;
+            }
+            break;
+        }
+    }
+
+    fn is_free(&self, layer: &Arc<LazyLayer>, chunk: usize) -> bool {
+        chunk < layer.index().len()
+            && !layer.is_present(chunk)
+            && !self.in_flight.contains(&(layer_id(layer), chunk))
+    }
+
+    fn next_foreground(&mut self) -> Option<Job> {
+        while let Some(want) = self.foreground.pop_front() {
+            let layer = want.layer;
+            if layer.is_present(want.chunk) {
+                layer.clear_request(want.chunk);
+                continue;
+            }
+            if !self.is_free(&layer, want.chunk) {
+                // In flight: that fetch answers this want too.
+                continue;
+            }
+            let end = self.extend(&layer, want.chunk, |layer, chunk| layer.is_requested(chunk));
+            return Some(Job {
+                layer,
+                chunks: want.chunk..end,
+                priority: Priority::Foreground,
+                since: Some(want.since),
+                limited: false,
+            });
+        }
+        None
+    }
+
+    /// The next trace prefetch, read-ahead or (within the bandwidth limit) fill job.
+    fn next_background(&mut self) -> Option<Job> {
+        while let Some((layer, chunk)) = self.prefetch.pop_front() {
+            if self.is_free(&layer, chunk) {
+                // The trace's own order decides: only following chunks it also names are
+                // taken along.
+                let next_in_trace: HashSet<usize> = self
+                    .prefetch
+                    .iter()
+                    .take(64)
+                    .filter(|(other, _)| Arc::ptr_eq(other, &layer))
+                    .map(|(_, chunk)| *chunk)
+                    .collect();
+                let end = self.extend(&layer, chunk, |_, next| next_in_trace.contains(&next));
+                return Some(Job::background(layer, chunk..end, false));
+            }
+        }
+        while let Some((layer, chunk)) = self.background.pop_front() {
+            if self.is_free(&layer, chunk) {
+                let end = self.extend(&layer, chunk, |_, _| true);
+                return Some(Job::background(layer, chunk..end, false));
+            }
+        }
+        if Instant::now() < self.background_allowed_at {
+            return None;
+        }
+        while let Some(mut fill) = self.fills.pop_front() {
+            let chunks = fill.layer.index().len();
+            while fill.next < chunks && !self.is_free(&fill.layer, fill.next) {
+                fill.next += 1;
+            }
+            if fill.next >= chunks {
+                // Chunks still in flight finish on their own; failed ones get another pass.
+                debug!(layer = %fill.layer.digest(), "background fill pass queued every chunk");
+                if fill.pass + 1 < FILL_PASSES {
+                    let control = self.control.clone();
+                    let (layer, pass) = (fill.layer, fill.pass + 1);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(FILL_PASS_PAUSE).await;
+                        if !layer.is_complete() {
+                            let _ = control.send(ControlMessage(Control::Refill { layer, pass }));
+                        }
+                    });
+                }
+                continue;
+            }
+            let start = fill.next;
+            let end = self.extend(&fill.layer, start, |_, _| true);
+            fill.next = end;
+            let layer = Arc::clone(&fill.layer);
+            // Round robin between the layers being filled.
+            self.fills.push_back(fill);
+            return Some(Job::background(layer, start..end, true));
+        }
+        None
+    }
+
+    /// The end of a job starting at `first`: following chunks that are free and pass `take`,
+    /// while the blob span stays within `coalesce_bytes` (at least one chunk).
+    fn extend(
+        &self,
+        layer: &Arc<LazyLayer>,
+        first: usize,
+        take: impl Fn(&LazyLayer, usize) -> bool,
+    ) -> usize {
+        let mut end = first + 1;
+        // An origin that ignores `Range` sends the blob from its start whatever is asked: one
+        // download then brings every chunk after this one too.
+        let streaming = layer.ignores_ranges();
+        while self.is_free(layer, end)
+            && (streaming
+                || take(layer, end)
+                    && layer.blob_span(first..end + 1).end - layer.blob_span(first..end + 1).start
+                        <= self.config.coalesce_bytes)
+        {
+            end += 1;
+        }
+        end
+    }
+
+    fn start(&mut self, job: Job) {
+        let id = layer_id(&job.layer);
+        for chunk in job.chunks.clone() {
+            self.in_flight.insert((id, chunk));
+        }
+        match job.priority {
+            Priority::Foreground => {
+                self.running_foreground += 1;
+                for ahead in job.chunks.end..job.chunks.end + self.config.read_ahead_chunks {
+                    self.background.push_back((Arc::clone(&job.layer), ahead));
+                }
+            }
+            Priority::Background => {
+                self.running_background += 1;
+                if job.limited && self.config.background_bytes_per_sec > 0 {
+                    let span = job.layer.blob_span(job.chunks.clone());
+                    let seconds = (span.end - span.start) as f64
+                        / self.config.background_bytes_per_sec as f64;
+                    self.background_allowed_at = self.background_allowed_at.max(Instant::now())
+                        + Duration::from_secs_f64(seconds);
+                }
+            }
+        }
+        let config = self.config.clone();
+        let counters = Arc::clone(&self.counters);
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let chunks = job.chunks.clone();
+            let priority = job.priority;
+            run_job(job, &config, &counters).await;
+            let _ = control.send(ControlMessage(Control::Finished {
+                layer_id: id,
+                chunks,
+                priority,
+            }));
+        });
+    }
+}
+
+/// Fetches one job's chunks from the layer's origins and stores them, or fails them.
+async fn run_job(job: Job, config: &LazyConfig, counters: &FetchCounters) {
+    let layer = &job.layer;
+    let span = layer.blob_span(job.chunks.clone());
+    let deadline = Instant::now() + config.park_timeout();
+    let mut last_error = String::from("no origin is known for this layer");
+    for round in 0..=config.retries {
+        if round > 0 {
+            let backoff = Duration::from_millis(200 << round.min(5));
+            if Instant::now() + backoff >= deadline && job.priority == Priority::Foreground {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+        }
+        for origin in layer.origins() {
+            if origin.ignores_ranges() {
+                match stream_job(&job, origin.as_ref(), counters).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        last_error = format!("{}: {error}", origin.describe());
+                        continue;
+                    }
+                }
+            }
+            let attempt = origin.read_range(span.clone());
+            // A background attempt gets as long as a foreground fetch in all: a hung origin
+            // must not hold a connection slot forever.
+            let attempt_deadline = match job.priority {
+                Priority::Foreground => deadline,
+                Priority::Background => Instant::now() + config.park_timeout(),
+            };
+            let Ok(result) = tokio::time::timeout_at(attempt_deadline.into(), attempt).await else {
+                last_error = format!(
+                    "{} did not deliver within {:?}",
+                    origin.describe(),
+                    config.park_timeout()
+                );
+                if job.priority == Priority::Foreground {
+                    give_up(&job, counters, &last_error);
+                    return;
+                }
+                continue;
+            };
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            let bytes = match result {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    last_error = format!("{}: {error}", origin.describe());
+                    debug!(layer = %layer.digest(), error = %last_error, "range read failed");
+                    continue;
+                }
+            };
+            counters
+                .bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            let received = bytes.len() as u64;
+            let origin_name = origin.describe();
+            let store_layer = Arc::clone(layer);
+            let chunks = job.chunks.clone();
+            let stored =
+                tokio::task::spawn_blocking(move || store_layer.store_chunks(chunks, &bytes)).await;
+            match stored {
+                Ok(Ok(())) => {
+                    let count = job.chunks.len() as u64;
+                    counters.per_origin(&origin_name, |stats| {
+                        stats.chunks += count;
+                        stats.bytes += received;
+                    });
+                    match job.priority {
+                        Priority::Foreground => {
+                            counters
+                                .foreground_chunks
+                                .fetch_add(count, Ordering::Relaxed);
+                            if let Some(since) = job.since {
+                                counters.record_park(since.elapsed());
+                            }
+                        }
+                        Priority::Background => {
+                            counters
+                                .background_chunks
+                                .fetch_add(count, Ordering::Relaxed);
+                        }
+                    }
+                    if layer.is_complete() && job.priority == Priority::Background {
+                        info!(layer = %layer.digest(), "layer complete");
+                    }
+                    return;
+                }
+                Ok(Err(error @ StoreError::Verify { .. })) => {
+                    counters
+                        .verification_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    counters.per_origin(&origin_name, |stats| {
+                        stats.bytes += received;
+                        stats.verification_failures += 1;
+                    });
+                    warn!(origin = %origin.describe(), %error, "bytes failed verification; discarded");
+                    last_error = format!("{error} (from {})", origin.describe());
+                }
+                Ok(Err(error)) => {
+                    // The card's own disk failed: another origin would not help.
+                    give_up(&job, counters, &error.to_string());
+                    return;
+                }
+                Err(error) => {
+                    give_up(&job, counters, &format!("store task: {error}"));
+                    return;
+                }
+            }
+        }
+        if job.priority == Priority::Foreground && Instant::now() >= deadline {
+            break;
+        }
+    }
+    give_up(&job, counters, &last_error);
+}
+
+/// Stores a job's chunks from one streamed download of the whole blob (an origin that ignores
+/// `Range`): each chunk verified and stored as soon as its bytes are in, so the reads waiting
+/// for early chunks go on before the download ends. Chunks stored before a failure stay.
+async fn stream_job(
+    job: &Job,
+    origin: &dyn BlobOrigin,
+    counters: &FetchCounters,
+) -> Result<(), String> {
+    let mut receiver = ChunkStream {
+        layer: Arc::clone(&job.layer),
+        chunks: job.chunks.clone(),
+        next: job.chunks.start,
+        received: 0,
+        pending: Vec::new(),
+    };
+    counters.requests.fetch_add(1, Ordering::Relaxed);
+    let result = origin.stream_blob(&mut receiver).await;
+    let stored = receiver.next - job.chunks.start;
+    counters
+        .background_chunks
+        .fetch_add(stored as u64, Ordering::Relaxed);
+    counters
+        .bytes
+        .fetch_add(receiver.received, Ordering::Relaxed);
+    match result {
+        // Done once every chunk of the job is in (the download may have been cut short).
+        _ if receiver.next >= job.chunks.end => Ok(()),
+        Ok(()) => Err("the blob ended before its last chunk".into()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// Cuts a streamed blob into the job's chunks and stores each.
+struct ChunkStream {
+    layer: Arc<LazyLayer>,
+    chunks: Range<usize>,
+    /// The next chunk to complete.
+    next: usize,
+    /// Blob bytes seen in this download.
+    received: u64,
+    /// Bytes of chunk `next` so far.
+    pending: Vec<u8>,
+}
+
+/// What ends a stream early once the job's chunks are in (not an error).
+const STREAM_DONE: &str = "the job's chunks are stored";
+
+impl StreamReceiver for ChunkStream {
+    fn receive(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+        while !bytes.is_empty() {
+            if self.next >= self.chunks.end {
+                return Err(STREAM_DONE.into());
+            }
+            let range = self.layer.index().blob_range(self.next);
+            if self.received < range.start {
+                // Before the chunk: skipped (present, or before the job).
+                let skip = usize::try_from(range.start - self.received)
+                    .map_or(bytes.len(), |skip| skip.min(bytes.len()));
+                bytes = bytes.get(skip..).unwrap_or_default();
+                self.received += skip as u64;
+                continue;
+            }
+            let want = usize::try_from(range.end - self.received).unwrap_or(usize::MAX);
+            let take = want.min(bytes.len());
+            let (head, rest) = bytes.split_at(take);
+            self.pending.extend_from_slice(head);
+            self.received += take as u64;
+            bytes = rest;
+            if self.received == range.end {
+                let layer = Arc::clone(&self.layer);
+                let chunk = self.next;
+                let stored = std::mem::take(&mut self.pending);
+                // The download runs on the runtime: the store (a sync and a bitmap write) is
+                // blocking work.
+                tokio::task::block_in_place(|| layer.store_chunks(chunk..chunk + 1, &stored))
+                    .map_err(|error| error.to_string())?;
+                self.next += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.received = 0;
+        self.pending.clear();
+    }
+}
+
+/// Ends a job that could not store its chunks. A foreground job fails the reads waiting for
+/// them. A background job fails nobody for good: the guest did not ask for these chunks, so
+/// reads that came to wait on this fetch are only woken to ask again, at foreground priority.
+fn give_up(job: &Job, counters: &FetchCounters, reason: &str) {
+    counters.failed_fetches.fetch_add(1, Ordering::Relaxed);
+    match job.priority {
+        Priority::Foreground => job.layer.fail_chunks(job.chunks.clone(), reason),
+        Priority::Background => {
+            warn!(layer = %job.layer.digest(), chunks = ?job.chunks, reason, "background fetch failed");
+            for chunk in job.chunks.clone() {
+                if job.layer.is_requested(chunk) {
+                    job.layer.clear_request(chunk);
+                }
+            }
+        }
+    }
+}

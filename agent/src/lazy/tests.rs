@@ -1,0 +1,515 @@
+//! The lazy data path against a real cache directory and chunked blobs written by
+//! `gantry_oci::chunked`: what is fetched, when, how often, and what a reader sees when an
+//! origin lies, hangs or goes away.
+
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use gantry_oci::Digest;
+use gantry_oci::chunked::{ChunkedLayerOptions, IndexLocation, write_chunked_layer};
+use gantry_oci::manifest::Descriptor;
+use tokio::sync::Notify;
+use vm_memory::VolatileSlice;
+
+use super::layer::LazyLayer;
+use super::origin::{BlobOrigin, OriginError, StreamReceiver};
+use super::{LazyConfig, LazyLayers};
+use crate::blk::BlockSource;
+use crate::cache::{Cache, CacheConfig, LayerRecord, PinGuard};
+use crate::sync::lock;
+
+const CHUNK: u32 = 64 * 1024;
+
+/// Bytes that do not compress much, so chunks have distinct sizes in the blob.
+fn image_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Every fourth byte repeats: compressible a little.
+            if i % 4 == 0 { 0 } else { state as u8 }
+        })
+        .collect()
+}
+
+/// How a [`TestOrigin`] misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// The first response has one byte flipped.
+    CorruptOnce,
+    /// Every response has one byte flipped.
+    CorruptAlways,
+    /// Never answers.
+    Hang,
+    /// Answers ranges right, then says it ignores `Range` (a registry answering `200`), and
+    /// streams whole blobs.
+    IgnoreRanges,
+}
+
+#[derive(Debug)]
+struct TestOrigin {
+    blob: Vec<u8>,
+    fault: Mutex<Fault>,
+    requests: Mutex<Vec<Range<u64>>>,
+    corrupted: AtomicBool,
+    ignoring: AtomicBool,
+    streams: AtomicUsize,
+}
+
+impl TestOrigin {
+    fn new(blob: Vec<u8>, fault: Fault) -> Arc<TestOrigin> {
+        Arc::new(TestOrigin {
+            blob,
+            fault: Mutex::new(fault),
+            requests: Mutex::new(Vec::new()),
+            corrupted: AtomicBool::new(false),
+            ignoring: AtomicBool::new(false),
+            streams: AtomicUsize::new(0),
+        })
+    }
+
+    fn requests(&self) -> Vec<Range<u64>> {
+        lock(&self.requests).clone()
+    }
+
+    fn set_fault(&self, fault: Fault) {
+        *lock(&self.fault) = fault;
+    }
+}
+
+impl BlobOrigin for TestOrigin {
+    fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, OriginError>> {
+        lock(&self.requests).push(range.clone());
+        let fault = *lock(&self.fault);
+        Box::pin(async move {
+            if fault == Fault::Hang {
+                std::future::pending::<()>().await;
+            }
+            if fault == Fault::IgnoreRanges {
+                self.ignoring.store(true, Ordering::SeqCst);
+            }
+            let mut bytes = self.blob[range.start as usize..range.end as usize].to_vec();
+            let flip = match fault {
+                Fault::CorruptAlways => true,
+                Fault::CorruptOnce => !self.corrupted.swap(true, Ordering::SeqCst),
+                _ => false,
+            };
+            if flip {
+                let middle = bytes.len() / 2;
+                bytes[middle] ^= 0x40;
+            }
+            Ok(Bytes::from(bytes))
+        })
+    }
+
+    fn describe(&self) -> String {
+        "test-origin".into()
+    }
+
+    fn ignores_ranges(&self) -> bool {
+        self.ignoring.load(Ordering::SeqCst)
+    }
+
+    fn stream_blob<'a>(
+        &'a self,
+        receiver: &'a mut dyn StreamReceiver,
+    ) -> BoxFuture<'a, Result<(), OriginError>> {
+        self.streams.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            for piece in self.blob.chunks(7000) {
+                if receiver.receive(piece).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Wakes a [`Notify`] (the queue thread's event in the real device).
+struct NotifyWake(Arc<Notify>);
+
+impl Wake for NotifyWake {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// Reads `len` bytes at `offset` the way the device does: poll, park on `Pending`, poll again
+/// when woken. Fails the test if a read stays parked for `limit`.
+async fn read(layer: &LazyLayer, offset: u64, len: usize, limit: Duration) -> io::Result<Vec<u8>> {
+    let notify = Arc::new(Notify::new());
+    let waker = Waker::from(Arc::new(NotifyWake(Arc::clone(&notify))));
+    let mut buf = vec![0u8; len];
+    let deadline = Instant::now() + limit;
+    loop {
+        // The slice (not `Send`) must not live across the await below.
+        let poll = {
+            let slice = VolatileSlice::from(buf.as_mut_slice());
+            layer.read_at(offset, &[slice], &waker)
+        };
+        match poll {
+            Poll::Ready(result) => return result.map(|()| buf),
+            Poll::Pending => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                assert!(
+                    tokio::time::timeout(left, notify.notified()).await.is_ok(),
+                    "a read stayed parked for {limit:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Waits (up to 5 s) for `condition`: the fetch task updates counters after it woke readers.
+async fn eventually(condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !condition() {
+        assert!(Instant::now() < deadline, "the condition never held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    cache: Cache,
+    image: Vec<u8>,
+    blob: Vec<u8>,
+    record: LayerRecord,
+    _pin: PinGuard,
+}
+
+async fn fixture(chunks: usize) -> Fixture {
+    fixture_named(chunks, "cache").await
+}
+
+/// A fixture whose cache lives in directory `name` of its own temporary directory.
+async fn fixture_named(chunks: usize, name: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&dir.path().join(name), CacheConfig::default()).unwrap();
+    // The last chunk is short.
+    let seed = name
+        .bytes()
+        .fold(7u64, |seed, byte| seed * 31 + u64::from(byte));
+    let image = image_bytes(chunks * CHUNK as usize - 1000, seed);
+    let mut blob = Vec::new();
+    let options = ChunkedLayerOptions {
+        chunk_size: CHUNK,
+        ..ChunkedLayerOptions::default()
+    };
+    let layer = write_chunked_layer(image.as_slice(), &mut blob, &options).unwrap();
+    let descriptor: Descriptor = layer.descriptor();
+    let location = IndexLocation::from_descriptor(&descriptor).unwrap();
+    let section = &blob[location.range.start as usize..location.range.end as usize];
+    let index = location.parse(section).unwrap();
+    assert_eq!(index.len(), chunks);
+    let (record, pin) = cache
+        .publish_lazy_layer(
+            &descriptor,
+            &index,
+            location.digest.as_ref().unwrap(),
+            layer.uncompressed_digest.clone(),
+        )
+        .await
+        .unwrap();
+    assert!(record.lazy);
+    Fixture {
+        _dir: dir,
+        cache,
+        image,
+        blob,
+        record,
+        _pin: pin,
+    }
+}
+
+fn config() -> LazyConfig {
+    LazyConfig {
+        read_ahead_chunks: 0,
+        ..LazyConfig::default()
+    }
+}
+
+fn chunk_range(chunk: usize) -> Range<usize> {
+    chunk * CHUNK as usize..(chunk + 1) * CHUNK as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_fetches_only_the_chunks_it_touches() {
+    let fixture = fixture(8).await;
+    let lazy = LazyLayers::new(config());
+    let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    let origin = TestOrigin::new(fixture.blob.clone(), Fault::None);
+    layer.add_origin(origin.clone());
+
+    // Bytes straddling chunks 2 and 3.
+    let offset = 3 * u64::from(CHUNK) - 100;
+    let got = read(&layer, offset, 300, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got, &fixture.image[offset as usize..offset as usize + 300]);
+    let present: Vec<usize> = (0..8).filter(|&c| layer.is_present(c)).collect();
+    assert_eq!(present, vec![2, 3], "only the touched chunks are fetched");
+    // Both wanted chunks went in one coalesced range request.
+    let requests = origin.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0], layer.blob_span(2..4));
+    // A second read of present data asks nobody.
+    let again = read(&layer, offset, 300, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(again, got);
+    assert_eq!(origin.requests().len(), 1);
+
+    // The cache file holds the verified chunks, and the bitmap says so after a reopen.
+    let image = std::fs::read(&fixture.record.erofs_path).unwrap();
+    for chunk in [2, 3] {
+        assert_eq!(image[chunk_range(chunk)], fixture.image[chunk_range(chunk)]);
+    }
+    eventually(|| lazy.counters().foreground_chunks.load(Ordering::Relaxed) == 2).await;
+    drop(layer);
+    let reopened = LazyLayers::new(config())
+        .open(&fixture.cache, &fixture.record)
+        .unwrap();
+    assert_eq!(reopened.present_chunks(), 2);
+    assert!(reopened.is_present(2) && reopened.is_present(3) && !reopened.is_present(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_readers_of_one_chunk_fetch_it_once() {
+    let fixture = fixture(4).await;
+    let lazy = LazyLayers::new(config());
+    let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    let origin = TestOrigin::new(fixture.blob.clone(), Fault::None);
+    layer.add_origin(origin.clone());
+    // Two "VMs": the table hands out the same layer, so they share its fetches.
+    let same = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    assert!(Arc::ptr_eq(&layer, &same));
+
+    let readers: Vec<_> = (0..16u64)
+        .map(|i| {
+            let layer = Arc::clone(if i % 2 == 0 { &layer } else { &same });
+            tokio::spawn(async move {
+                read(
+                    &layer,
+                    u64::from(CHUNK) + i * 512,
+                    512,
+                    Duration::from_secs(10),
+                )
+                .await
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.await.unwrap().unwrap();
+    }
+    let requests = origin.requests();
+    assert_eq!(
+        requests,
+        vec![layer.blob_span(1..2)],
+        "one fetch for 16 readers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_fail_verification_never_reach_a_reader() {
+    let fixture = fixture(4).await;
+    let lazy = LazyLayers::new(LazyConfig {
+        retries: 1,
+        failure_hold_ms: 200,
+        ..config()
+    });
+    let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    let origin = TestOrigin::new(fixture.blob.clone(), Fault::CorruptOnce);
+    layer.add_origin(origin.clone());
+
+    // The first answer is corrupt: discarded, and the retry gives the right bytes.
+    let got = read(&layer, 0, 4096, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got, &fixture.image[..4096]);
+    assert_eq!(origin.requests().len(), 2);
+    assert_eq!(
+        lazy.counters()
+            .verification_failures
+            .load(Ordering::Relaxed),
+        1
+    );
+
+    // An origin that always lies: the read fails, naming the layer and the chunk, and nothing
+    // is marked present.
+    origin.set_fault(Fault::CorruptAlways);
+    let error = read(&layer, 2 * u64::from(CHUNK), 4096, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains(&fixture.record.blob_digest.to_string()) && message.contains("chunk 2"),
+        "{message}"
+    );
+    assert!(!layer.is_present(2));
+    let image = std::fs::read(&fixture.record.erofs_path).unwrap();
+    assert!(
+        image[chunk_range(2)].iter().all(|&b| b == 0),
+        "nothing unverified was written"
+    );
+
+    // After the hold, a read tries again; now the origin is honest.
+    origin.set_fault(Fault::None);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let got = read(&layer, 2 * u64::from(CHUNK), 4096, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got, &fixture.image[chunk_range(2)][..4096]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_origin_fails_reads_after_the_park_timeout() {
+    let fixture = fixture(4).await;
+    let lazy = LazyLayers::new(LazyConfig {
+        park_timeout_secs: 0.3,
+        failure_hold_ms: 100,
+        ..config()
+    });
+    let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    let origin = TestOrigin::new(fixture.blob.clone(), Fault::Hang);
+    layer.add_origin(origin.clone());
+
+    let started = Instant::now();
+    let error = read(&layer, 0, 4096, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    println!("a read of a hung origin failed after {waited:?}: {error}");
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert!(error.to_string().contains("within"), "{error}");
+    assert_eq!(lazy.counters().failed_fetches.load(Ordering::Relaxed), 1);
+
+    // Within the hold, reads fail at once without asking again.
+    let asked = origin.requests().len();
+    assert!(read(&layer, 0, 4096, Duration::from_secs(1)).await.is_err());
+    assert_eq!(origin.requests().len(), asked);
+    // The origin comes back: after the hold, reads work.
+    origin.set_fault(Fault::None);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let got = read(&layer, 0, 4096, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got, &fixture.image[..4096]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fill_completes_the_layer_and_every_present_chunk_matches() {
+    let fixture = fixture(12).await;
+    let lazy = LazyLayers::new(LazyConfig {
+        coalesce_bytes: 2 * u64::from(CHUNK),
+        ..config()
+    });
+    let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    let origin = TestOrigin::new(fixture.blob.clone(), Fault::None);
+    layer.add_origin(origin.clone());
+    lazy.fill(Arc::clone(&layer));
+    tokio::time::timeout(Duration::from_secs(20), layer.wait_complete())
+        .await
+        .expect("the fill completes");
+    assert!(layer.is_complete());
+    let image = std::fs::read(&fixture.record.erofs_path).unwrap();
+    assert_eq!(image, fixture.image);
+    // Coalesced: fewer requests than chunks, none larger than the limit, no chunk twice.
+    let requests = origin.requests();
+    assert!(requests.len() < 12, "{requests:?}");
+    let fetched: u64 = requests.iter().map(|r| r.end - r.start).sum();
+    assert_eq!(
+        fetched,
+        layer.blob_span(0..12).end - layer.blob_span(0..12).start
+    );
+    eventually(|| lazy.counters().background_chunks.load(Ordering::Relaxed) == 12).await;
+    let digest = Digest::of(&image);
+    assert_eq!(digest, gantry_oci::Digest::of(&fixture.image));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_ignores_ranges_is_streamed_once() {
+    let fixture = fixture(10).await;
+    let lazy = LazyLayers::new(config());
+    let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    let origin = TestOrigin::new(fixture.blob.clone(), Fault::IgnoreRanges);
+    layer.add_origin(origin.clone());
+    // The first read learns that the origin sends whole blobs.
+    read(&layer, u64::from(CHUNK), 100, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(layer.ignores_ranges());
+    // The next miss streams the blob once and stores every free chunk from there on.
+    let offset = 4 * u64::from(CHUNK) + 10;
+    let got = read(&layer, offset, 5000, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got, &fixture.image[offset as usize..offset as usize + 5000]);
+    eventually(|| (4..10).all(|chunk| layer.is_present(chunk))).await;
+    assert_eq!(origin.streams.load(Ordering::SeqCst), 1);
+    assert_eq!(origin.requests().len(), 1, "no more ranged requests");
+    assert!(
+        !layer.is_present(0) && !layer.is_present(2),
+        "chunks before the miss are left"
+    );
+    let image = std::fs::read(&fixture.record.erofs_path).unwrap();
+    assert_eq!(
+        image[chunk_range(4).start..],
+        fixture.image[chunk_range(4).start..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_startup_trace_records_first_touches_and_replays_in_order() {
+    let fixture = fixture(8).await;
+    let lazy = LazyLayers::new(LazyConfig {
+        // One fetch at a time, so the order of the requests is the order of the trace.
+        connections: 2,
+        foreground_reserved: 1,
+        ..config()
+    });
+    let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    let origin = TestOrigin::new(fixture.blob.clone(), Fault::None);
+    layer.add_origin(origin.clone());
+    // Reads before the recording starts are not in the trace.
+    read(&layer, 0, 10, Duration::from_secs(10)).await.unwrap();
+    layer.record_trace(Duration::from_secs(60));
+    for chunk in [5u64, 2, 5, 6, 2] {
+        read(
+            &layer,
+            chunk * u64::from(CHUNK),
+            10,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        layer.trace(),
+        vec![5, 2, 6],
+        "first touch first, each chunk once"
+    );
+
+    // Replayed on a cold layer elsewhere: fetched in the trace's order, before anyone reads.
+    let other = fixture_named(8, "other").await;
+    let cold = lazy.open(&other.cache, &other.record).unwrap();
+    let other_origin = TestOrigin::new(other.blob.clone(), Fault::None);
+    cold.add_origin(other_origin.clone());
+    lazy.prefetch(Arc::clone(&cold), vec![5, 2, 6]);
+    eventually(|| [5, 2, 6].iter().all(|&chunk| cold.is_present(chunk))).await;
+    let requests = other_origin.requests();
+    // 5 first; 6, which the trace also names, coalesced with it; then 2.
+    assert_eq!(requests, vec![cold.blob_span(5..7), cold.blob_span(2..3)]);
+    assert_eq!(cold.present_chunks(), 3, "nothing but the trace");
+}
