@@ -29,9 +29,11 @@ use crate::lazy::origin::BlobOrigin;
 use gantry_oci::chunked::{ChunkCompression, IndexLocation, erofs_layer_kind};
 use gantry_oci::compression::Compression;
 use gantry_oci::manifest::{
-    Descriptor, ImageConfiguration, ImageManifest, ManifestDocument, ManifestError,
+    Descriptor, ImageConfiguration, ImageManifest, ManifestDocument, ManifestError, is_tar_layer,
 };
-use gantry_oci::source::{BlobSink, FetchedManifest, ImageSource, SinkError};
+use gantry_oci::source::{
+    self, BlobSink, ConfigFetchError, CountingSink, FetchedManifest, ImageSource, SinkError,
+};
 use gantry_oci::{ConvertError, ConvertOptions, ConvertSummary, Digest, convert_layer};
 
 /// Errors of pulling an image.
@@ -220,14 +222,16 @@ pub async fn pull_lazy<S: ImageSource>(
         error: Box::new(error),
     };
     let document = |what, fetched: &FetchedManifest| {
-        ManifestDocument::parse(&fetched.bytes, fetched.media_type.as_deref()).map_err(|error| {
-            PullError::Document {
+        // Tar layers are converted, lazy EROFS layers published at their chunk index.
+        let pullable =
+            |media_type: &str| is_tar_layer(media_type) || erofs_layer_kind(media_type).is_some();
+        ManifestDocument::parse_with(&fetched.bytes, fetched.media_type.as_deref(), pullable)
+            .map_err(|error| PullError::Document {
                 image: image.clone(),
                 what,
                 source_name: fetched.source.clone(),
                 error: Box::new(error),
-            }
-        })
+            })
     };
 
     let root = source.fetch_root_manifest().await.map_err(source_error)?;
@@ -315,44 +319,24 @@ async fn fetch_config<S: ImageSource>(
     image: &str,
     manifest: &ImageManifest,
 ) -> Result<Vec<u8>, PullError> {
-    let descriptor = &manifest.config;
-    let limit = source.max_config_bytes();
-    if descriptor.size > limit {
-        return Err(PullError::ConfigTooLarge {
-            image: image.to_string(),
-            digest: descriptor.digest.clone(),
-            size: descriptor.size,
-            limit,
-        });
-    }
-    let mut sink = MemorySink::default();
-    source
-        .fetch_blob(descriptor, &mut sink)
+    source::fetch_config(source, &manifest.config)
         .await
-        .map_err(|error| PullError::Source {
-            image: image.to_string(),
-            error: Box::new(error),
-        })?;
-    Ok(sink.bytes)
-}
-
-/// Collects a small blob in memory (the size was checked against the limit beforehand and the
-/// verifier refuses more than the declared size).
-#[derive(Debug, Default)]
-struct MemorySink {
-    bytes: Vec<u8>,
-}
-
-impl BlobSink for MemorySink {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
-        self.bytes.extend_from_slice(&chunk);
-        Ok(())
-    }
-
-    async fn reset(&mut self) -> Result<(), SinkError> {
-        self.bytes.clear();
-        Ok(())
-    }
+        .map_err(|error| match error {
+            ConfigFetchError::TooLarge {
+                digest,
+                size,
+                limit,
+            } => PullError::ConfigTooLarge {
+                image: image.to_string(),
+                digest,
+                size,
+                limit,
+            },
+            ConfigFetchError::Source(error) => PullError::Source {
+                image: image.to_string(),
+                error: Box::new(error),
+            },
+        })
 }
 
 async fn pull_layer<S: ImageSource>(
@@ -423,16 +407,20 @@ async fn pull_layer<S: ImageSource>(
         };
     }
     let build = cache.begin_build()?;
-    let mut sink = CountingSink {
-        inner: ConvertSink::new(build.image_path(), decoder),
-        index,
-        size: descriptor.size,
-        received: 0,
-        reported_at: None,
-        progress,
-    };
+    let size = descriptor.size;
+    let mut sink = CountingSink::new(
+        ConvertSink::new(build.image_path(), decoder),
+        size,
+        |received| {
+            progress(&PullEvent::LayerBytes {
+                index,
+                received,
+                size,
+            })
+        },
+    );
     let fetched = source.fetch_blob(descriptor, &mut sink).await;
-    let mut sink = sink.inner;
+    let mut sink = sink.into_inner();
     let summary = match fetched {
         Ok(url) => match sink.finish().await {
             Ok(summary) => (summary, url),
@@ -522,43 +510,6 @@ async fn publish_lazy(
         .await
         .map(Some)
         .map_err(|e| e.to_string())
-}
-
-/// How often a layer's byte count is reported while it downloads.
-const BYTES_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// Passes a blob on to `inner`, reporting the bytes received as [`PullEvent::LayerBytes`].
-struct CountingSink<'p, S> {
-    inner: S,
-    index: usize,
-    size: u64,
-    received: u64,
-    reported_at: Option<Instant>,
-    progress: Progress<'p>,
-}
-
-impl<S: BlobSink> BlobSink for CountingSink<'_, S> {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
-        self.received += chunk.len() as u64;
-        let due = self
-            .reported_at
-            .is_none_or(|at| at.elapsed() >= BYTES_REPORT_INTERVAL);
-        if due || self.received == self.size {
-            self.reported_at = Some(Instant::now());
-            (self.progress)(&PullEvent::LayerBytes {
-                index: self.index,
-                received: self.received,
-                size: self.size,
-            });
-        }
-        self.inner.write(chunk).await
-    }
-
-    async fn reset(&mut self) -> Result<(), SinkError> {
-        self.received = 0;
-        self.reported_at = None;
-        self.inner.reset().await
-    }
 }
 
 /// Depth of the queue between the download and the converter thread.

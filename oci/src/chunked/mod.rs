@@ -24,7 +24,7 @@ mod frame;
 mod hashing;
 mod index;
 mod location;
-pub mod media;
+mod media;
 mod writer;
 
 pub use decode::decode_whole_layer;
