@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde::Serialize;
-use tracing::{debug, warn};
+use tracing::debug;
 
 pub use documents::DocumentError;
 pub use layer::LayerError;
@@ -772,7 +772,6 @@ fn skip_reason(entry: &Descriptor) -> Option<&'static str> {
         entry.media_type.as_str(),
         "" | OCI_MANIFEST | crate::manifest::DOCKER_MANIFEST
     ) {
-        warn!(digest = %entry.digest, media_type = entry.media_type, "index entry skipped");
         return Some("not an image manifest");
     }
     None
