@@ -13,11 +13,11 @@ use flate2::write::GzEncoder;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-use crate::layout::REF_NAME_ANNOTATION;
+pub use crate::compression::Compression as LayerCompression;
+use crate::layout::{LayoutError, LayoutWriter};
+use crate::manifest::{Descriptor, OCI_CONFIG, OCI_MANIFEST};
 
 const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
-const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// Errors building an image.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,9 @@ pub enum BuildError {
     /// A path in a layer description is not relative and clean.
     #[error("layer path {0:?} must be relative, without '..'")]
     BadPath(String),
+    /// Writing into the layout failed.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
 }
 
 /// Maps an I/O error at `path` into a [`BuildError`].
@@ -59,16 +62,42 @@ enum Node {
     },
 }
 
-/// One layer, as a set of paths (kept sorted, so the tar is deterministic).
+/// One layer, as a set of paths (kept sorted, so the tar is deterministic), and how its blob
+/// is compressed (gzip unless [`LayerBuilder::compression`] says otherwise).
 #[derive(Debug, Clone, Default)]
 pub struct LayerBuilder {
     nodes: BTreeMap<String, Node>,
+    compression: Option<LayerCompression>,
 }
 
 impl LayerBuilder {
     /// An empty layer.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Stores the layer's blob with `compression` (tar, tar+gzip or tar+zstd).
+    pub fn compression(&mut self, compression: LayerCompression) -> &mut Self {
+        self.compression = Some(compression);
+        self
+    }
+
+    /// The layer's blob and its media type.
+    fn blob(&self, tar: &[u8], scratch: &Path) -> Result<(Vec<u8>, &'static str), BuildError> {
+        Ok(match self.compression.unwrap_or(LayerCompression::Gzip) {
+            LayerCompression::None => (tar.to_vec(), "application/vnd.oci.image.layer.v1.tar"),
+            LayerCompression::Gzip => {
+                // No file name or time in the gzip header: the same tar gives the same blob.
+                let mut gzip = GzEncoder::new(Vec::new(), Compression::default());
+                gzip.write_all(tar).map_err(io_at(scratch))?;
+                (gzip.finish().map_err(io_at(scratch))?, LAYER_MEDIA_TYPE)
+            }
+            LayerCompression::Zstd => (
+                // Single-threaded zstd at a fixed level is deterministic.
+                zstd::encode_all(tar, 3).map_err(io_at(scratch))?,
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+            ),
+        })
     }
 
     fn insert(&mut self, path: &str, node: Node) -> Result<&mut Self, BuildError> {
@@ -207,16 +236,6 @@ fn sha256_hex(data: &[u8]) -> String {
     hash.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Writes `data` as a blob of `layout`; returns its digest (`sha256:…`).
-fn write_blob(layout: &Path, data: &[u8]) -> Result<String, BuildError> {
-    let hex = sha256_hex(data);
-    let dir = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-    let path = dir.join(&hex);
-    std::fs::write(&path, data).map_err(io_at(&path))?;
-    Ok(format!("sha256:{hex}"))
-}
-
 /// Writes an image of `layers` (lowest first) named `name` into the OCI layout at `layout`
 /// (created, or added to); returns the manifest digest.
 pub fn write_image(
@@ -225,23 +244,16 @@ pub fn write_image(
     layers: &[LayerBuilder],
     config: &ImageConfigSpec,
 ) -> Result<String, BuildError> {
-    std::fs::create_dir_all(layout).map_err(io_at(layout))?;
-    let oci_layout = layout.join("oci-layout");
-    std::fs::write(&oci_layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
-        .map_err(io_at(&oci_layout))?;
-
+    let writer = LayoutWriter::create(layout)?;
     let mut layer_descriptors = Vec::new();
     let mut diff_ids = Vec::new();
     for layer in layers {
         let tar = layer.to_tar()?;
         diff_ids.push(format!("sha256:{}", sha256_hex(&tar)));
-        // No file name or time in the gzip header: the same tar gives the same blob.
-        let mut gzip = GzEncoder::new(Vec::new(), Compression::default());
-        gzip.write_all(&tar).map_err(io_at(layout))?;
-        let compressed = gzip.finish().map_err(io_at(layout))?;
-        let digest = write_blob(layout, &compressed)?;
+        let (blob, media_type) = layer.blob(&tar, layout)?;
+        let digest = writer.write_blob(&blob)?;
         layer_descriptors.push(json!({
-            "mediaType": LAYER_MEDIA_TYPE, "digest": digest, "size": compressed.len()
+            "mediaType": media_type, "digest": digest, "size": blob.len()
         }));
     }
     let mut image_config = serde_json::Map::new();
@@ -270,34 +282,18 @@ pub fn write_image(
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     }))
     .map_err(|err| io_at(layout)(err.into()))?;
-    let config_digest = write_blob(layout, &config_json)?;
+    let config_digest = writer.write_blob(&config_json)?;
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": { "mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": config_json.len() },
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": OCI_CONFIG, "digest": config_digest, "size": config_json.len() },
         "layers": layer_descriptors,
     }))
     .map_err(|err| io_at(layout)(err.into()))?;
-    let manifest_digest = write_blob(layout, &manifest)?;
-
-    // Keep the layout's other images; replace one of the same name.
-    let index_path = layout.join("index.json");
-    let mut manifests: Vec<serde_json::Value> = std::fs::read(&index_path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-        .and_then(|index| index["manifests"].as_array().cloned())
-        .unwrap_or_default();
-    manifests.retain(|m| m["annotations"][REF_NAME_ANNOTATION] != name);
-    manifests.push(json!({
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "digest": manifest_digest,
-        "size": manifest.len(),
-        "annotations": { REF_NAME_ANNOTATION: name },
-    }));
-    let index = serde_json::to_vec_pretty(&json!({ "schemaVersion": 2, "manifests": manifests }))
-        .map_err(|err| io_at(layout)(err.into()))?;
-    std::fs::write(&index_path, index).map_err(io_at(&index_path))?;
-    Ok(manifest_digest)
+    let manifest_digest = writer.write_blob(&manifest)?;
+    // Keeps the layout's other images; replaces one of the same name.
+    writer.name_image(&Descriptor::of(OCI_MANIFEST, &manifest), name)?;
+    Ok(manifest_digest.to_string())
 }
 
 #[cfg(test)]
@@ -335,6 +331,40 @@ mod tests {
             first,
             write_image(&dir.path().join("three"), "x", &different, &config).unwrap()
         );
+    }
+
+    #[test]
+    fn layers_are_stored_as_their_compression_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut layers = two_layers();
+        layers[0].compression(LayerCompression::Zstd);
+        layers[1].compression(LayerCompression::None);
+        let digest = write_image(dir.path(), "x", &layers, &ImageConfigSpec::default()).unwrap();
+        let blob = |digest: &str| {
+            let hex = digest.strip_prefix("sha256:").unwrap();
+            std::fs::read(dir.path().join("blobs/sha256").join(hex)).unwrap()
+        };
+        let manifest: serde_json::Value = serde_json::from_slice(&blob(&digest)).unwrap();
+        let media_types: Vec<&str> = manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["mediaType"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            media_types,
+            [
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+                "application/vnd.oci.image.layer.v1.tar"
+            ]
+        );
+        let zstd_layer = blob(manifest["layers"][0]["digest"].as_str().unwrap());
+        assert_eq!(
+            zstd::decode_all(&zstd_layer[..]).unwrap(),
+            layers[0].to_tar().unwrap()
+        );
+        let plain = blob(manifest["layers"][1]["digest"].as_str().unwrap());
+        assert_eq!(plain, layers[1].to_tar().unwrap());
     }
 
     #[test]

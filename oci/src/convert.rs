@@ -6,6 +6,9 @@
 //! - `.wh.NAME` becomes an overlayfs whiteout (character device 0:0) named `NAME`;
 //!   `.wh..wh..opq` makes its directory opaque (`trusted.overlay.opaque=y`). A whiteout only
 //!   hides lower layers: a real entry of the same layer wins over it, in either order.
+//!   The lowest layer of an image has nothing below it to hide: with
+//!   [`ConvertOptions::lowest_layer`] its whiteouts and opaque markers are dropped, as the
+//!   erofs-image-spec requires of a bottom layer (§3.6).
 //! - A later entry for the same path replaces the earlier one (a directory over a directory
 //!   only updates its attributes, as extraction does). Data blocks of replaced files stay in
 //!   the image, unreferenced.
@@ -17,7 +20,6 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::{debug, warn};
 
@@ -40,6 +42,9 @@ pub struct ConvertOptions {
     pub detect_holes: bool,
     /// fsync the image before renaming it into place.
     pub sync: bool,
+    /// The layer is its image's lowest: drop its whiteouts and opaque markers (they would hide
+    /// nothing), rather than writing overlayfs whiteouts.
+    pub lowest_layer: bool,
 }
 
 impl Default for ConvertOptions {
@@ -50,6 +55,7 @@ impl Default for ConvertOptions {
             max_entry_metadata: 1 << 20,
             detect_holes: true,
             sync: false,
+            lowest_layer: false,
         }
     }
 }
@@ -218,7 +224,6 @@ pub fn convert_layer(
     output: &Path,
     options: &ConvertOptions,
 ) -> Result<ConvertSummary, ConvertError> {
-    static UNIQUE: AtomicU64 = AtomicU64::new(0);
     let output_error = |path: &Path, source| ConvertError::Output {
         path: path.to_path_buf(),
         source,
@@ -230,11 +235,7 @@ pub fn convert_layer(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let unique = format!(
-        "{}-{}",
-        std::process::id(),
-        UNIQUE.fetch_add(1, Ordering::Relaxed)
-    );
+    let unique = crate::fsutil::unique_suffix();
     let mut partial_name = std::ffi::OsString::from(".");
     partial_name.push(file_name);
     let mut spool_name = partial_name.clone();
@@ -431,6 +432,10 @@ impl<R: Read> Converter<'_, R> {
             return Err(EntryError::InvalidWhiteout);
         }
         if name == b".wh..wh..opq" {
+            if self.options.lowest_layer {
+                debug!(path = %escaped(&entry.path), "opaque marker of the lowest layer dropped");
+                return Ok(());
+            }
             let dir = self.ensure_directories(parents)?;
             if let Some(d) = self.tree.directory_mut(dir) {
                 d.opaque = true;
@@ -440,6 +445,11 @@ impl<R: Read> Converter<'_, R> {
         if let Some(hidden) = name.strip_prefix(b".wh.") {
             if hidden.is_empty() || hidden == b"." || hidden == b".." {
                 return Err(EntryError::InvalidWhiteout);
+            }
+            if self.options.lowest_layer {
+                // Like an extractor on an empty root: nothing to delete, no directory made.
+                debug!(path = %escaped(&entry.path), "whiteout of the lowest layer dropped");
+                return Ok(());
             }
             let parent = self.ensure_directories(parents)?;
             let mut meta = self.metadata(entry, false)?;

@@ -50,6 +50,7 @@ pub fn fuzz_convert_options() -> ConvertOptions {
         max_entry_metadata: MAX_METADATA,
         detect_holes: true,
         sync: false,
+        lowest_layer: false,
     }
 }
 

@@ -4,7 +4,9 @@
 //!   content digests.
 //! - [`manifest`]: descriptors, image manifests, indexes, configs, platform selection.
 //! - [`source`]: what an image source provides ([`ImageSource`]) and how blobs are verified.
-//! - [`layout`]: OCI image layout directories as a source.
+//! - [`destination`]: what an image destination provides ([`ImageDestination`]).
+//! - [`layout`]: OCI image layout directories as a source and a destination.
+//! - [`fsutil`]: atomic, durable file replacement.
 //! - [`builder`]: tar layers and OCI layouts described in code (default images, tests, bundles).
 //! - [`compression`]: tar / tar+gzip / tar+zstd detection and the decompression cap.
 //! - [`tar_stream`]: a streaming tar reader hardened for untrusted layers.
@@ -12,19 +14,25 @@
 //!   whiteouts and opaque directories for overlayfs.
 //! - [`chunked`]: the lazy EROFS layer format (erofs-image-spec v1): media types, the chunk
 //!   index, the `+zstd` blob writer, chunk and whole-blob decoding.
+//! - [`image_convert`]: whole images converted into the lazy EROFS format (every layer through
+//!   `convert` and `chunked`) and written to a destination (registry or layout).
 //! - [`registry`]: the distribution API client: auth, credentials, mirrors, retries, ranged
-//!   blob reads.
+//!   blob reads, pushes.
 //!
-//! Imports point one way: `reference` ← `manifest` ← `source` ← {`layout`, `registry`};
+//! Imports point one way: `reference` ← `manifest` ← {`source`, `destination`} ←
+//! {`layout`, `registry`};
 //! `compression`, `tar_stream` ← `convert` (which writes through `gantry-erofs`);
-//! `reference`, `manifest` ← `chunked`.
+//! `reference`, `manifest` ← `chunked`; everything but `builder` ← `image_convert`.
 
 pub mod builder;
 pub mod chunked;
 pub mod compression;
 pub mod convert;
+pub mod destination;
+pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod image_convert;
 pub mod layout;
 pub mod manifest;
 pub mod reference;
@@ -33,5 +41,6 @@ pub mod source;
 pub mod tar_stream;
 
 pub use convert::{ConvertError, ConvertOptions, ConvertSummary, convert_layer};
-pub use reference::{Digest, Reference};
+pub use destination::{BlobData, BlobOutcome, EncodedManifest, ImageDestination};
+pub use reference::{Digest, ImageLocation, Reference};
 pub use source::{BlobSink, BlobVerifier, FetchedManifest, ImageSource, SinkError, VerifyError};

@@ -16,6 +16,8 @@ use crate::reference::Digest;
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// OCI image index.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// OCI image configuration.
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// Docker schema 2 manifest.
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Docker manifest list.
@@ -97,6 +99,25 @@ pub struct Descriptor {
     pub urls: Vec<String>,
 }
 
+impl Descriptor {
+    /// A descriptor of `size` bytes with `digest`, without platform, annotations or URLs.
+    pub fn new(media_type: impl Into<String>, digest: Digest, size: u64) -> Self {
+        Descriptor {
+            media_type: media_type.into(),
+            digest,
+            size,
+            platform: None,
+            annotations: BTreeMap::new(),
+            urls: Vec::new(),
+        }
+    }
+
+    /// The descriptor of `bytes`.
+    pub fn of(media_type: impl Into<String>, bytes: &[u8]) -> Self {
+        Descriptor::new(media_type, Digest::of(bytes), bytes.len() as u64)
+    }
+}
+
 /// An image manifest (OCI or Docker schema 2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -155,10 +176,42 @@ struct Probe {
     layers: Option<serde::de::IgnoredAny>,
 }
 
+/// Whether a layer media type is one of the tar forms (plain, gzip, zstd; OCI or Docker).
+pub fn is_tar_layer(media_type: &str) -> bool {
+    LAYER_MEDIA_TYPES.contains(&media_type)
+}
+
 impl ManifestDocument {
-    /// Parses a manifest, using the document's own `mediaType`, else the one the server sent,
-    /// else its shape.
+    /// Parses a manifest whose layers must be tar layers (what a pull converts), using the
+    /// document's own `mediaType`, else the one the server sent, else its shape.
     pub fn parse(bytes: &[u8], served_media_type: Option<&str>) -> Result<Self, ManifestError> {
+        Self::parse_with(bytes, served_media_type, is_tar_layer)
+    }
+
+    /// Parses a manifest as [`ManifestDocument::parse`] does, with the layer media types
+    /// `accepted` says (for callers that handle other layer forms too, such as the lazy EROFS
+    /// format).
+    pub fn parse_with(
+        bytes: &[u8],
+        served_media_type: Option<&str>,
+        accepted: impl Fn(&str) -> bool,
+    ) -> Result<Self, ManifestError> {
+        let document = Self::parse_structure(bytes, served_media_type)?;
+        if let ManifestDocument::Image(manifest) = &document
+            && let Some(layer) = manifest.layers.iter().find(|l| !accepted(&l.media_type))
+        {
+            return Err(ManifestError::UnsupportedLayer {
+                digest: layer.digest.clone(),
+                media_type: layer.media_type.clone(),
+            });
+        }
+        Ok(document)
+    }
+
+    fn parse_structure(
+        bytes: &[u8],
+        served_media_type: Option<&str>,
+    ) -> Result<Self, ManifestError> {
         let probe: Probe = serde_json::from_slice(bytes).map_err(|source| ManifestError::Json {
             what: "manifest",
             source,
@@ -189,23 +242,8 @@ impl ManifestDocument {
                     what: "image manifest",
                     source,
                 })?;
-            manifest.check_layers()?;
             Ok(ManifestDocument::Image(manifest))
         }
-    }
-}
-
-impl ImageManifest {
-    fn check_layers(&self) -> Result<(), ManifestError> {
-        for layer in &self.layers {
-            if !LAYER_MEDIA_TYPES.contains(&layer.media_type.as_str()) {
-                return Err(ManifestError::UnsupportedLayer {
-                    digest: layer.digest.clone(),
-                    media_type: layer.media_type.clone(),
-                });
-            }
-        }
-        Ok(())
     }
 }
 

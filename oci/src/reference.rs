@@ -240,6 +240,57 @@ impl fmt::Display for Reference {
     }
 }
 
+/// Where an image is: a registry reference, or an image of an OCI layout directory
+/// (`oci:DIR[:NAME]`, as skopeo writes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageLocation {
+    /// An image in a registry.
+    Registry(Reference),
+    /// An image in an OCI image layout directory.
+    Layout {
+        /// The layout directory.
+        dir: std::path::PathBuf,
+        /// The image's `org.opencontainers.image.ref.name` (a tag), a digest, or empty for "the
+        /// only image" (sources) or "no name" (destinations).
+        name: String,
+    },
+}
+
+impl FromStr for ImageLocation {
+    type Err = ReferenceError;
+
+    fn from_str(text: &str) -> Result<ImageLocation, ReferenceError> {
+        let Some(layout) = text.strip_prefix("oci:") else {
+            return text.parse().map(ImageLocation::Registry);
+        };
+        // oci:DIR[:NAME]: the name is after the last ':' unless that part has a '/', so a DIR
+        // containing ':' needs the NAME part.
+        let (dir, name) = match layout.rsplit_once(':') {
+            Some((dir, name)) if !name.contains('/') => (dir, name),
+            _ => (layout, ""),
+        };
+        if dir.is_empty() {
+            return Err(ReferenceError::Empty);
+        }
+        Ok(ImageLocation::Layout {
+            dir: dir.into(),
+            name: name.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for ImageLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageLocation::Registry(reference) => reference.fmt(f),
+            ImageLocation::Layout { dir, name } if name.is_empty() => {
+                write!(f, "oci:{}", dir.display())
+            }
+            ImageLocation::Layout { dir, name } => write!(f, "oci:{}:{name}", dir.display()),
+        }
+    }
+}
+
 fn validate_host(host: &str) -> Result<(), ReferenceError> {
     let invalid = || ReferenceError::InvalidHost(host.to_string());
     let (name, port) = if let Some(rest) = host.strip_prefix('[') {
@@ -415,6 +466,27 @@ mod tests {
             assert!(bad.parse::<Reference>().is_err(), "{bad:?} was accepted");
         }
         assert!("a/b__c-d--e.f".parse::<Reference>().is_ok());
+    }
+
+    #[test]
+    fn layout_locations() {
+        let layout = |dir: &str, name: &str| ImageLocation::Layout {
+            dir: dir.into(),
+            name: name.into(),
+        };
+        let parse = |text: &str| text.parse::<ImageLocation>().unwrap();
+        assert_eq!(parse("oci:/tmp/l:v1"), layout("/tmp/l", "v1"));
+        assert_eq!(parse("oci:/tmp/l"), layout("/tmp/l", ""));
+        assert_eq!(parse("oci:/a:b/c"), layout("/a:b/c", ""));
+        assert_eq!(parse("oci:/a:b/c:t"), layout("/a:b/c", "t"));
+        assert_eq!(parse("oci:/tmp/l:v1").to_string(), "oci:/tmp/l:v1");
+        assert_eq!(
+            parse("127.0.0.1:5000/a:1"),
+            ImageLocation::Registry("127.0.0.1:5000/a:1".parse().unwrap())
+        );
+        assert!("oci:".parse::<ImageLocation>().is_err());
+        assert!("oci::t".parse::<ImageLocation>().is_err());
+        assert!("UPPER".parse::<ImageLocation>().is_err());
     }
 
     #[test]

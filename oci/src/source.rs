@@ -151,19 +151,146 @@ pub trait ImageSource: Sync {
     ) -> impl Future<Output = Result<String, Self::Error>> + Send;
 }
 
+/// Collects a small blob in memory (the verifier refuses more than the declared size, which
+/// the caller checked against its limit).
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    /// What arrived.
+    pub bytes: Vec<u8>,
+}
+
+impl BlobSink for MemorySink {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+        self.bytes.extend_from_slice(&chunk);
+        Ok(())
+    }
+
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        self.bytes.clear();
+        Ok(())
+    }
+}
+
+/// How often a [`CountingSink`] reports.
+const REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Passes a blob on to `inner`, calling `report` with the bytes received so far a few times a
+/// second and when the last byte arrives (so live displays stay cheap); after a reset (the
+/// source starts over) the next report counts from 0 again.
+#[derive(Debug)]
+pub struct CountingSink<S, F> {
+    inner: S,
+    size: u64,
+    received: u64,
+    reported_at: Option<std::time::Instant>,
+    report: F,
+}
+
+impl<S, F: Fn(u64) + Send> CountingSink<S, F> {
+    /// Counts a blob of `size` bytes on its way to `inner`.
+    pub fn new(inner: S, size: u64, report: F) -> Self {
+        CountingSink {
+            inner,
+            size,
+            received: 0,
+            reported_at: None,
+            report,
+        }
+    }
+
+    /// The sink the bytes went to.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: BlobSink, F: Fn(u64) + Send> BlobSink for CountingSink<S, F> {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+        self.received += chunk.len() as u64;
+        let due = self
+            .reported_at
+            .is_none_or(|at| at.elapsed() >= REPORT_INTERVAL);
+        if due || self.received == self.size {
+            self.reported_at = Some(std::time::Instant::now());
+            (self.report)(self.received);
+        }
+        self.inner.write(chunk).await
+    }
+
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        self.received = 0;
+        self.reported_at = None;
+        self.inner.reset().await
+    }
+}
+
+/// Why [`fetch_config`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFetchError<E: std::error::Error + 'static> {
+    /// The descriptor declares more than the source accepts.
+    #[error("config {digest} is {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// Its digest.
+        digest: Digest,
+        /// Its declared size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The source failed.
+    #[error(transparent)]
+    Source(E),
+}
+
+/// Fetches an image config blob into memory, verified, refusing one larger than the source's
+/// [`ImageSource::max_config_bytes`] before any byte is read.
+pub async fn fetch_config<S: ImageSource>(
+    source: &S,
+    descriptor: &Descriptor,
+) -> Result<Vec<u8>, ConfigFetchError<S::Error>> {
+    let limit = source.max_config_bytes();
+    if descriptor.size > limit {
+        return Err(ConfigFetchError::TooLarge {
+            digest: descriptor.digest.clone(),
+            size: descriptor.size,
+            limit,
+        });
+    }
+    let mut sink = MemorySink::default();
+    source
+        .fetch_blob(descriptor, &mut sink)
+        .await
+        .map_err(ConfigFetchError::Source)?;
+    Ok(sink.bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn descriptor(bytes: &[u8]) -> Descriptor {
-        Descriptor {
-            media_type: String::new(),
-            digest: Digest::of(bytes),
-            size: bytes.len() as u64,
-            platform: None,
-            annotations: Default::default(),
-            urls: Vec::new(),
+        Descriptor::of("", bytes)
+    }
+
+    #[tokio::test]
+    async fn counting_reports_the_first_and_last_bytes_and_restarts_after_a_reset() {
+        let reports = std::sync::Mutex::new(Vec::new());
+        let mut sink = CountingSink::new(MemorySink::default(), 6, |n| {
+            reports.lock().unwrap().push(n)
+        });
+        for chunk in [&b"ab"[..], b"cd", b"ef"] {
+            sink.write(Bytes::copy_from_slice(chunk)).await.unwrap();
         }
+        sink.reset().await.unwrap();
+        sink.write(Bytes::from_static(b"abcdef")).await.unwrap();
+        // The first write and the last byte are always reported (a slow machine may add the
+        // middle one), then the restart counts from 0.
+        assert_eq!(sink.into_inner().bytes, b"abcdef");
+        let reports = reports.into_inner().unwrap();
+        assert!(
+            reports == [2, 6, 6] || reports == [2, 4, 6, 6],
+            "{reports:?}"
+        );
     }
 
     #[test]

@@ -91,6 +91,43 @@ fn whiteouts_and_opaque_markers_become_overlayfs_metadata() {
 }
 
 #[test]
+fn the_lowest_layer_drops_its_whiteouts_and_opaque_markers() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [
+        Spec::dir("a"),
+        Spec::file("a/keep", "k"),
+        Spec::file(".wh.gone", ""),
+        Spec::file("a/.wh.old", ""),
+        // Only a whiteout names this directory: an extractor would not create it.
+        Spec::file("only/.wh.x", ""),
+        Spec::file("b/.wh..wh..opq", ""),
+        Spec::file("b/new", "n"),
+    ];
+    let lowest = ConvertOptions {
+        lowest_layer: true,
+        ..ConvertOptions::default()
+    };
+    let (_, image) = convert(&tar_of(&specs, LongNames::Pax), dir.path(), "low", &lowest);
+    let (listing, _) = read_with_erofs_rs(&image);
+    let paths: BTreeSet<String> = listing
+        .keys()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    let expected: BTreeSet<String> = ["", "a", "a/keep", "b", "b/new"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(paths, expected);
+    assert!(listing.values().all(|attrs| attrs.kind != whiteout()));
+    assert!(!listing[&b"b".to_vec()].xattrs.contains_key(OPAQUE));
+    // A malformed whiteout is still an error in the lowest layer.
+    let bad = tar_of(&[Spec::file("a/.wh..", "")], LongNames::Pax);
+    let error =
+        gantry_oci::convert_layer(&bad[..], &dir.path().join("bad.erofs"), &lowest).unwrap_err();
+    assert!(error.to_string().contains("invalid whiteout"), "{error}");
+}
+
+#[test]
 fn later_entries_win_as_with_a_tar_extractor() {
     let dir = tempfile::tempdir().unwrap();
     let image = convert_specs(

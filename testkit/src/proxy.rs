@@ -263,11 +263,17 @@ async fn proxy_handler(State(state): State<Arc<ProxyState>>, request: Request) -
         return json_response(StatusCode::INTERNAL_SERVER_ERROR, json!({"errors": []}));
     }
 
-    let mut upstream = state.client.request(
-        request.method().clone(),
-        format!("{}{path}", state.upstream),
-    );
-    for name in ["accept", "range"] {
+    let method = request.method().clone();
+    let is_head = method == axum::http::Method::HEAD;
+    // Pushes send bodies (uploads, manifests).
+    let Ok(body) = axum::body::to_bytes(request.into_body(), usize::MAX).await else {
+        return json_response(StatusCode::BAD_REQUEST, json!({"error": "unreadable body"}));
+    };
+    let mut upstream = state
+        .client
+        .request(method, format!("{}{path}", state.upstream))
+        .body(body);
+    for name in ["accept", "range", "content-type"] {
         if name == "range" && faults.ignore_ranges.load(Ordering::SeqCst) {
             continue;
         }
@@ -288,18 +294,27 @@ async fn proxy_handler(State(state): State<Arc<ProxyState>>, request: Request) -
         "docker-content-digest",
         "content-range",
         "accept-ranges",
+        "location",
+        "docker-upload-uuid",
     ] {
         if let Some(value) = response.headers().get(name) {
             out_headers.insert(name, value.clone());
         }
     }
+    // A HEAD answer has no body but states the blob's length.
+    let head_length = (is_head && status.is_success())
+        .then(|| response.headers().get("content-length").cloned())
+        .flatten();
     let mut body = response.bytes().await.unwrap_or_default().to_vec();
     let is_blob = path.contains("/blobs/") && status.is_success();
     let mut builder = Response::builder().status(status.as_u16());
     for (name, value) in &out_headers {
         builder = builder.header(name, value);
     }
-    builder = builder.header("content-length", body.len());
+    builder = match head_length {
+        Some(length) => builder.header("content-length", length),
+        None => builder.header("content-length", body.len()),
+    };
     if !is_blob {
         return builder.body(Body::from(body)).unwrap();
     }

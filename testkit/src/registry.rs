@@ -40,8 +40,21 @@ pub fn free_port() -> u16 {
 pub struct Registry {
     pub port: u16,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     pub credentials: Option<(String, String)>,
+}
+
+/// How to start a [`Registry`].
+#[derive(Debug, Default)]
+pub struct RegistryOptions<'a> {
+    /// htpasswd-protected with this user and password.
+    pub credentials: Option<(&'a str, &'a str)>,
+    /// HTTPS with this certificate and key.
+    pub tls: Option<(&'a Path, &'a Path)>,
+    /// Upload `Location`s relative to the host (`http.relativeurls`).
+    pub relative_urls: bool,
+    /// Log every request (read with [`Registry::access_log`]).
+    pub access_log: bool,
 }
 
 impl Registry {
@@ -52,7 +65,10 @@ impl Registry {
 
     /// Starts a registry; with `credentials`, an htpasswd-protected one.
     pub fn start_with(credentials: Option<(&str, &str)>) -> Registry {
-        Registry::start_full(credentials, None)
+        Registry::start_options(&RegistryOptions {
+            credentials,
+            ..RegistryOptions::default()
+        })
     }
 
     /// Starts an HTTPS registry with a certificate for 127.0.0.1 signed by a fresh test CA;
@@ -79,21 +95,29 @@ impl Registry {
             .status()
             .expect("openssl is needed for the TLS test");
         assert!(status.success(), "making the test certificates failed");
-        (Registry::start_full(None, Some((&cert, &key))), ca)
+        let options = RegistryOptions {
+            tls: Some((&cert, &key)),
+            ..RegistryOptions::default()
+        };
+        (Registry::start_options(&options), ca)
     }
 
-    fn start_full(credentials: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Registry {
+    /// Starts a registry as `options` say.
+    pub fn start_options(options: &RegistryOptions<'_>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let storage = dir.path().join("storage");
         std::fs::create_dir(&storage).unwrap();
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: {}\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: gantry-test-secret\n",
-            storage.display()
+             http:\n  addr: 127.0.0.1:{port}\n  secret: gantry-test-secret\n  relativeurls: {}\n",
+            !options.access_log,
+            storage.display(),
+            options.relative_urls,
         );
-        if let Some((cert, key)) = tls {
+        let credentials = options.credentials;
+        if let Some((cert, key)) = options.tls {
             config.push_str(&format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
                 cert.display(),
@@ -126,7 +150,7 @@ impl Registry {
         let registry = Registry {
             port,
             child,
-            _dir: dir,
+            dir,
             credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -140,6 +164,22 @@ impl Registry {
     /// `127.0.0.1:PORT`.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The requests logged so far (with `access_log`), as `METHOD PATH STATUS`, oldest first.
+    pub fn access_log(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
+        // Combined log format: `… "METHOD PATH HTTP/1.1" STATUS SIZE …`.
+        log.lines()
+            .filter_map(|line| {
+                let (_, request) = line.split_once('"')?;
+                let (request, rest) = request.split_once('"')?;
+                let mut words = request.split_whitespace();
+                let (method, path) = (words.next()?, words.next()?);
+                let status = rest.split_whitespace().next()?;
+                Some(format!("{method} {path} {status}"))
+            })
+            .collect()
     }
 
     /// Pushes image `tag` of `layout` as `repo:tag` (all platforms of an index).

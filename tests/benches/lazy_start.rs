@@ -30,7 +30,8 @@ use anyhow::{Context, Result, bail, ensure};
 use gantry_api::{ApiClient, LazyStats};
 use gantry_e2e::{TestAgent, TestVm, agent_binary, image_layers, output_within, workspace_root};
 use gantry_oci::Digest;
-use gantry_oci::manifest::Descriptor;
+use gantry_oci::layout::LayoutWriter;
+use gantry_oci::manifest::{Descriptor, OCI_CONFIG, OCI_MANIFEST};
 use gantry_testkit::{Registry, Shaping, ShapingProxy};
 use serde_json::json;
 
@@ -286,16 +287,27 @@ fn rootfs_layer(data: &Path) -> Result<RootfsLayer> {
     Ok(layer)
 }
 
+/// A descriptor of `size` bytes with digest `digest`.
+fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
+    Descriptor {
+        media_type: media_type.to_owned(),
+        digest,
+        size,
+        platform: None,
+        annotations: Default::default(),
+        urls: Vec::new(),
+    }
+}
+
 /// Writes an OCI layout at `dir` holding one image, `tag`: the layer, `Cmd` python3.
 fn write_layout(dir: &Path, layer: &RootfsLayer, tag: &str) -> Result<()> {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs)?;
-    let store = |bytes: &[u8]| -> Result<serde_json::Value> {
-        let digest = Digest::of(bytes);
-        std::fs::write(blobs.join(digest.hex()), bytes)?;
-        Ok(json!({"digest": digest.to_string(), "size": bytes.len()}))
-    };
-    std::fs::copy(&layer.path, blobs.join(layer.digest.hex()))?;
+    let writer = LayoutWriter::create(dir)?;
+    let layer_descriptor = descriptor(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        layer.digest.clone(),
+        layer.size,
+    );
+    writer.copy_blob(&layer_descriptor, &layer.path)?;
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
@@ -305,26 +317,20 @@ fn write_layout(dir: &Path, layer: &RootfsLayer, tag: &str) -> Result<()> {
         },
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id.to_string()]},
     }))?;
-    let mut config_descriptor = store(&config)?;
-    config_descriptor["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+    let config_descriptor =
+        descriptor(OCI_CONFIG, writer.write_blob(&config)?, config.len() as u64);
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "mediaType": OCI_MANIFEST,
         "config": config_descriptor,
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": layer.digest.to_string(),
-            "size": layer.size,
-        }],
+        "layers": [layer_descriptor],
     }))?;
-    let mut entry = store(&manifest)?;
-    entry["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
-    entry["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
-    std::fs::write(
-        dir.join("index.json"),
-        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [entry]}))?,
-    )?;
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let manifest_descriptor = descriptor(
+        OCI_MANIFEST,
+        writer.write_blob(&manifest)?,
+        manifest.len() as u64,
+    );
+    writer.name_image(&manifest_descriptor, tag)?;
     Ok(())
 }
 

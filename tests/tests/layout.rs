@@ -406,6 +406,7 @@ fn the_readme_synopsis_names_every_flag() {
         &["guest-info"],
         &["ping"],
         &["vm", "ls"],
+        &["image", "convert"],
         &["image", "convert-layer"],
         &["image", "build-default"],
     ];

@@ -27,7 +27,6 @@
 //! the modification time of `layer.json`, touched on every pin.
 
 pub mod bitmap;
-pub mod fsutil;
 pub mod lock;
 pub mod trace;
 
@@ -46,9 +45,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use self::bitmap::{BitmapError, ChunkBitmap, DEFAULT_CHUNK_SIZE};
-use self::fsutil::{sync_dir, unique_suffix, write_atomic};
 use self::lock::{FileLock, LockMode};
 use crate::sync::lock;
+use gantry_oci::fsutil::{self, sync_dir, unique_suffix, write_atomic};
 
 const IMAGE_FILE: &str = "image.erofs";
 const BITMAP_FILE: &str = "chunks.bitmap";

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use gantry_oci::Digest;
 use serde::{Deserialize, Serialize};
 
-use super::fsutil::{read_capped, write_atomic};
+use gantry_oci::fsutil::{read_capped, write_atomic};
 
 /// Current trace format version.
 pub const TRACE_VERSION: u32 = 1;

@@ -15,6 +15,7 @@ use gantry_oci::registry::auth::CredentialStore;
 use gantry_oci::registry::{RegistryClient, RegistryConfig, RegistrySource};
 
 use super::parse_size;
+use crate::cache::trace::read_trace;
 use crate::cache::{Cache, CacheConfig};
 use crate::images::pull::{self, PullEvent};
 
@@ -81,6 +82,18 @@ pub struct ImagesArgs {
 pub struct RmiArgs {
     /// The image name as `images` shows it (short names are expanded as for `pull`).
     pub reference: String,
+    #[command(flatten)]
+    pub cache: CacheDirArgs,
+}
+
+/// Arguments of `image trace`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TraceArgs {
+    /// The image name as `images` shows it (short names are expanded as for `pull`).
+    pub reference: String,
+    /// Print the trace as JSON.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub cache: CacheDirArgs,
 }
@@ -213,6 +226,39 @@ pub async fn run_rmi(args: &RmiArgs) -> anyhow::Result<()> {
         report.layers_removed.len(),
         report.pinned_kept.len()
     );
+    Ok(())
+}
+
+/// Runs `image trace`: the startup trace the cache holds for an image.
+pub async fn run_trace(args: &TraceArgs) -> anyhow::Result<()> {
+    let cache = args.cache.open()?;
+    let name = record_name(&args.reference);
+    let record = cache.image(&name)?.with_context(|| {
+        format!(
+            "no image named {name:?} in {}",
+            args.cache.cache_dir.display()
+        )
+    })?;
+    let trace = read_trace(cache.root(), &record.manifest_digest)?.with_context(|| {
+        format!(
+            "no startup trace for {name} ({}): it is recorded during the first lazy start",
+            record.manifest_digest
+        )
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&trace)?);
+        return Ok(());
+    }
+    println!(
+        "{name} {}: {} chunks read in the first {} ms",
+        trace.manifest_digest,
+        trace.chunk_count(),
+        trace.window_ms
+    );
+    for layer in &trace.layers {
+        let chunks: Vec<String> = layer.chunks.iter().map(u32::to_string).collect();
+        println!("  {} [{}]", layer.blob_digest, chunks.join(" "));
+    }
     Ok(())
 }
 

@@ -5,8 +5,9 @@
 //! - [`containers`]: `run`, `ps`, `logs`, `exec`, `kill`, `rm`, `stats`, `images` over the API.
 //! - [`vms`]: `guest-info`, `ping`, `vm …` over the API.
 //! - [`cache`]: `pull`, `images`, `rmi`, `cache gc` on a cache directory (no agent needed).
-//! - [`image`]: `image convert-layer`, `image build-default` (files only).
-//! - [`progress`]: how `run` shows its progress (live on a terminal, plain lines otherwise).
+//! - [`image`]: `image convert`, `image convert-layer`, `image build-default` (no agent needed).
+//! - [`progress`]: how `run` and `image convert` show their progress (live on a terminal, plain
+//!   lines otherwise).
 
 pub mod cache;
 pub mod containers;
@@ -125,8 +126,14 @@ pub enum CacheCommand {
 /// `image …`.
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
+    /// Convert an image (every layer: tar, tar+gzip, tar+zstd) into the lazy EROFS format
+    /// (erofs-image-spec v1) and push it to a registry or write it into an OCI layout.
+    Convert(image::ConvertArgs),
     /// Convert an OCI layer (tar, tar+gzip, tar+zstd) into an EROFS image.
     ConvertLayer(image::ConvertLayerArgs),
+    /// Show the startup trace the cache holds for an image (the chunks its first lazy start
+    /// read, replayed as the first prefetch of later cold starts).
+    Trace(cache::TraceArgs),
     /// Write the embedded default image (busybox) as an OCI layout.
     BuildDefault {
         /// The layout directory to create.
@@ -195,9 +202,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rmi(args) => cache::run_rmi(&args).await?,
         Command::Cache(CacheCommand::Gc(args)) => cache::run_gc(&args).await?,
         Command::Cache(CacheCommand::Images(args)) => cache::run_images(&args).await?,
+        Command::Image(ImageCommand::Convert(args)) => image::run_convert(&args).await?,
         Command::Image(ImageCommand::ConvertLayer(args)) => {
             image::run_convert_layer(&args)?;
         }
+        Command::Image(ImageCommand::Trace(args)) => cache::run_trace(&args).await?,
         Command::Image(ImageCommand::BuildDefault { output, busybox }) => {
             image::run_build_default(&output, &busybox)?;
         }

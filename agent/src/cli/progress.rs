@@ -1,6 +1,6 @@
-//! How `run` shows its progress: on a terminal, one live line per layer being downloaded (bytes,
-//! rate, time left) with the step lines printed above them; piped or redirected, the step lines
-//! only, plain, with no escape codes.
+//! How `run` and `image convert` show their progress: on a terminal, one live line per layer
+//! being downloaded (bytes, rate, time left) with the step lines printed above them; piped or
+//! redirected, the step lines only, plain, with no escape codes.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use gantry_api::{LayerProgress, RunUpdate};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// The display of one `run`.
+/// The display of one `run` or `image convert`.
 #[derive(Debug)]
 pub struct RunDisplay {
     quiet: bool,

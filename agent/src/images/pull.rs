@@ -26,11 +26,14 @@ use tracing::{debug, info};
 
 use crate::cache::{Cache, CacheError, ImageRecord, LayerRecord, PinGuard};
 use crate::lazy::origin::BlobOrigin;
-use gantry_oci::chunked::{IndexLocation, erofs_layer_kind};
+use gantry_oci::chunked::{ChunkCompression, IndexLocation, erofs_layer_kind};
+use gantry_oci::compression::Compression;
 use gantry_oci::manifest::{
-    Descriptor, ImageConfiguration, ImageManifest, ManifestDocument, ManifestError,
+    Descriptor, ImageConfiguration, ImageManifest, ManifestDocument, ManifestError, is_tar_layer,
 };
-use gantry_oci::source::{BlobSink, FetchedManifest, ImageSource, SinkError};
+use gantry_oci::source::{
+    self, BlobSink, ConfigFetchError, CountingSink, FetchedManifest, ImageSource, SinkError,
+};
 use gantry_oci::{ConvertError, ConvertOptions, ConvertSummary, Digest, convert_layer};
 
 /// Errors of pulling an image.
@@ -219,14 +222,16 @@ pub async fn pull_lazy<S: ImageSource>(
         error: Box::new(error),
     };
     let document = |what, fetched: &FetchedManifest| {
-        ManifestDocument::parse(&fetched.bytes, fetched.media_type.as_deref()).map_err(|error| {
-            PullError::Document {
+        // Tar layers are converted, lazy EROFS layers published at their chunk index.
+        let pullable =
+            |media_type: &str| is_tar_layer(media_type) || erofs_layer_kind(media_type).is_some();
+        ManifestDocument::parse_with(&fetched.bytes, fetched.media_type.as_deref(), pullable)
+            .map_err(|error| PullError::Document {
                 image: image.clone(),
                 what,
                 source_name: fetched.source.clone(),
                 error: Box::new(error),
-            }
-        })
+            })
     };
 
     let root = source.fetch_root_manifest().await.map_err(source_error)?;
@@ -314,44 +319,24 @@ async fn fetch_config<S: ImageSource>(
     image: &str,
     manifest: &ImageManifest,
 ) -> Result<Vec<u8>, PullError> {
-    let descriptor = &manifest.config;
-    let limit = source.max_config_bytes();
-    if descriptor.size > limit {
-        return Err(PullError::ConfigTooLarge {
-            image: image.to_string(),
-            digest: descriptor.digest.clone(),
-            size: descriptor.size,
-            limit,
-        });
-    }
-    let mut sink = MemorySink::default();
-    source
-        .fetch_blob(descriptor, &mut sink)
+    source::fetch_config(source, &manifest.config)
         .await
-        .map_err(|error| PullError::Source {
-            image: image.to_string(),
-            error: Box::new(error),
-        })?;
-    Ok(sink.bytes)
-}
-
-/// Collects a small blob in memory (the size was checked against the limit beforehand and the
-/// verifier refuses more than the declared size).
-#[derive(Debug, Default)]
-struct MemorySink {
-    bytes: Vec<u8>,
-}
-
-impl BlobSink for MemorySink {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
-        self.bytes.extend_from_slice(&chunk);
-        Ok(())
-    }
-
-    async fn reset(&mut self) -> Result<(), SinkError> {
-        self.bytes.clear();
-        Ok(())
-    }
+        .map_err(|error| match error {
+            ConfigFetchError::TooLarge {
+                digest,
+                size,
+                limit,
+            } => PullError::ConfigTooLarge {
+                image: image.to_string(),
+                digest,
+                size,
+                limit,
+            },
+            ConfigFetchError::Source(error) => PullError::Source {
+                image: image.to_string(),
+                error: Box::new(error),
+            },
+        })
 }
 
 async fn pull_layer<S: ImageSource>(
@@ -387,40 +372,55 @@ async fn pull_layer<S: ImageSource>(
         digest: digest.clone(),
         size: descriptor.size,
     });
-    if erofs_layer_kind(&descriptor.media_type).is_some() {
+    let mut decoder = LayerDecoder::Tar(cache.convert_options());
+    if let Some(kind) = erofs_layer_kind(&descriptor.media_type) {
         let lazy_error = |message: String| PullError::Lazy {
             image: image.to_string(),
             digest: digest.clone(),
             message,
         };
-        let lazy = lazy.ok_or_else(|| {
-            lazy_error("a layer in the lazy EROFS format is pulled only by the agent".into())
-        })?;
-        let origin = (lazy.origin)(descriptor);
-        let published = publish_lazy(cache, descriptor, origin.as_ref())
-            .await
-            .map_err(lazy_error)?;
-        drop(slot);
-        progress(&PullEvent::LayerDone {
-            index,
-            digest: digest.clone(),
-            erofs_size: published.0.erofs_size,
-            source: format!("{} (chunk index; chunks on demand)", origin.describe()),
-            seconds: started.elapsed().as_secs_f64(),
-        });
-        return Ok(published);
+        if let Some(lazy) = lazy {
+            let origin = (lazy.origin)(descriptor);
+            if let Some(published) = publish_lazy(cache, descriptor, origin.as_ref())
+                .await
+                .map_err(lazy_error)?
+            {
+                drop(slot);
+                progress(&PullEvent::LayerDone {
+                    index,
+                    digest: digest.clone(),
+                    erofs_size: published.0.erofs_size,
+                    source: format!("{} (chunk index; chunks on demand)", origin.describe()),
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+                return Ok(published);
+            }
+        }
+        // No usable chunk index (or no lazy fetcher here): the blob is pulled whole, decoded,
+        // and checked against its uncompressed digest.
+        let location = IndexLocation::from_descriptor(descriptor).ok();
+        decoder = LayerDecoder::Erofs {
+            kind,
+            image_len: location.as_ref().map(|location| location.range.start),
+            uncompressed_digest: location.and_then(|location| location.uncompressed_digest),
+            max_output: cache.config().max_layer_uncompressed_bytes,
+        };
     }
     let build = cache.begin_build()?;
-    let mut sink = CountingSink {
-        inner: ConvertSink::new(build.image_path(), cache.convert_options()),
-        index,
-        size: descriptor.size,
-        received: 0,
-        reported_at: None,
-        progress,
-    };
+    let size = descriptor.size;
+    let mut sink = CountingSink::new(
+        ConvertSink::new(build.image_path(), decoder),
+        size,
+        |received| {
+            progress(&PullEvent::LayerBytes {
+                index,
+                received,
+                size,
+            })
+        },
+    );
     let fetched = source.fetch_blob(descriptor, &mut sink).await;
-    let mut sink = sink.inner;
+    let mut sink = sink.into_inner();
     let summary = match fetched {
         Ok(url) => match sink.finish().await {
             Ok(summary) => (summary, url),
@@ -455,36 +455,44 @@ async fn pull_layer<S: ImageSource>(
 }
 
 /// Fetches and verifies a lazy-format layer's chunk index and publishes the layer with no
-/// chunk present. Errors are messages for [`PullError::Lazy`].
+/// chunk present. `None`: the layer has no index the agent can use (the spec's "read
+/// sequentially" cases, or nothing vouches for the index), so it must be pulled whole. Errors
+/// are messages for [`PullError::Lazy`].
 async fn publish_lazy(
     cache: &Cache,
     descriptor: &Descriptor,
     origin: &dyn BlobOrigin,
-) -> Result<(LayerRecord, PinGuard), String> {
-    let location = IndexLocation::from_descriptor(descriptor).map_err(|e| e.to_string())?;
+) -> Result<Option<(LayerRecord, PinGuard)>, String> {
+    let location = match IndexLocation::from_descriptor(descriptor) {
+        Ok(location) => location,
+        Err(error) if error.falls_back_to_eager() => {
+            info!(layer = %descriptor.digest, %error, "no usable chunk index: pulling the layer whole");
+            return Ok(None);
+        }
+        Err(error) => return Err(error.to_string()),
+    };
     let section_len = location.range.end.saturating_sub(location.range.start);
     if section_len > MAX_INDEX_SECTION_BYTES {
         return Err(format!(
             "its chunk index is {section_len} bytes, over the limit of {MAX_INDEX_SECTION_BYTES}"
         ));
     }
-    let index_digest = location.digest.clone().ok_or_else(|| {
-        format!(
-            "no {} annotation: the chunk index cannot be verified, so the layer cannot be \
-             served lazily",
-            gantry_oci::chunked::ANNOTATION_INDEX_DIGEST
-        )
-    })?;
+    let Some(index_digest) = location.digest.clone() else {
+        info!(layer = %descriptor.digest, "no chunk-index digest: pulling the layer whole");
+        return Ok(None);
+    };
     let section = origin
         .read_range(location.range.clone())
         .await
         .map_err(|e| format!("fetching the chunk index from {}: {e}", origin.describe()))?;
-    let index = location
-        .parse(&section)
-        .map_err(|e| format!("chunk index from {}: {e}", origin.describe()))?;
-    if !index.is_verifiable() {
-        return Err("its chunk index has no per-chunk checksums: chunks cannot be verified".into());
-    }
+    let index = match location.parse(&section) {
+        Ok(index) => index,
+        Err(error) if error.falls_back_to_eager() => {
+            info!(layer = %descriptor.digest, %error, "unusable chunk index: pulling the layer whole");
+            return Ok(None);
+        }
+        Err(error) => return Err(format!("chunk index from {}: {error}", origin.describe())),
+    };
     if let Some(chunk) = (0..index.len()).find(|&chunk| {
         let range = index.uncompressed_range(chunk);
         range.end - range.start > MAX_CHUNK_BYTES
@@ -500,44 +508,8 @@ async fn publish_lazy(
     cache
         .publish_lazy_layer(descriptor, &index, &index_digest, erofs_digest)
         .await
+        .map(Some)
         .map_err(|e| e.to_string())
-}
-
-/// How often a layer's byte count is reported while it downloads.
-const BYTES_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// Passes a blob on to `inner`, reporting the bytes received as [`PullEvent::LayerBytes`].
-struct CountingSink<'p, S> {
-    inner: S,
-    index: usize,
-    size: u64,
-    received: u64,
-    reported_at: Option<Instant>,
-    progress: Progress<'p>,
-}
-
-impl<S: BlobSink> BlobSink for CountingSink<'_, S> {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
-        self.received += chunk.len() as u64;
-        let due = self
-            .reported_at
-            .is_none_or(|at| at.elapsed() >= BYTES_REPORT_INTERVAL);
-        if due || self.received == self.size {
-            self.reported_at = Some(Instant::now());
-            (self.progress)(&PullEvent::LayerBytes {
-                index: self.index,
-                received: self.received,
-                size: self.size,
-            });
-        }
-        self.inner.write(chunk).await
-    }
-
-    async fn reset(&mut self) -> Result<(), SinkError> {
-        self.received = 0;
-        self.reported_at = None;
-        self.inner.reset().await
-    }
 }
 
 /// Depth of the queue between the download and the converter thread.
@@ -545,24 +517,125 @@ const CONVERT_QUEUE: usize = 64;
 
 type Converter = (
     mpsc::Sender<io::Result<Bytes>>,
-    tokio::task::JoinHandle<Result<ConvertSummary, ConvertError>>,
+    tokio::task::JoinHandle<Result<ConvertSummary, DecodeError>>,
 );
 
-/// Feeds a blob to [`convert_layer`] running on a blocking thread.
+/// How a downloaded layer becomes an EROFS image.
+#[derive(Debug, Clone)]
+enum LayerDecoder {
+    /// A tar layer: converted by [`convert_layer`].
+    Tar(ConvertOptions),
+    /// A layer that is an EROFS image already: decoded (zstd) or copied (raw), and checked
+    /// against its uncompressed digest when the descriptor names one.
+    Erofs {
+        kind: ChunkCompression,
+        /// Where the image data ends in the blob (the chunk index's start), if known.
+        image_len: Option<u64>,
+        uncompressed_digest: Option<Digest>,
+        max_output: u64,
+    },
+}
+
+/// Why a downloaded layer could not become an image.
+#[derive(Debug, thiserror::Error)]
+enum DecodeError {
+    /// The tar converter failed.
+    #[error(transparent)]
+    Tar(#[from] ConvertError),
+    /// An EROFS layer did not decode.
+    #[error(transparent)]
+    Erofs(#[from] gantry_oci::chunked::ChunkedError),
+    /// The decoded image is not the one the descriptor names.
+    #[error("the decoded image is {actual}, not the annotated {expected}")]
+    WrongImage {
+        /// The annotation's digest.
+        expected: Digest,
+        /// What was decoded.
+        actual: Digest,
+    },
+    /// Writing the image failed.
+    #[error("writing {path}: {source}")]
+    Output {
+        /// The image file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl LayerDecoder {
+    /// Runs on a blocking thread: `reader` is the blob as it downloads.
+    fn decode(&self, reader: ChannelReader, output: &Path) -> Result<ConvertSummary, DecodeError> {
+        let (kind, image_len, expected, max_output) = match self {
+            LayerDecoder::Tar(options) => return Ok(convert_layer(reader, output, options)?),
+            LayerDecoder::Erofs {
+                kind,
+                image_len,
+                uncompressed_digest,
+                max_output,
+            } => (*kind, *image_len, uncompressed_digest, *max_output),
+        };
+        let output_error = |source| DecodeError::Output {
+            path: output.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::create(output).map_err(output_error)?;
+        let mut writer = io::BufWriter::new(&file);
+        let (size, digest) = gantry_oci::chunked::decode_whole_layer(
+            reader,
+            &mut writer,
+            kind,
+            image_len,
+            max_output,
+        )?;
+        io::Write::flush(&mut writer).map_err(output_error)?;
+        drop(writer);
+        if let Some(expected) = expected.as_ref().filter(|expected| **expected != digest) {
+            return Err(DecodeError::WrongImage {
+                expected: expected.clone(),
+                actual: digest,
+            });
+        }
+        file.sync_all().map_err(output_error)?;
+        Ok(ConvertSummary {
+            digest: digest.hex().to_string(),
+            size,
+            entries: 0,
+            inodes: 0,
+            compression: match kind {
+                ChunkCompression::Zstd => Compression::Zstd,
+                ChunkCompression::None => Compression::None,
+            },
+            uncompressed_size: size,
+        })
+    }
+
+    /// Whether an error is a local failure (disk, I/O) rather than bad content.
+    fn is_local_failure(error: &DecodeError) -> bool {
+        match error {
+            DecodeError::Tar(error) => is_local_failure(error),
+            DecodeError::Output { .. } => true,
+            DecodeError::Erofs(_) | DecodeError::WrongImage { .. } => false,
+        }
+    }
+}
+
+/// Feeds a blob to its decoder running on a blocking thread.
 #[derive(Debug)]
 struct ConvertSink {
     output: PathBuf,
-    options: ConvertOptions,
+    decoder: LayerDecoder,
     converter: Option<Converter>,
     /// The converter's error, once it failed.
     failure: Option<String>,
 }
 
 impl ConvertSink {
-    fn new(output: &Path, options: ConvertOptions) -> Self {
+    fn new(output: &Path, decoder: LayerDecoder) -> Self {
         ConvertSink {
             output: output.to_path_buf(),
-            options,
+            decoder,
             converter: None,
             failure: None,
         }
@@ -572,13 +645,13 @@ impl ConvertSink {
         self.converter.get_or_insert_with(|| {
             let (sender, receiver) = mpsc::channel(CONVERT_QUEUE);
             let output = self.output.clone();
-            let options = self.options.clone();
+            let decoder = self.decoder.clone();
             let task = tokio::task::spawn_blocking(move || {
                 let reader = ChannelReader {
                     receiver,
                     current: Bytes::new(),
                 };
-                convert_layer(reader, &output, &options)
+                decoder.decode(reader, &output)
             });
             (sender, task)
         })
@@ -635,7 +708,7 @@ impl BlobSink for ConvertSink {
             message: "converter vanished".into(),
         })?;
         let (fatal, message) = match task.await {
-            Ok(Err(error)) => (is_local_failure(&error), error.to_string()),
+            Ok(Err(error)) => (LayerDecoder::is_local_failure(&error), error.to_string()),
             Ok(Ok(_)) => (
                 false,
                 "the layer has data after the end of the archive".into(),

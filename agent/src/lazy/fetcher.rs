@@ -30,6 +30,7 @@ use gantry_api::{LazyStats, OriginStats};
 
 use super::LazyConfig;
 use super::layer::{LazyLayer, StoreError, Want};
+use super::origin::{BlobOrigin, StreamReceiver};
 use crate::sync::lock;
 
 /// Counters of the fetcher, for the operator.
@@ -446,10 +447,14 @@ impl Scheduler {
         take: impl Fn(&LazyLayer, usize) -> bool,
     ) -> usize {
         let mut end = first + 1;
+        // An origin that ignores `Range` sends the blob from its start whatever is asked: one
+        // download then brings every chunk after this one too.
+        let streaming = layer.ignores_ranges();
         while self.is_free(layer, end)
-            && take(layer, end)
-            && layer.blob_span(first..end + 1).end - layer.blob_span(first..end + 1).start
-                <= self.config.coalesce_bytes
+            && (streaming
+                || take(layer, end)
+                    && layer.blob_span(first..end + 1).end - layer.blob_span(first..end + 1).start
+                        <= self.config.coalesce_bytes)
         {
             end += 1;
         }
@@ -510,6 +515,15 @@ async fn run_job(job: Job, config: &LazyConfig, counters: &FetchCounters) {
             tokio::time::sleep(backoff).await;
         }
         for origin in layer.origins() {
+            if origin.ignores_ranges() {
+                match stream_job(&job, origin.as_ref(), counters).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        last_error = format!("{}: {error}", origin.describe());
+                        continue;
+                    }
+                }
+            }
             let attempt = origin.read_range(span.clone());
             // A background attempt gets as long as a foreground fetch in all: a hung origin
             // must not hold a connection slot forever.
@@ -601,6 +615,94 @@ async fn run_job(job: Job, config: &LazyConfig, counters: &FetchCounters) {
         }
     }
     give_up(&job, counters, &last_error);
+}
+
+/// Stores a job's chunks from one streamed download of the whole blob (an origin that ignores
+/// `Range`): each chunk verified and stored as soon as its bytes are in, so the reads waiting
+/// for early chunks go on before the download ends. Chunks stored before a failure stay.
+async fn stream_job(
+    job: &Job,
+    origin: &dyn BlobOrigin,
+    counters: &FetchCounters,
+) -> Result<(), String> {
+    let mut receiver = ChunkStream {
+        layer: Arc::clone(&job.layer),
+        chunks: job.chunks.clone(),
+        next: job.chunks.start,
+        received: 0,
+        pending: Vec::new(),
+    };
+    counters.requests.fetch_add(1, Ordering::Relaxed);
+    let result = origin.stream_blob(&mut receiver).await;
+    let stored = receiver.next - job.chunks.start;
+    counters
+        .background_chunks
+        .fetch_add(stored as u64, Ordering::Relaxed);
+    counters
+        .bytes
+        .fetch_add(receiver.received, Ordering::Relaxed);
+    match result {
+        // Done once every chunk of the job is in (the download may have been cut short).
+        _ if receiver.next >= job.chunks.end => Ok(()),
+        Ok(()) => Err("the blob ended before its last chunk".into()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// Cuts a streamed blob into the job's chunks and stores each.
+struct ChunkStream {
+    layer: Arc<LazyLayer>,
+    chunks: Range<usize>,
+    /// The next chunk to complete.
+    next: usize,
+    /// Blob bytes seen in this download.
+    received: u64,
+    /// Bytes of chunk `next` so far.
+    pending: Vec<u8>,
+}
+
+/// What ends a stream early once the job's chunks are in (not an error).
+const STREAM_DONE: &str = "the job's chunks are stored";
+
+impl StreamReceiver for ChunkStream {
+    fn receive(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+        while !bytes.is_empty() {
+            if self.next >= self.chunks.end {
+                return Err(STREAM_DONE.into());
+            }
+            let range = self.layer.index().blob_range(self.next);
+            if self.received < range.start {
+                // Before the chunk: skipped (present, or before the job).
+                let skip = usize::try_from(range.start - self.received)
+                    .map_or(bytes.len(), |skip| skip.min(bytes.len()));
+                bytes = bytes.get(skip..).unwrap_or_default();
+                self.received += skip as u64;
+                continue;
+            }
+            let want = usize::try_from(range.end - self.received).unwrap_or(usize::MAX);
+            let take = want.min(bytes.len());
+            let (head, rest) = bytes.split_at(take);
+            self.pending.extend_from_slice(head);
+            self.received += take as u64;
+            bytes = rest;
+            if self.received == range.end {
+                let layer = Arc::clone(&self.layer);
+                let chunk = self.next;
+                let stored = std::mem::take(&mut self.pending);
+                // The download runs on the runtime: the store (a sync and a bitmap write) is
+                // blocking work.
+                tokio::task::block_in_place(|| layer.store_chunks(chunk..chunk + 1, &stored))
+                    .map_err(|error| error.to_string())?;
+                self.next += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.received = 0;
+        self.pending.clear();
+    }
 }
 
 /// Ends a job that could not store its chunks. A foreground job fails the reads waiting for

@@ -294,6 +294,12 @@ impl LazyLayer {
         }
     }
 
+    /// Whether every known origin ignores `Range` (so the blob can only be streamed whole).
+    pub fn ignores_ranges(&self) -> bool {
+        let origins = lock(&self.origins);
+        !origins.is_empty() && origins.iter().all(|origin| origin.ignores_ranges())
+    }
+
     /// The places to fetch the blob from, in order.
     pub fn origins(&self) -> Vec<Arc<dyn BlobOrigin>> {
         lock(&self.origins).clone()

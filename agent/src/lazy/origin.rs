@@ -16,6 +16,7 @@ use futures::future::BoxFuture;
 use gantry_oci::Reference;
 use gantry_oci::manifest::Descriptor;
 use gantry_oci::registry::RegistryClient;
+use gantry_oci::source::{BlobSink, SinkError};
 
 /// Errors of reading a range from an origin.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,17 @@ pub enum OriginError {
     /// A blocking task died.
     #[error("origin task: {0}")]
     Task(String),
+    /// The origin cannot stream whole blobs.
+    #[error("{0} cannot stream the whole blob")]
+    NoStreaming(String),
+}
+
+/// Receives a whole blob, in order from its first byte, while it downloads.
+pub trait StreamReceiver: Send {
+    /// The next bytes. An error stops the download.
+    fn receive(&mut self, bytes: &[u8]) -> Result<(), String>;
+    /// The download starts over from the first byte (another endpoint took over).
+    fn reset(&mut self);
 }
 
 /// One place that holds a layer blob and serves byte ranges of it.
@@ -46,9 +58,36 @@ pub trait BlobOrigin: Send + Sync + fmt::Debug {
     fn describe(&self) -> String;
 
     /// Whether the origin was seen to ignore `Range` and send whole blobs: the fetcher then
-    /// asks it for large spans at once rather than chunk by chunk.
+    /// streams the blob once ([`Self::stream_blob`]) rather than asking chunk by chunk.
     fn ignores_ranges(&self) -> bool {
         false
+    }
+
+    /// Downloads the whole blob into `receiver` (verified against the blob's digest at the
+    /// end, where the origin can).
+    fn stream_blob<'a>(
+        &'a self,
+        receiver: &'a mut dyn StreamReceiver,
+    ) -> BoxFuture<'a, Result<(), OriginError>> {
+        let _ = receiver;
+        Box::pin(async move { Err(OriginError::NoStreaming(self.describe())) })
+    }
+}
+
+/// A [`StreamReceiver`] as the registry client's blob sink.
+struct ReceiverSink<'a>(&'a mut dyn StreamReceiver);
+
+impl BlobSink for ReceiverSink<'_> {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+        self.0.receive(&chunk).map_err(|message| SinkError {
+            fatal: true,
+            message,
+        })
+    }
+
+    async fn reset(&mut self) -> Result<(), SinkError> {
+        self.0.reset();
+        Ok(())
     }
 }
 
@@ -96,6 +135,19 @@ impl BlobOrigin for RegistryOrigin {
 
     fn ignores_ranges(&self) -> bool {
         self.ranges_ignored.load(Ordering::Relaxed)
+    }
+
+    fn stream_blob<'a>(
+        &'a self,
+        receiver: &'a mut dyn StreamReceiver,
+    ) -> BoxFuture<'a, Result<(), OriginError>> {
+        Box::pin(async move {
+            let mut sink = ReceiverSink(receiver);
+            self.client
+                .fetch_blob(&self.reference, &self.descriptor, &mut sink)
+                .await?;
+            Ok(())
+        })
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use vm_memory::VolatileSlice;
 
 use super::layer::LazyLayer;
-use super::origin::{BlobOrigin, OriginError};
+use super::origin::{BlobOrigin, OriginError, StreamReceiver};
 use super::{LazyConfig, LazyLayers};
 use crate::blk::BlockSource;
 use crate::cache::{Cache, CacheConfig, LayerRecord, PinGuard};
@@ -50,6 +50,9 @@ enum Fault {
     CorruptAlways,
     /// Never answers.
     Hang,
+    /// Answers ranges right, then says it ignores `Range` (a registry answering `200`), and
+    /// streams whole blobs.
+    IgnoreRanges,
 }
 
 #[derive(Debug)]
@@ -58,6 +61,8 @@ struct TestOrigin {
     fault: Mutex<Fault>,
     requests: Mutex<Vec<Range<u64>>>,
     corrupted: AtomicBool,
+    ignoring: AtomicBool,
+    streams: AtomicUsize,
 }
 
 impl TestOrigin {
@@ -67,6 +72,8 @@ impl TestOrigin {
             fault: Mutex::new(fault),
             requests: Mutex::new(Vec::new()),
             corrupted: AtomicBool::new(false),
+            ignoring: AtomicBool::new(false),
+            streams: AtomicUsize::new(0),
         })
     }
 
@@ -87,6 +94,9 @@ impl BlobOrigin for TestOrigin {
             if fault == Fault::Hang {
                 std::future::pending::<()>().await;
             }
+            if fault == Fault::IgnoreRanges {
+                self.ignoring.store(true, Ordering::SeqCst);
+            }
             let mut bytes = self.blob[range.start as usize..range.end as usize].to_vec();
             let flip = match fault {
                 Fault::CorruptAlways => true,
@@ -103,6 +113,25 @@ impl BlobOrigin for TestOrigin {
 
     fn describe(&self) -> String {
         "test-origin".into()
+    }
+
+    fn ignores_ranges(&self) -> bool {
+        self.ignoring.load(Ordering::SeqCst)
+    }
+
+    fn stream_blob<'a>(
+        &'a self,
+        receiver: &'a mut dyn StreamReceiver,
+    ) -> BoxFuture<'a, Result<(), OriginError>> {
+        self.streams.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            for piece in self.blob.chunks(7000) {
+                if receiver.receive(piece).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })
     }
 }
 
@@ -160,10 +189,18 @@ struct Fixture {
 }
 
 async fn fixture(chunks: usize) -> Fixture {
+    fixture_named(chunks, "cache").await
+}
+
+/// A fixture whose cache lives in directory `name` of its own temporary directory.
+async fn fixture_named(chunks: usize, name: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(&dir.path().join("cache"), CacheConfig::default()).unwrap();
+    let cache = Cache::open(&dir.path().join(name), CacheConfig::default()).unwrap();
     // The last chunk is short.
-    let image = image_bytes(chunks * CHUNK as usize - 1000, 7);
+    let seed = name
+        .bytes()
+        .fold(7u64, |seed, byte| seed * 31 + u64::from(byte));
+    let image = image_bytes(chunks * CHUNK as usize - 1000, seed);
     let mut blob = Vec::new();
     let options = ChunkedLayerOptions {
         chunk_size: CHUNK,
@@ -399,4 +436,80 @@ async fn fill_completes_the_layer_and_every_present_chunk_matches() {
     eventually(|| lazy.counters().background_chunks.load(Ordering::Relaxed) == 12).await;
     let digest = Digest::of(&image);
     assert_eq!(digest, gantry_oci::Digest::of(&fixture.image));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_ignores_ranges_is_streamed_once() {
+    let fixture = fixture(10).await;
+    let lazy = LazyLayers::new(config());
+    let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    let origin = TestOrigin::new(fixture.blob.clone(), Fault::IgnoreRanges);
+    layer.add_origin(origin.clone());
+    // The first read learns that the origin sends whole blobs.
+    read(&layer, u64::from(CHUNK), 100, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(layer.ignores_ranges());
+    // The next miss streams the blob once and stores every free chunk from there on.
+    let offset = 4 * u64::from(CHUNK) + 10;
+    let got = read(&layer, offset, 5000, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got, &fixture.image[offset as usize..offset as usize + 5000]);
+    eventually(|| (4..10).all(|chunk| layer.is_present(chunk))).await;
+    assert_eq!(origin.streams.load(Ordering::SeqCst), 1);
+    assert_eq!(origin.requests().len(), 1, "no more ranged requests");
+    assert!(
+        !layer.is_present(0) && !layer.is_present(2),
+        "chunks before the miss are left"
+    );
+    let image = std::fs::read(&fixture.record.erofs_path).unwrap();
+    assert_eq!(
+        image[chunk_range(4).start..],
+        fixture.image[chunk_range(4).start..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_startup_trace_records_first_touches_and_replays_in_order() {
+    let fixture = fixture(8).await;
+    let lazy = LazyLayers::new(LazyConfig {
+        // One fetch at a time, so the order of the requests is the order of the trace.
+        connections: 2,
+        foreground_reserved: 1,
+        ..config()
+    });
+    let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    let origin = TestOrigin::new(fixture.blob.clone(), Fault::None);
+    layer.add_origin(origin.clone());
+    // Reads before the recording starts are not in the trace.
+    read(&layer, 0, 10, Duration::from_secs(10)).await.unwrap();
+    layer.record_trace(Duration::from_secs(60));
+    for chunk in [5u64, 2, 5, 6, 2] {
+        read(
+            &layer,
+            chunk * u64::from(CHUNK),
+            10,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        layer.trace(),
+        vec![5, 2, 6],
+        "first touch first, each chunk once"
+    );
+
+    // Replayed on a cold layer elsewhere: fetched in the trace's order, before anyone reads.
+    let other = fixture_named(8, "other").await;
+    let cold = lazy.open(&other.cache, &other.record).unwrap();
+    let other_origin = TestOrigin::new(other.blob.clone(), Fault::None);
+    cold.add_origin(other_origin.clone());
+    lazy.prefetch(Arc::clone(&cold), vec![5, 2, 6]);
+    eventually(|| [5, 2, 6].iter().all(|&chunk| cold.is_present(chunk))).await;
+    let requests = other_origin.requests();
+    // 5 first; 6, which the trace also names, coalesced with it; then 2.
+    assert_eq!(requests, vec![cold.blob_span(5..7), cold.blob_span(2..3)]);
+    assert_eq!(cold.present_chunks(), 3, "nothing but the trace");
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{self, HeaderMap, HeaderValue};
-use reqwest::{Response, StatusCode};
+use reqwest::{Method, Response, StatusCode};
 use tracing::{debug, info, warn};
 
 use super::auth::{AuthError, Challenge, CredentialStore, Token, TokenResponse};
@@ -24,8 +24,10 @@ use crate::source::{BlobSink, BlobVerifier, FetchedManifest, ImageSource, Verify
 
 /// Largest token-endpoint answer accepted.
 const MAX_TOKEN_RESPONSE: u64 = 1 << 20;
-/// Largest error body kept for messages.
+/// Most characters of an error body kept for messages.
 const MAX_ERROR_BODY: usize = 512;
+/// Most bytes of an error body read (enough for a distribution error document).
+const MAX_ERROR_READ: usize = 8 << 10;
 
 /// Errors of the registry client.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +135,24 @@ pub enum RegistryError {
     /// The sink refused the blob (the blob itself verified).
     #[error("storing the blob: {0}")]
     Sink(String),
+    /// A push step failed.
+    #[error("pushing {what} to {repository}: {error}")]
+    Push {
+        /// What was pushed (`blob sha256:…`, `manifest TAG`).
+        what: String,
+        /// `host/repository`.
+        repository: String,
+        /// Why (in the message, so not a `source`).
+        error: Box<RegistryError>,
+    },
+    /// An upload's `Location` is missing or unusable.
+    #[error("{url}: the registry sent no usable upload Location (got {location:?})")]
+    BadLocation {
+        /// The request that got it.
+        url: String,
+        /// What it sent.
+        location: String,
+    },
     /// Every endpoint failed; their errors in order.
     #[error("{what}: every endpoint failed: {}", errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     AllEndpointsFailed {
@@ -145,7 +165,7 @@ pub enum RegistryError {
 
 impl RegistryError {
     /// Whether retrying the same endpoint may help.
-    fn is_retriable(&self) -> bool {
+    pub(super) fn is_retriable(&self) -> bool {
         match self {
             RegistryError::Status { status, .. } => {
                 *status >= 500 || *status == 429 || *status == 408
@@ -160,11 +180,11 @@ impl RegistryError {
 
 /// One base URL serving the distribution API for a registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Endpoint {
+pub(super) struct Endpoint {
     /// `scheme://host[:port][/prefix]`, no trailing slash.
-    base: String,
+    pub(super) base: String,
     /// `host[:port]`, for credentials.
-    host: String,
+    pub(super) host: String,
 }
 
 impl Endpoint {
@@ -273,20 +293,25 @@ impl RegistryClient {
             .flatten()
             .map(|url| Endpoint::from_url(url))
             .collect();
+        endpoints.push(self.origin(reference));
+        endpoints
+    }
+
+    /// The registry itself, without mirrors (where pushes go).
+    pub(super) fn origin(&self, reference: &Reference) -> Endpoint {
         let host = reference.api_host();
         let scheme = if self.config.is_insecure(&reference.registry) {
             "http"
         } else {
             "https"
         };
-        endpoints.push(Endpoint {
+        Endpoint {
             base: format!("{scheme}://{host}"),
             host: reference.registry.clone(),
-        });
-        endpoints
+        }
     }
 
-    fn stall_timeout(&self) -> Duration {
+    pub(super) fn stall_timeout(&self) -> Duration {
         Duration::from_millis(self.config.stall_timeout_ms)
     }
 
@@ -663,15 +688,13 @@ impl RegistryClient {
         }
     }
 
-    async fn back_off(&self, url: &str, attempt: u32, error: &RegistryError) {
+    pub(super) async fn back_off(&self, url: &str, attempt: u32, error: &RegistryError) {
         let delay = self.config.backoff(attempt);
         info!(url, attempt, ?delay, %error, "retrying");
         tokio::time::sleep(delay).await;
     }
 
-    /// Sends a GET (built by `build` on a fresh request each time), answering an
-    /// authentication challenge once. Errors are returned, not retried: the callers retry
-    /// whole operations (request and body) with backoff.
+    /// Sends a GET with the pull scope; see [`RegistryClient::send_as`].
     async fn send(
         &self,
         endpoint: &Endpoint,
@@ -680,11 +703,29 @@ impl RegistryClient {
         build: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
     ) -> Result<Response, RegistryError> {
         let scope = format!("repository:{repository}:pull");
+        self.send_as(endpoint, &scope, Method::GET, url, build)
+            .await
+    }
+
+    /// Sends a request (built by `build` on a fresh request each time), answering an
+    /// authentication challenge once. `scope` is one or more token scopes separated by spaces.
+    /// Credentials and tokens go only to the endpoint's own origin: a URL elsewhere (an upload
+    /// `Location` on a storage host) is sent without them. Errors are returned, not retried:
+    /// the callers retry whole operations (request and body) with backoff.
+    pub(super) async fn send_as(
+        &self,
+        endpoint: &Endpoint,
+        scope: &str,
+        method: Method,
+        url: &str,
+        build: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<Response, RegistryError> {
         let stall = self.stall_timeout();
+        let authorized = same_origin(url, &endpoint.base);
         let mut answered_challenge = false;
         loop {
-            let mut request = build(self.http.get(url));
-            if let Some(authorization) = self.authorization(endpoint, &scope).await? {
+            let mut request = build(self.http.request(method.clone(), url));
+            if authorized && let Some(authorization) = self.authorization(endpoint, scope).await? {
                 request = request.header(header::AUTHORIZATION, authorization);
             }
             let response = within(url, stall, request.send()).await?;
@@ -703,7 +744,7 @@ impl RegistryClient {
                 return Ok(response);
             }
             // 401: answer the challenge once (a cached token may just have expired).
-            if answered_challenge {
+            if answered_challenge || !authorized {
                 return Err(RegistryError::Unauthorized {
                     url: url.to_string(),
                     detail: "credentials or token refused".into(),
@@ -719,7 +760,9 @@ impl RegistryClient {
                 });
             }
             let mut cache = self.lock_auth();
-            cache.tokens.remove(&(endpoint.base.clone(), scope.clone()));
+            cache
+                .tokens
+                .remove(&(endpoint.base.clone(), scope.to_string()));
             cache.challenges.insert(endpoint.base.clone(), challenge);
             drop(cache);
             answered_challenge = true;
@@ -773,7 +816,11 @@ impl RegistryClient {
             }
             Challenge::Bearer { realm, service, .. } => {
                 let credential = credential.filter(|_| !withheld(&realm));
-                let mut request = self.http.get(&realm).query(&[("scope", scope)]);
+                let mut request = self.http.get(&realm);
+                // One `scope` parameter per scope, as the token spec asks.
+                for scope in scope.split_whitespace() {
+                    request = request.query(&[("scope", scope)]);
+                }
                 if let Some(service) = &service {
                     request = request.query(&[("service", service.as_str())]);
                 }
@@ -810,7 +857,7 @@ impl RegistryClient {
     }
 
     /// Reads a whole body of at most `limit` bytes.
-    async fn read_capped(
+    pub(super) async fn read_capped(
         &self,
         url: &str,
         mut response: Response,
@@ -858,7 +905,7 @@ fn basic_authorization(username: &str, password: &str) -> String {
     format!("Basic {encoded}")
 }
 
-fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<String> {
+pub(super) fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<String> {
     headers
         .get(name)
         .and_then(|v: &HeaderValue| v.to_str().ok())
@@ -898,7 +945,7 @@ fn transport_cause(error: &reqwest::Error) -> String {
 
 /// Awaits one step of an HTTP exchange (the answer's headers, the next body chunk), failing it
 /// as stalled when nothing happens for `stall`.
-async fn within<T>(
+pub(super) async fn within<T>(
     url: &str,
     stall: Duration,
     step: impl Future<Output = reqwest::Result<T>>,
@@ -938,8 +985,16 @@ fn range_start(content_range: &str) -> Option<u64> {
         .ok()
 }
 
+/// Whether two URLs have the same scheme, host and port.
+pub(super) fn same_origin(a: &str, b: &str) -> bool {
+    match (reqwest::Url::parse(a), reqwest::Url::parse(b)) {
+        (Ok(a), Ok(b)) => a.origin() == b.origin(),
+        _ => false,
+    }
+}
+
 /// Passes `response` on if its status is one of `wanted`, else turns it into an error.
-async fn expect_status(
+pub(super) async fn expect_status(
     url: &str,
     response: Response,
     wanted: &[StatusCode],
@@ -948,26 +1003,63 @@ async fn expect_status(
         return Ok(response);
     }
     let status = response.status().as_u16();
-    // The body only explains the status: read at most MAX_ERROR_BODY bytes of it, for at most
+    // The body only explains the status: read at most MAX_ERROR_READ bytes of it, for at most
     // two seconds, whatever the server sends.
     let mut response = response;
     let mut body = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while body.len() < MAX_ERROR_BODY {
+    while body.len() < MAX_ERROR_READ {
         match tokio::time::timeout_at(deadline, response.chunk()).await {
             Ok(Ok(Some(chunk))) => {
-                let room = MAX_ERROR_BODY - body.len();
+                let room = MAX_ERROR_READ - body.len();
                 body.extend_from_slice(&chunk[..chunk.len().min(room)]);
             }
             _ => break,
         }
     }
-    let body = String::from_utf8_lossy(&body).trim().to_string();
     Err(RegistryError::Status {
         url: url.to_string(),
         status,
-        body,
+        body: describe_error_body(&body),
     })
+}
+
+/// The distribution API's error document, `{"errors":[{"code":…,"message":…,"detail":…}]}`.
+#[derive(serde::Deserialize)]
+struct ErrorDocument {
+    errors: Vec<ErrorEntry>,
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorEntry {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// What an error body says, at most [`MAX_ERROR_BODY`] characters: the codes and messages of a
+/// distribution error document, else the start of the text. The body comes from the registry
+/// (untrusted): control characters are dropped so it cannot rewrite the operator's terminal.
+fn describe_error_body(body: &[u8]) -> String {
+    let text = match serde_json::from_slice::<ErrorDocument>(body) {
+        Ok(document) if !document.errors.is_empty() => document
+            .errors
+            .iter()
+            .map(|e| match (e.code.is_empty(), e.message.is_empty()) {
+                (false, false) => format!("{}: {}", e.code, e.message),
+                (false, true) => e.code.clone(),
+                _ => e.message.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => String::from_utf8_lossy(body).into_owned(),
+    };
+    text.trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_ERROR_BODY)
+        .collect()
 }
 
 /// An image in a registry, as an [`ImageSource`].
@@ -1047,6 +1139,31 @@ mod tests {
         assert_eq!(endpoints[2].host, "docker.io");
         let local: Reference = "127.0.0.1:5000/x".parse().unwrap();
         assert_eq!(client.endpoints(&local)[0].base, "http://127.0.0.1:5000");
+    }
+
+    #[test]
+    fn error_bodies_are_summarized_and_capped() {
+        let document = br#"{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry","detail":"sha256:00"},{"code":"DENIED"}]}"#;
+        assert_eq!(
+            describe_error_body(document),
+            "MANIFEST_BLOB_UNKNOWN: blob unknown to registry; DENIED"
+        );
+        assert_eq!(
+            describe_error_body(b"  plain\ntext\x1b[2J "),
+            "plain text [2J"
+        );
+        assert_eq!(describe_error_body(&[b'x'; 4000]).len(), MAX_ERROR_BODY);
+        assert_eq!(describe_error_body(br#"{"errors":[]}"#), r#"{"errors":[]}"#);
+    }
+
+    #[test]
+    fn origins() {
+        assert!(same_origin("http://h:5000/v2/x?y=1", "http://h:5000"));
+        assert!(same_origin("https://h/v2/", "https://h:443"));
+        assert!(!same_origin("http://h:5001/v2/", "http://h:5000"));
+        assert!(!same_origin("https://h:5000/v2/", "http://h:5000"));
+        assert!(!same_origin("http://other:5000/v2/", "http://h:5000"));
+        assert!(!same_origin("/v2/relative", "http://h:5000"));
     }
 
     #[test]

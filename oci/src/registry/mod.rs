@@ -4,12 +4,16 @@
 //! - [`config`]: the client's TOML-friendly configuration.
 //! - [`auth`]: challenges, credential files, tokens.
 //! - [`client`]: the HTTP client itself ([`RegistryClient`]), including ranged blob reads.
+//! - [`push`]: blob uploads, cross-repository mounts and manifest puts
+//!   ([`RegistryDestination`]).
 //!
 //! The document types it fetches are in [`crate::manifest`].
 
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod push;
 
 pub use client::{BlobRange, RegistryClient, RegistryError, RegistrySource};
 pub use config::RegistryConfig;
+pub use push::RegistryDestination;
