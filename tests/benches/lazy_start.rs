@@ -635,6 +635,8 @@ fn bench() -> Result<()> {
         "prefetch --pull-mode fill",
     )?;
     let fill_time = wait_filled(&trace_agent, &images.converted_layers)?;
+    // The floor under every cold start: the same command once nothing is left to fetch.
+    let warm = lazy_start(&trace_agent)?;
     let (lazy_read, lazy_read_bytes) =
         full_read(&trace_agent, &proxy, &runtime, &images.converted)?;
     drop(trace_agent);
@@ -660,6 +662,7 @@ fn bench() -> Result<()> {
         ("eager", &eager),
         ("lazy", &lazy),
         ("lazy + trace", &traced),
+        ("warm", &warm),
     ] {
         ensure!(
             run.stdout == "1\n",
@@ -800,6 +803,12 @@ fn bench() -> Result<()> {
             );
         }
     }
+    println!(
+        "floor: the same run once the layers are present (after the fill, same guest): first \
+         output {:.0} ms, {} bytes through the proxy",
+        ms(first(&warm)),
+        warm.proxy_bytes
+    );
     println!(
         "full read after the fill ({:.1} s to complete the layers): `{}`: lazy-filled {:.0} ms \
          ({} bytes), eager {:.0} ms ({} bytes)",
