@@ -40,6 +40,10 @@ pub fn free_port() -> u16 {
 pub struct Registry {
     pub port: u16,
     child: Child,
+    /// `sh` waiting for its stdin, held open by this process only, to close; then it kills the
+    /// registry. A registry kept in a `static` (never dropped) is stopped this way when the
+    /// test process exits, however it exits.
+    watchdog: Child,
     dir: tempfile::TempDir,
     pub credentials: Option<(String, String)>,
 }
@@ -147,9 +151,19 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("starting docker-registry");
+        // std's pipes are close-on-exec, so no other child keeps the write end open.
+        let watchdog = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("read _; kill -KILL {} 2>/dev/null", child.id()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the registry's watchdog");
         let registry = Registry {
             port,
             child,
+            watchdog,
             dir,
             credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
         };
@@ -210,6 +224,8 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
     }
 }
 
