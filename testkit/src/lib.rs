@@ -5,4 +5,6 @@ pub mod proxy;
 pub mod registry;
 
 pub use proxy::{FaultProxy, Faults, ProxyLog};
-pub use registry::{Registry, RegistryOptions, docker_config, free_port, tools_available};
+pub use registry::{
+    Registry, RegistryOptions, docker_config, free_port, tools_available, watchdog,
+};

@@ -151,15 +151,7 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("starting docker-registry");
-        // std's pipes are close-on-exec, so no other child keeps the write end open.
-        let watchdog = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(format!("read _; kill -KILL {} 2>/dev/null", child.id()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the registry's watchdog");
+        let watchdog = watchdog(child.id(), "KILL").expect("starting the registry's watchdog");
         let registry = Registry {
             port,
             child,
@@ -227,6 +219,19 @@ impl Drop for Registry {
         let _ = self.watchdog.kill();
         let _ = self.watchdog.wait();
     }
+}
+
+/// A `sh` that sends `signal` to `pid` once its stdin closes: when the returned child is
+/// dropped or killed, or when this process exits however it exits (nothing else holds the
+/// pipe's write end: std's pipes are close-on-exec).
+pub fn watchdog(pid: u32, signal: &str) -> std::io::Result<Child> {
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("read _; kill -{signal} {pid} 2>/dev/null"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
 
 /// Writes a docker config.json with one credential.
