@@ -7,5 +7,7 @@ pub mod registry;
 pub mod shaping;
 
 pub use proxy::{FaultProxy, Faults, ProxyLog};
-pub use registry::{Registry, RegistryOptions, docker_config, free_port, tools_available};
+pub use registry::{
+    Registry, RegistryOptions, docker_config, free_port, tools_available, watchdog,
+};
 pub use shaping::{Shaping, ShapingProxy};

@@ -40,6 +40,10 @@ pub fn free_port() -> u16 {
 pub struct Registry {
     pub port: u16,
     child: Child,
+    /// `sh` waiting for its stdin, held open by this process only, to close; then it kills the
+    /// registry. A registry kept in a `static` (never dropped) is stopped this way when the
+    /// test process exits, however it exits.
+    watchdog: Child,
     dir: tempfile::TempDir,
     pub credentials: Option<(String, String)>,
 }
@@ -147,9 +151,11 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("starting docker-registry");
+        let watchdog = watchdog(child.id(), "KILL").expect("starting the registry's watchdog");
         let registry = Registry {
             port,
             child,
+            watchdog,
             dir,
             credentials: credentials.map(|(u, p)| (u.to_string(), p.to_string())),
         };
@@ -210,7 +216,22 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
     }
+}
+
+/// A `sh` that sends `signal` to `pid` once its stdin closes: when the returned child is
+/// dropped or killed, or when this process exits however it exits (nothing else holds the
+/// pipe's write end: std's pipes are close-on-exec).
+pub fn watchdog(pid: u32, signal: &str) -> std::io::Result<Child> {
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("read _; kill -{signal} {pid} 2>/dev/null"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
 
 /// Writes a docker config.json with one credential.

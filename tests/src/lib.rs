@@ -280,14 +280,7 @@ impl TestAgent {
             .stderr(log)
             .spawn()
             .context("starting gantry-agent")?;
-        // std's pipes are close-on-exec in this process, so no other child keeps the write end.
-        let watchdog = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(format!("read _; kill -TERM {} 2>/dev/null", child.id()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+        let watchdog = gantry_testkit::watchdog(child.id(), "TERM")
             .context("starting the agent's watchdog")?;
         Ok((child, watchdog))
     }

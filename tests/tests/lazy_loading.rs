@@ -399,7 +399,7 @@ fn bytes_that_fail_verification_never_reach_the_guest() {
         "a read over a lying chunk must fail"
     );
     assert!(
-        text(&output.stderr).contains("I/O error"),
+        text(&output.stderr).contains("Input/output error"),
         "stderr: {}",
         text(&output.stderr)
     );
@@ -510,7 +510,7 @@ fn a_registry_that_disappears_fails_missing_reads_only() {
     println!("a read with the registry gone failed after {waited:?}");
     assert!(!output.status.success(), "{}", text(&output.stdout));
     assert!(
-        text(&output.stderr).contains("I/O error"),
+        text(&output.stderr).contains("Input/output error"),
         "{}",
         text(&output.stderr)
     );

@@ -144,7 +144,7 @@ enum Control {
         pass: u32,
     },
     Finished {
-        layer_id: usize,
+        layer: Arc<LazyLayer>,
         chunks: Range<usize>,
         priority: Priority,
     },
@@ -303,12 +303,25 @@ impl Scheduler {
             }
             Control::Refill { layer, pass } => self.add_fill(layer, pass),
             Control::Finished {
-                layer_id,
+                layer,
                 chunks,
                 priority,
             } => {
+                let id = layer_id(&layer);
+                for chunk in chunks.clone() {
+                    self.in_flight.remove(&(id, chunk));
+                }
+                // Wants that arrived while these chunks were in flight were set aside for this
+                // fetch; if it did not bring them (a background fetch that failed), they are
+                // asked for again, at foreground priority.
                 for chunk in chunks {
-                    self.in_flight.remove(&(layer_id, chunk));
+                    if !layer.is_present(chunk) && layer.is_requested(chunk) {
+                        self.foreground.push_back(Want {
+                            layer: Arc::clone(&layer),
+                            chunk,
+                            since: Instant::now(),
+                        });
+                    }
                 }
                 match priority {
                     Priority::Foreground => self.running_foreground -= 1,
@@ -366,7 +379,8 @@ impl Scheduler {
                 continue;
             }
             if !self.is_free(&layer, want.chunk) {
-                // In flight: that fetch answers this want too.
+                // In flight: that fetch answers this want too (or, if it fails in the
+                // background, the want is queued again when it finishes).
                 continue;
             }
             let end = self.extend(&layer, want.chunk, |layer, chunk| layer.is_requested(chunk));
@@ -488,11 +502,11 @@ impl Scheduler {
         let counters = Arc::clone(&self.counters);
         let control = self.control.clone();
         tokio::spawn(async move {
-            let chunks = job.chunks.clone();
-            let priority = job.priority;
+            let (layer, chunks, priority) =
+                (Arc::clone(&job.layer), job.chunks.clone(), job.priority);
             run_job(job, &config, &counters).await;
             let _ = control.send(ControlMessage(Control::Finished {
-                layer_id: id,
+                layer,
                 chunks,
                 priority,
             }));
@@ -706,19 +720,15 @@ impl StreamReceiver for ChunkStream {
 }
 
 /// Ends a job that could not store its chunks. A foreground job fails the reads waiting for
-/// them. A background job fails nobody for good: the guest did not ask for these chunks, so
-/// reads that came to wait on this fetch are only woken to ask again, at foreground priority.
+/// them. A background job fails nobody: the guest did not ask for these chunks, and reads that
+/// came to wait on this fetch are asked for again, at foreground priority, when the scheduler
+/// hears the job finished.
 fn give_up(job: &Job, counters: &FetchCounters, reason: &str) {
     counters.failed_fetches.fetch_add(1, Ordering::Relaxed);
     match job.priority {
         Priority::Foreground => job.layer.fail_chunks(job.chunks.clone(), reason),
         Priority::Background => {
             warn!(layer = %job.layer.digest(), chunks = ?job.chunks, reason, "background fetch failed");
-            for chunk in job.chunks.clone() {
-                if job.layer.is_requested(chunk) {
-                    job.layer.clear_request(chunk);
-                }
-            }
         }
     }
 }

@@ -48,6 +48,8 @@ enum Fault {
     CorruptOnce,
     /// Every response has one byte flipped.
     CorruptAlways,
+    /// Every response has one byte flipped and comes after 300 ms.
+    CorruptSlowly,
     /// Never answers.
     Hang,
     /// Answers ranges right, then says it ignores `Range` (a registry answering `200`), and
@@ -94,12 +96,15 @@ impl BlobOrigin for TestOrigin {
             if fault == Fault::Hang {
                 std::future::pending::<()>().await;
             }
+            if fault == Fault::CorruptSlowly {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
             if fault == Fault::IgnoreRanges {
                 self.ignoring.store(true, Ordering::SeqCst);
             }
             let mut bytes = self.blob[range.start as usize..range.end as usize].to_vec();
             let flip = match fault {
-                Fault::CorruptAlways => true,
+                Fault::CorruptAlways | Fault::CorruptSlowly => true,
                 Fault::CorruptOnce => !self.corrupted.swap(true, Ordering::SeqCst),
                 _ => false,
             };
@@ -512,4 +517,35 @@ async fn a_startup_trace_records_first_touches_and_replays_in_order() {
     // 5 first; 6, which the trace also names, coalesced with it; then 2.
     assert_eq!(requests, vec![cold.blob_span(5..7), cold.blob_span(2..3)]);
     assert_eq!(cold.present_chunks(), 3, "nothing but the trace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_waiting_on_a_failed_background_fetch_is_asked_for_again() {
+    let fixture = fixture(6).await;
+    let lazy = LazyLayers::new(LazyConfig {
+        retries: 0,
+        coalesce_bytes: 8 * u64::from(CHUNK),
+        ..config()
+    });
+    let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    let origin = TestOrigin::new(fixture.blob.clone(), Fault::CorruptSlowly);
+    layer.add_origin(origin.clone());
+    // The fill takes every chunk into one background fetch; the guest's read of chunk 3 comes
+    // while it is in flight, waits on it, and must not be forgotten when it fails.
+    lazy.fill(Arc::clone(&layer));
+    eventually(|| !origin.requests().is_empty()).await;
+    let error = read(&layer, 3 * u64::from(CHUNK), 100, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("chunk 3"), "{error}");
+    let requests = origin.requests();
+    assert!(
+        requests.len() >= 2,
+        "the read was fetched on its own: {requests:?}"
+    );
+    assert_eq!(
+        requests[1].start,
+        layer.blob_span(3..4).start,
+        "{requests:?}"
+    );
 }
