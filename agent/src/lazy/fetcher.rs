@@ -167,6 +167,17 @@ impl std::fmt::Debug for ControlMessage {
     }
 }
 
+/// Whether `chunk` exists, is missing and is in no fetch.
+fn chunk_is_free(
+    in_flight: &HashSet<(usize, usize)>,
+    layer: &Arc<LazyLayer>,
+    chunk: usize,
+) -> bool {
+    chunk < layer.index().len()
+        && !layer.is_present(chunk)
+        && !in_flight.contains(&(layer_id(layer), chunk))
+}
+
 fn layer_id(layer: &Arc<LazyLayer>) -> usize {
     Arc::as_ptr(layer) as usize
 }
@@ -366,9 +377,7 @@ impl Scheduler {
     }
 
     fn is_free(&self, layer: &Arc<LazyLayer>, chunk: usize) -> bool {
-        chunk < layer.index().len()
-            && !layer.is_present(chunk)
-            && !self.in_flight.contains(&(layer_id(layer), chunk))
+        chunk_is_free(&self.in_flight, layer, chunk)
     }
 
     fn next_foreground(&mut self) -> Option<Job> {
@@ -397,26 +406,13 @@ impl Scheduler {
 
     /// The next trace prefetch, read-ahead or (within the bandwidth limit) fill job.
     fn next_background(&mut self) -> Option<Job> {
-        while let Some((layer, chunk)) = self.prefetch.pop_front() {
-            if self.is_free(&layer, chunk) {
-                // The trace's own order decides: only following chunks it also names are
-                // taken along.
-                let next_in_trace: HashSet<usize> = self
-                    .prefetch
-                    .iter()
-                    .take(64)
-                    .filter(|(other, _)| Arc::ptr_eq(other, &layer))
-                    .map(|(_, chunk)| *chunk)
-                    .collect();
-                let end = self.extend(&layer, chunk, |_, next| next_in_trace.contains(&next));
-                return Some(Job::background(layer, chunk..end, false));
-            }
+        let in_flight = &self.in_flight;
+        let free = |layer: &Arc<LazyLayer>, chunk| chunk_is_free(in_flight, layer, chunk);
+        if let Some(job) = Self::next_queued(&mut self.prefetch, free) {
+            return Some(job);
         }
-        while let Some((layer, chunk)) = self.background.pop_front() {
-            if self.is_free(&layer, chunk) {
-                let end = self.extend(&layer, chunk, |_, _| true);
-                return Some(Job::background(layer, chunk..end, false));
-            }
+        if let Some(job) = Self::next_queued(&mut self.background, free) {
+            return Some(job);
         }
         if Instant::now() < self.background_allowed_at {
             return None;
@@ -448,6 +444,34 @@ impl Scheduler {
             // Round robin between the layers being filled.
             self.fills.push_back(fill);
             return Some(Job::background(layer, start..end, true));
+        }
+        None
+    }
+
+    /// The next job from a queue of chunks (trace prefetch, read-ahead): its first free chunk,
+    /// with the following chunks the queue also names taken along, never others: the queue's
+    /// own order and extent decide what is fetched (read-ahead of two chunks stays two chunks).
+    fn next_queued(
+        queue: &mut VecDeque<(Arc<LazyLayer>, usize)>,
+        is_free: impl Fn(&Arc<LazyLayer>, usize) -> bool,
+    ) -> Option<Job> {
+        while let Some((layer, chunk)) = queue.pop_front() {
+            if !is_free(&layer, chunk) {
+                continue;
+            }
+            let mut end = chunk + 1;
+            while is_free(&layer, end) {
+                let Some(position) = queue
+                    .iter()
+                    .take(64)
+                    .position(|(other, queued)| Arc::ptr_eq(other, &layer) && *queued == end)
+                else {
+                    break;
+                };
+                queue.remove(position);
+                end += 1;
+            }
+            return Some(Job::background(layer, chunk..end, false));
         }
         None
     }
