@@ -6,8 +6,8 @@
 //! - **Single flight**: a chunk is in at most one fetch; a want for a chunk in flight waits
 //!   for that fetch.
 //! - **Coalescing**: a foreground fetch takes the following chunks the guest also wants, a
-//!   background one the following missing chunks, up to `coalesce_bytes` of blob, in one
-//!   `Range` request.
+//!   read-ahead or trace prefetch the following chunks its queue also names, a fill the
+//!   following missing chunks; each up to `coalesce_bytes` of blob, in one `Range` request.
 //! - **Read-ahead**: after a foreground fetch, the next `read_ahead_chunks` chunks are queued at
 //!   background priority.
 //! - **Fill**: a layer handed to [`Fetcher::fill`] is completed chunk by chunk in order at
