@@ -217,14 +217,11 @@ impl ImageService {
                 .lazy
                 .open(&self.cache, layer)
                 .map_err(|err| ImageError::Internal(err.to_string()))?;
-            lazy.add_origin(origin(&Descriptor {
-                media_type: String::new(),
-                digest: layer.blob_digest.clone(),
-                size: layer.blob_size,
-                platform: None,
-                annotations: Default::default(),
-                urls: Vec::new(),
-            }));
+            lazy.add_origin(origin(&Descriptor::new(
+                String::new(),
+                layer.blob_digest.clone(),
+                layer.blob_size,
+            )));
             if mode != PullMode::Lazy && !lazy.is_complete() {
                 self.lazy.fill(Arc::clone(&lazy));
             }

@@ -91,6 +91,15 @@ impl FetchCounters {
         }
     }
 
+    /// Counts `count` chunks stored by a job of `priority`.
+    fn count_stored(&self, priority: Priority, count: u64) {
+        let counter = match priority {
+            Priority::Foreground => &self.foreground_chunks,
+            Priority::Background => &self.background_chunks,
+        };
+        counter.fetch_add(count, Ordering::Relaxed);
+    }
+
     fn record_park(&self, waited: Duration) {
         let ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
         let bucket = PARK_BUCKETS_MS
@@ -488,12 +497,13 @@ impl Scheduler {
         // An origin that ignores `Range` sends the blob from its start whatever is asked: one
         // download then brings every chunk after this one too.
         let streaming = layer.ignores_ranges();
-        while self.is_free(layer, end)
-            && (streaming
-                || take(layer, end)
-                    && layer.blob_span(first..end + 1).end - layer.blob_span(first..end + 1).start
-                        <= self.config.coalesce_bytes)
-        {
+        while self.is_free(layer, end) {
+            if !streaming {
+                let span = layer.blob_span(first..end + 1);
+                if !take(layer, end) || span.end - span.start > self.config.coalesce_bytes {
+                    break;
+                }
+            }
             end += 1;
         }
         end
@@ -606,20 +616,9 @@ async fn run_job(job: Job, config: &LazyConfig, counters: &FetchCounters) {
                         stats.chunks += count;
                         stats.bytes += received;
                     });
-                    match job.priority {
-                        Priority::Foreground => {
-                            counters
-                                .foreground_chunks
-                                .fetch_add(count, Ordering::Relaxed);
-                            if let Some(since) = job.since {
-                                counters.record_park(since.elapsed());
-                            }
-                        }
-                        Priority::Background => {
-                            counters
-                                .background_chunks
-                                .fetch_add(count, Ordering::Relaxed);
-                        }
+                    counters.count_stored(job.priority, count);
+                    if let Some(since) = job.since {
+                        counters.record_park(since.elapsed());
                     }
                     if layer.is_complete() && job.priority == Priority::Background {
                         info!(layer = %layer.digest(), "layer complete");
@@ -672,10 +671,7 @@ async fn stream_job(
     };
     counters.requests.fetch_add(1, Ordering::Relaxed);
     let result = origin.stream_blob(&mut receiver).await;
-    let stored = receiver.next - job.chunks.start;
-    counters
-        .background_chunks
-        .fetch_add(stored as u64, Ordering::Relaxed);
+    counters.count_stored(job.priority, (receiver.next - job.chunks.start) as u64);
     counters
         .bytes
         .fetch_add(receiver.received, Ordering::Relaxed);
