@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use gantry_agent::cache::bitmap::ChunkBitmap;
-use gantry_agent::cache::{Cache, CacheConfig, LayerRecord};
+use gantry_agent::cache::{Cache, CacheConfig, ImageRecord, LayerRecord};
 use gantry_agent::images::pull::{self, LazyPull, no_progress};
 use gantry_agent::lazy::origin::{BlobOrigin, FileOrigin};
 use gantry_oci::chunked::{
@@ -65,6 +65,27 @@ fn layout_with(dir: &Path, tag: &str, blob: &[u8], descriptor: &Descriptor) -> O
     OciLayout::open(dir).unwrap()
 }
 
+/// Pulls image `v1` of `layout` as the agent does, the layout's blob files as the origins of
+/// its lazy layers.
+async fn pull_lazily(cache: &Cache, layout: &OciLayout) -> ImageRecord {
+    let origin = {
+        let layout = layout.clone();
+        move |d: &Descriptor| {
+            Arc::new(FileOrigin::new(layout.blob_path(&d.digest))) as Arc<dyn BlobOrigin>
+        }
+    };
+    let lazy = LazyPull { origin: &origin };
+    let (record, _pins) = pull::pull_lazy(
+        cache,
+        &OciLayoutSource::new(layout, "v1"),
+        &no_progress,
+        Some(&lazy),
+    )
+    .await
+    .unwrap();
+    record
+}
+
 fn bitmap(layer: &LayerRecord) -> ChunkBitmap {
     ChunkBitmap::open(&layer.bitmap_path).unwrap()
 }
@@ -75,21 +96,7 @@ async fn a_verifiable_chunked_layer_is_published_with_no_chunk_present() {
     let (image, blob, descriptor) = chunked(work.path());
     let layout = layout_with(&work.path().join("layout"), "v1", &blob, &descriptor);
     let cache = Cache::open(&work.path().join("cache"), CacheConfig::default()).unwrap();
-    let origin = {
-        let layout = layout.clone();
-        move |d: &Descriptor| {
-            Arc::new(FileOrigin::new(layout.blob_path(&d.digest))) as Arc<dyn BlobOrigin>
-        }
-    };
-    let lazy = LazyPull { origin: &origin };
-    let (record, _pins) = pull::pull_lazy(
-        &cache,
-        &OciLayoutSource::new(&layout, "v1"),
-        &no_progress,
-        Some(&lazy),
-    )
-    .await
-    .unwrap();
+    let record = pull_lazily(&cache, &layout).await;
     let layer = &record.layers[0];
     assert!(layer.lazy);
     assert_eq!(layer.erofs_size, image.len() as u64);
@@ -114,21 +121,7 @@ async fn a_chunked_layer_nothing_vouches_for_is_pulled_whole() {
     descriptor.annotations.remove(ANNOTATION_INDEX_DIGEST);
     let layout = layout_with(&work.path().join("layout"), "v1", &blob, &descriptor);
     let cache = Cache::open(&work.path().join("cache"), CacheConfig::default()).unwrap();
-    let origin = {
-        let layout = layout.clone();
-        move |d: &Descriptor| {
-            Arc::new(FileOrigin::new(layout.blob_path(&d.digest))) as Arc<dyn BlobOrigin>
-        }
-    };
-    let lazy = LazyPull { origin: &origin };
-    let (record, _pins) = pull::pull_lazy(
-        &cache,
-        &OciLayoutSource::new(&layout, "v1"),
-        &no_progress,
-        Some(&lazy),
-    )
-    .await
-    .unwrap();
+    let record = pull_lazily(&cache, &layout).await;
     let layer = &record.layers[0];
     assert!(!layer.lazy);
     assert!(bitmap(layer).is_complete());

@@ -19,7 +19,7 @@ use gantry_oci::builder::{self, ImageConfigSpec, LayerBuilder};
 use gantry_oci::chunked::IndexLocation;
 use gantry_oci::manifest::Descriptor;
 use gantry_testkit::proxy::FlipByte;
-use gantry_testkit::{FaultProxy, Registry};
+use gantry_testkit::{FaultProxy, Registry, noise};
 
 const VM_A: &str = "lazy-a";
 const VM_B: &str = "lazy-b";
@@ -110,19 +110,6 @@ fn succeed(output: Output, what: &str) -> String {
         tail(&fixture().agent.log())
     );
     text(&output.stdout)
-}
-
-/// Deterministic incompressible bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
