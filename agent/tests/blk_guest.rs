@@ -76,18 +76,6 @@ fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
     None
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
@@ -227,8 +215,8 @@ fn a_guest_reads_layers_from_the_layer_store() {
     let work = tempfile::tempdir().unwrap();
     let initramfs = build_initramfs(work.path(), &modules);
 
-    let first = pattern(FIRST_LEN, 1);
-    let second = pattern(SECOND_LEN, 2);
+    let first = gantry_testkit::noise(FIRST_LEN, 1);
+    let second = gantry_testkit::noise(SECOND_LEN, 2);
     let first_path = work.path().join("first.img");
     let second_path = work.path().join("second.img");
     fs::write(&first_path, &first).unwrap();
