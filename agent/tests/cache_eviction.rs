@@ -6,7 +6,7 @@ mod registry_common;
 use std::path::Path;
 use std::time::Duration;
 
-use gantry_agent::cache::{Cache, CacheConfig, ImageRecord};
+use gantry_agent::cache::{Cache, CacheConfig, ImageRecord, trace};
 use gantry_agent::images::pull::{self, no_progress};
 use gantry_oci::layout::{OciLayout, OciLayoutSource};
 use registry_common::*;
@@ -97,9 +97,31 @@ async fn rmi_removes_only_layers_no_other_image_uses() {
     let img1 = pull(&cache, &layout, "img1").await;
     assert_eq!(pair.layers[0], img0.layers[0]);
     assert_eq!(list(&cache_dir.join("layers")).len(), 3);
+    // Startup traces of two of the images.
+    for image in [&img0, &pair] {
+        let recorded = trace::StartupTrace {
+            version: trace::TRACE_VERSION,
+            manifest_digest: image.manifest_digest.clone(),
+            window_ms: 1000,
+            recorded_unix: 0,
+            layers: Vec::new(),
+        };
+        trace::write_trace(&cache_dir, &recorded).unwrap();
+    }
 
-    // pair's own layer goes; the one img0 shares stays.
+    // pair's own layer goes, and its trace; the layer img0 shares stays, and img0's trace.
     let report = cache.remove_image(&pair.name).await.unwrap();
+    assert_eq!(report.traces_removed, 1);
+    assert!(
+        trace::read_trace(&cache_dir, &pair.manifest_digest)
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        trace::read_trace(&cache_dir, &img0.manifest_digest)
+            .unwrap()
+            .is_some()
+    );
     assert_eq!(report.layers_removed.len(), 1);
     assert_eq!(report.layers_removed[0].0, pair.layers[1].blob_digest);
     assert!(present(&cache, &img0));

@@ -427,6 +427,7 @@ async fn ranged_reads_return_exactly_the_range_asked_for() {
         platform: None,
         annotations: Default::default(),
         urls: Vec::new(),
+        artifact_type: None,
     };
     assert!(blob.len() > 3000, "the layer is large enough to cut");
     let proxy = FaultProxy::start(&format!("http://{}", registry.host())).await;

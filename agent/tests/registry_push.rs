@@ -335,8 +335,6 @@ struct StubLog {
 /// A registry stub that wants basic auth and sends uploads to another host, and whose
 /// manifest puts answer with a digest of other bytes.
 async fn stub_registry(storage_port: u16) -> (u16, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let app = axum::Router::new().fallback(move |request: Request| async move {
         if !request.headers().contains_key("authorization") {
             return Response::builder()
@@ -372,15 +370,10 @@ async fn stub_registry(storage_port: u16) -> (u16, tokio::task::JoinHandle<()>) 
         }
         .unwrap()
     });
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (port, task)
+    serve_stub(app).await
 }
 
 async fn stub_storage(log: Arc<Mutex<StubLog>>) -> (u16, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let app = axum::Router::new()
         .fallback(
             |State(log): State<Arc<Mutex<StubLog>>>, request: Request| async move {
@@ -400,10 +393,7 @@ async fn stub_storage(log: Arc<Mutex<StubLog>>) -> (u16, tokio::task::JoinHandle
             },
         )
         .with_state(log);
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (port, task)
+    serve_stub(app).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,10 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// OCI image configuration.
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// The empty JSON document `{}`: the config of artifacts that have none (OCI 1.1).
+pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+/// The bytes of [`OCI_EMPTY`].
+pub const EMPTY_JSON: &[u8] = b"{}";
 /// Docker schema 2 manifest.
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Docker manifest list.
@@ -97,6 +101,9 @@ pub struct Descriptor {
     /// Alternative download locations (foreign layers); Gantry ignores them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub urls: Vec<String>,
+    /// For artifacts (OCI 1.1), in index entries and referrer listings: the artifact's type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
 }
 
 impl Descriptor {
@@ -109,6 +116,7 @@ impl Descriptor {
             platform: None,
             annotations: BTreeMap::new(),
             urls: Vec::new(),
+            artifact_type: None,
         }
     }
 
@@ -135,6 +143,13 @@ pub struct ImageManifest {
     /// Free-form annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// For artifacts (OCI 1.1): what kind of artifact this manifest is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    /// For referrers (OCI 1.1): the manifest this one is about (a signature's image, a
+    /// startup trace's image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Box<Descriptor>>,
 }
 
 /// An image index / manifest list.
@@ -156,6 +171,9 @@ pub struct ImageIndex {
 
 /// A parsed manifest document: either an image manifest or an index.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// A few hundred bytes, one per document parsed (a handful per pull): boxing the larger variant
+// would only add an allocation and a deref at every use.
+#[allow(clippy::large_enum_variant)]
 pub enum ManifestDocument {
     /// An image manifest.
     Image(ImageManifest),

@@ -168,6 +168,7 @@ fn descriptor_for(
         platform: None,
         annotations,
         urls: Vec::new(),
+        artifact_type: None,
     }
 }
 

@@ -296,6 +296,7 @@ fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
         platform: None,
         annotations: Default::default(),
         urls: Vec::new(),
+        artifact_type: None,
     }
 }
 

@@ -28,6 +28,9 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const BIG: usize = 24 << 20;
 /// How long a guest's read of a chunk no origin delivers may wait (the agent's setting here).
 const PARK_TIMEOUT_SECS: u64 = 5;
+/// How long the shared agent records a cold start's reads as the image's startup trace (each
+/// test runs its own images, so no test replays another's trace).
+const TRACE_SECONDS: u64 = 4;
 
 struct Fixture {
     agent: TestAgent,
@@ -40,7 +43,7 @@ struct Fixture {
 fn settings() -> String {
     format!(
         "[lazy]\nmode = \"lazy\"\npark_timeout_secs = {PARK_TIMEOUT_SECS}\nfailure_hold_ms = 300\n\
-         retries = 1\ntrace_seconds = 0\n"
+         retries = 1\ntrace_seconds = {TRACE_SECONDS}\n"
     )
 }
 
@@ -555,6 +558,139 @@ fn layer_dir(agent: &TestAgent, digest: &Digest) -> PathBuf {
         .join("cache")
         .join("layers")
         .join(format!("sha256-{}", digest.hex()))
+}
+
+/// `gantry-agent image trace …` on a cache directory (no agent involved).
+fn image_trace(cache_dir: &Path, args: &[&str]) -> Output {
+    Command::new(agent_binary())
+        .args(["image", "trace", "--cache-dir"])
+        .arg(cache_dir)
+        .args(args)
+        .output()
+        .expect("image trace runs")
+}
+
+/// The startup trace `image trace --json` shows, once it exists (within `timeout`).
+fn wait_for_trace(cache_dir: &Path, image: &str, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let output = image_trace(cache_dir, &["--json", image]);
+        if output.status.success() {
+            return serde_json::from_slice(&output.stdout).expect("trace JSON");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no startup trace of {image} in {} after {timeout:?}: {}",
+            cache_dir.display(),
+            text(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_startup_trace_pushed_by_one_card_is_replayed_by_another() {
+    let fixture = fixture();
+    let _turn = turn();
+    let image = image(fixture, "traced", 7, &fixture.proxy.host());
+    // Card A: the first start of the image records what the container reads.
+    let output = succeed(
+        cli(&[
+            "run",
+            "--vm",
+            VM_A,
+            "--rm",
+            "--pull-mode",
+            "lazy",
+            &image.converted,
+            "sh",
+            "-c",
+            "cat /data/hello.txt /data/tree/f7 /data/tree/f42",
+        ]),
+        "the recorded run",
+    );
+    assert_eq!(output, "hello from traced\ntraced 7\ntraced 42\n");
+    let cache_a = fixture.agent.state_dir().join("cache");
+    let recorded = wait_for_trace(
+        &cache_a,
+        &image.converted,
+        Duration::from_secs(TRACE_SECONDS + 20),
+    );
+    let data_digest = image.data_layer.digest.to_string();
+    let traced_data_chunks: BTreeSet<u64> = recorded["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .filter(|layer| layer["blob_digest"] == data_digest.as_str())
+        .flat_map(|layer| layer["chunks"].as_array().cloned().unwrap_or_default())
+        .filter_map(|chunk| chunk.as_u64())
+        .collect();
+    println!("card A recorded {recorded}");
+    assert!(
+        !traced_data_chunks.is_empty(),
+        "the data layer's chunks are in the trace"
+    );
+
+    // Pushed beside the image: docker-registry 2.8 has no referrers API, so it is listed
+    // under the referrers tag.
+    let pushed = image_trace(&cache_a, &["--push", &image.converted]);
+    let pushed_text = succeed(pushed, "image trace --push");
+    let manifest = recorded["manifest_digest"]
+        .as_str()
+        .expect("manifest digest");
+    let tag = format!("sha256-{}", manifest.trim_start_matches("sha256:"));
+    assert!(pushed_text.contains(&tag), "{pushed_text}");
+    let listing = fixture.runtime.block_on(async {
+        reqwest::Client::new()
+            .get(format!(
+                "http://{}/v2/{}/manifests/{tag}",
+                fixture.registry.host(),
+                repository(&image.converted)
+            ))
+            .header("accept", "application/vnd.oci.image.index.v1+json")
+            .send()
+            .await
+            .expect("listing request")
+            .bytes()
+            .await
+            .expect("listing body")
+    });
+    let listing: serde_json::Value = serde_json::from_slice(&listing).expect("listing JSON");
+    assert_eq!(
+        listing["manifests"][0]["artifactType"], "application/vnd.gantry.startup-trace.v1+json",
+        "{listing}"
+    );
+
+    // Card B has never run the image: its first pull finds the trace in the registry, keeps
+    // it, and prefetches exactly the traced chunks (lazy mode: nothing else).
+    let card_b = TestAgent::start_with(&[], "[lazy]\nmode = \"lazy\"\ntrace_seconds = 0\n")
+        .expect("card b starts");
+    succeed(
+        cli_on(
+            &card_b,
+            &["prefetch", "--pull-mode", "lazy", &image.converted],
+            Duration::from_secs(60),
+        ),
+        "prefetch on card b",
+    );
+    let cache_b = card_b.state_dir().join("cache");
+    let imported = wait_for_trace(&cache_b, &image.converted, Duration::from_secs(20));
+    assert_eq!(imported, recorded, "card B replays card A's trace");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wanted = traced_data_chunks.len() as u64;
+    loop {
+        let (present, chunks) = presence(&card_b, &image.data_layer.digest);
+        if present >= wanted {
+            println!("card B prefetched {present} of {chunks} chunks of the data layer");
+            assert_eq!(present, wanted, "only the traced chunks are fetched");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "card B has {present} of the {wanted} traced chunks"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

@@ -298,6 +298,8 @@ pub struct GcReport {
     pub pinned_kept: Vec<Digest>,
     /// Allocated bytes of all layers afterwards.
     pub layers_bytes: u64,
+    /// Startup traces removed with the last image of their manifest.
+    pub traces_removed: usize,
 }
 
 /// The layer cache.
@@ -849,20 +851,24 @@ impl CacheView {
     /// The layers some readable image record names. An unreadable record is skipped (and
     /// said so), as everywhere else: one corrupt file must not stop removal and GC for every
     /// other image; the layers it alone named become evictable, which only costs a refetch.
-    fn referenced(&self) -> Result<HashSet<Digest>, CacheError> {
+    /// The layer blobs and the manifests the image records name.
+    fn referenced(&self) -> Result<(HashSet<Digest>, HashSet<Digest>), CacheError> {
         let dir = self.root.join("images");
-        let mut referenced = HashSet::new();
+        let (mut referenced, mut manifests) = (HashSet::new(), HashSet::new());
         for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
             let path = entry.map_err(io_error(&dir))?.path();
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
             match read_json::<ImageRecord>(&path) {
-                Ok(record) => referenced.extend(record.layers.into_iter().map(|l| l.blob_digest)),
+                Ok(record) => {
+                    manifests.insert(record.manifest_digest);
+                    referenced.extend(record.layers.into_iter().map(|l| l.blob_digest));
+                }
                 Err(error) => warn!(%error, "skipping an unreadable image record"),
             }
         }
-        Ok(referenced)
+        Ok((referenced, manifests))
     }
 
     /// Removes a layer unless pinned; `Ok(false)` if pinned.
@@ -893,8 +899,12 @@ impl CacheView {
     }
 
     fn remove_unreferenced(&self) -> Result<GcReport, CacheError> {
-        let referenced = self.referenced()?;
-        let mut report = GcReport::default();
+        let (referenced, manifests) = self.referenced()?;
+        let mut report = GcReport {
+            traces_removed: trace::remove_traces_except(&self.root, &manifests)
+                .map_err(io_error(&self.root.join("traces")))?,
+            ..GcReport::default()
+        };
         for layer in self.scan_layers()? {
             if referenced.contains(&layer.digest) {
                 continue;

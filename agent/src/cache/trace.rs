@@ -2,8 +2,11 @@
 //! recorded once per image and replayed as the first prefetch of later cold starts.
 //!
 //! Stored as `traces/<manifest hex>.json` in the cache, keyed by the platform manifest's digest
-//! (a trace belongs to exactly those layers), replaced atomically.
+//! (a trace belongs to exactly those layers), replaced atomically. The same JSON is what
+//! `image trace --push` stores in a registry as an OCI referrer of the manifest
+//! ([`TRACE_ARTIFACT_TYPE`]), and what other cards fetch from there on a cold start.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -15,8 +18,12 @@ use gantry_oci::fsutil::{read_capped, write_atomic};
 
 /// Current trace format version.
 pub const TRACE_VERSION: u32 = 1;
-/// Largest trace file read back.
-const MAX_TRACE_BYTES: u64 = 16 << 20;
+/// Largest trace file read back (and largest trace blob fetched from a registry).
+pub const MAX_TRACE_BYTES: u64 = 16 << 20;
+/// The artifact type (and blob media type) of a startup trace stored as a referrer.
+pub const TRACE_ARTIFACT_TYPE: &str = "application/vnd.gantry.startup-trace.v1+json";
+/// Annotation of a trace referrer: how many chunks the trace names (shown in listings).
+pub const TRACE_CHUNKS_ANNOTATION: &str = "dev.gantry.startup-trace.chunks";
 
 /// Errors of trace files.
 #[derive(Debug, thiserror::Error)]
@@ -86,19 +93,39 @@ pub fn read_trace(root: &Path, manifest: &Digest) -> Result<Option<StartupTrace>
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(TraceError::Io { path, source }),
     };
-    let corrupt = |reason: String| TraceError::Corrupt {
-        path: path.clone(),
-        reason,
-    };
-    let trace: StartupTrace =
-        serde_json::from_slice(&bytes).map_err(|error| corrupt(error.to_string()))?;
+    decode_trace(&bytes, manifest)
+        .map(Some)
+        .map_err(|reason| TraceError::Corrupt { path, reason })
+}
+
+/// Parses trace JSON (a file's, or a registry's referrer blob) that must be the trace of
+/// `manifest`; says what is wrong otherwise.
+pub fn decode_trace(bytes: &[u8], manifest: &Digest) -> Result<StartupTrace, String> {
+    let trace: StartupTrace = serde_json::from_slice(bytes).map_err(|error| error.to_string())?;
     if trace.version != TRACE_VERSION {
-        return Err(corrupt(format!("unsupported version {}", trace.version)));
+        return Err(format!("unsupported version {}", trace.version));
     }
     if trace.manifest_digest != *manifest {
-        return Err(corrupt("the trace names another manifest".into()));
+        return Err(format!(
+            "the trace is of manifest {}, not {manifest}",
+            trace.manifest_digest
+        ));
     }
-    Ok(Some(trace))
+    Ok(trace)
+}
+
+/// The JSON of a trace, as files and referrers hold it.
+pub fn encode_trace(trace: &StartupTrace) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec_pretty(trace)
+}
+
+/// Writes the trace unless the cache holds one for its manifest already (the first trace of
+/// an image stays: later starts were helped by it, so they read less); whether it wrote.
+pub fn write_trace_if_absent(root: &Path, trace: &StartupTrace) -> Result<bool, TraceError> {
+    match read_trace(root, &trace.manifest_digest) {
+        Ok(Some(_)) => Ok(false),
+        _ => write_trace(root, trace).map(|()| true),
+    }
 }
 
 /// Writes (or replaces) a trace.
@@ -111,11 +138,39 @@ pub fn write_trace(root: &Path, trace: &StartupTrace) -> Result<(), TraceError> 
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(io_error)?;
     }
-    let json = serde_json::to_vec_pretty(trace).map_err(|error| TraceError::Corrupt {
+    let json = encode_trace(trace).map_err(|error| TraceError::Corrupt {
         path: path.clone(),
         reason: error.to_string(),
     })?;
     write_atomic(&path, &json).map_err(io_error)
+}
+
+/// Removes the traces of manifests not in `keep` (their images were removed); how many.
+pub fn remove_traces_except(root: &Path, keep: &HashSet<Digest>) -> io::Result<usize> {
+    let dir = root.join("traces");
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(error) => return Err(error),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        // Only files this module names: anything else in the directory is left alone.
+        let Some(manifest) = name
+            .to_str()
+            .and_then(|name| name.strip_suffix(".json"))
+            .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok())
+        else {
+            continue;
+        };
+        if !keep.contains(&manifest) {
+            fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -153,5 +208,17 @@ mod tests {
             read_trace(dir.path(), &other),
             Err(TraceError::Corrupt { .. })
         ));
+        // Traces of manifests no image names any more go; other files stay.
+        fs::write(dir.path().join("traces").join("notes.txt"), b"x").unwrap();
+        let keep = HashSet::from([manifest.clone()]);
+        assert_eq!(remove_traces_except(dir.path(), &keep).unwrap(), 1);
+        assert!(read_trace(dir.path(), &manifest).unwrap().is_some());
+        assert!(!trace_path(dir.path(), &other).exists());
+        assert!(dir.path().join("traces").join("notes.txt").exists());
+        assert_eq!(
+            remove_traces_except(dir.path(), &HashSet::new()).unwrap(),
+            1
+        );
+        assert!(read_trace(dir.path(), &manifest).unwrap().is_none());
     }
 }

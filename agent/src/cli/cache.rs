@@ -11,11 +11,15 @@ use anyhow::Context;
 
 use gantry_oci::Reference;
 use gantry_oci::layout::{OciLayout, OciLayoutSource};
+use gantry_oci::manifest::{Descriptor, OCI_MANIFEST};
 use gantry_oci::registry::auth::CredentialStore;
+use gantry_oci::registry::referrers::{Artifact, ReferrerListing};
 use gantry_oci::registry::{RegistryClient, RegistryConfig, RegistrySource};
 
 use super::parse_size;
-use crate::cache::trace::read_trace;
+use crate::cache::trace::{
+    StartupTrace, TRACE_ARTIFACT_TYPE, TRACE_CHUNKS_ANNOTATION, encode_trace, read_trace,
+};
 use crate::cache::{Cache, CacheConfig};
 use crate::images::pull::{self, PullEvent};
 
@@ -94,6 +98,16 @@ pub struct TraceArgs {
     /// Print the trace as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Store the trace in the image's repository as an OCI referrer of its manifest, where
+    /// other cards find it on their first start of the image.
+    #[arg(long)]
+    pub push: bool,
+    /// Registry configuration for `--push` (TOML: credentials file, CA files, insecure hosts).
+    #[arg(long, requires = "push")]
+    pub registry_config: Option<PathBuf>,
+    /// Docker-style config.json with credentials for `--push`.
+    #[arg(long, requires = "push")]
+    pub credentials: Option<PathBuf>,
     #[command(flatten)]
     pub cache: CacheDirArgs,
 }
@@ -245,6 +259,9 @@ pub async fn run_trace(args: &TraceArgs) -> anyhow::Result<()> {
             record.manifest_digest
         )
     })?;
+    if args.push {
+        return push_trace(args, &name, &trace).await;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&trace)?);
         return Ok(());
@@ -262,6 +279,58 @@ pub async fn run_trace(args: &TraceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pushes `trace` beside the registry image `name` as a referrer of its manifest.
+async fn push_trace(args: &TraceArgs, name: &str, trace: &StartupTrace) -> anyhow::Result<()> {
+    let reference: Reference = name
+        .parse()
+        .with_context(|| format!("{name} is not a registry image: its trace cannot be pushed"))?;
+    let client = registry_client(
+        args.registry_config.as_deref(),
+        args.credentials.as_deref(),
+        None,
+    )?;
+    // The subject's media type and size come from the registry itself, which also shows the
+    // manifest is in the repository the referrer goes to.
+    let manifest = client
+        .fetch_manifest(&reference, &trace.manifest_digest.to_string())
+        .await
+        .with_context(|| format!("fetching the manifest {} of {name}", trace.manifest_digest))?;
+    let media_type = manifest
+        .media_type
+        .as_deref()
+        .map_or(OCI_MANIFEST, |m| m.split(';').next().unwrap_or(m).trim());
+    let subject = Descriptor::new(
+        media_type,
+        manifest.digest.clone(),
+        manifest.bytes.len() as u64,
+    );
+    let artifact = Artifact {
+        artifact_type: TRACE_ARTIFACT_TYPE.into(),
+        media_type: TRACE_ARTIFACT_TYPE.into(),
+        bytes: encode_trace(trace)?.into(),
+        annotations: [(
+            TRACE_CHUNKS_ANNOTATION.to_string(),
+            trace.chunk_count().to_string(),
+        )]
+        .into(),
+    };
+    let pushed = client
+        .push_referrer(&reference, &subject, &artifact)
+        .await
+        .with_context(|| format!("pushing the startup trace of {name}"))?;
+    let listing = match &pushed.listing {
+        ReferrerListing::ReferrersApi => "listed by the registry's referrers API".to_string(),
+        ReferrerListing::Tag(tag) => format!("listed under the tag {tag}"),
+    };
+    println!(
+        "pushed the startup trace of {name} ({} chunks) as {}, a referrer of {}, {listing}",
+        trace.chunk_count(),
+        pushed.manifest.digest,
+        trace.manifest_digest
+    );
+    Ok(())
+}
+
 /// Runs `cache gc`.
 pub async fn run_gc(args: &GcArgs) -> anyhow::Result<()> {
     let cache = args.cache.open()?;
@@ -271,10 +340,11 @@ pub async fn run_gc(args: &GcArgs) -> anyhow::Result<()> {
     } else {
         let freed: u64 = report.layers_removed.iter().map(|(_, size)| size).sum();
         println!(
-            "removed {} temporary entries and {} layers ({:.1} MiB); {} pinned kept; layers now {:.1} MiB",
+            "removed {} temporary entries, {} layers ({:.1} MiB) and {} startup traces; {} pinned kept; layers now {:.1} MiB",
             report.temp_removed,
             report.layers_removed.len(),
             freed as f64 / 1048576.0,
+            report.traces_removed,
             report.pinned_kept.len(),
             report.layers_bytes as f64 / 1048576.0
         );

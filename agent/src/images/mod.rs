@@ -3,10 +3,12 @@
 //!
 //! - [`service`]: [`ImageService`], where an image name leads and the cache it is pulled into.
 //! - [`pull`]: fetch, verify, convert and publish an image into the cache.
+//! - [`traces`]: startup traces at a cold start: replayed, fetched from the registry, recorded.
 //! - [`default_image`]: the embedded busybox image, built from the card's `busybox-static`.
 
 pub mod default_image;
 pub mod pull;
 pub mod service;
+pub mod traces;
 
 pub use service::{ImageError, ImageRef, ImageService, PulledImage, parse_image};

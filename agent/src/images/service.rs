@@ -4,11 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use gantry_api::PullMode;
 use gantry_oci::manifest::Descriptor;
-use tracing::{info, warn};
 
 use gantry_oci::Reference;
 use gantry_oci::layout::{OciLayout, OciLayoutSource};
@@ -16,8 +14,8 @@ use gantry_oci::registry::{RegistryClient, RegistrySource};
 
 use super::default_image::{self, DEFAULT_IMAGE_NAME, DefaultImageError};
 use super::pull::{self, LazyPull, PullError, PullEvent};
+use super::traces::{self, RemoteTraces};
 use crate::blk::{BlockSource, FileSource};
-use crate::cache::trace::{self, StartupTrace, TracedLayer};
 use crate::cache::{Cache, ImageRecord, PinGuard};
 use crate::lazy::layer::LazyLayer;
 use crate::lazy::origin::{BlobOrigin, FileOrigin, RegistryOrigin};
@@ -144,7 +142,7 @@ impl ImageService {
         mode: Option<PullMode>,
         progress: &(dyn Fn(&PullEvent) + Send + Sync),
     ) -> Result<PulledImage, ImageError> {
-        let (record, pins, origin) = match parse_image(image)? {
+        let (record, pins, origin, remote_traces) = match parse_image(image)? {
             ImageRef::Default => {
                 let _single_flight = self.default_build.lock().await;
                 let (layout, busybox) = (self.default_layout.clone(), self.busybox.clone());
@@ -153,9 +151,14 @@ impl ImageService {
                 })
                 .await
                 .map_err(|err| ImageError::Internal(err.to_string()))??;
-                self.pull_layout(&dir, DEFAULT_IMAGE_NAME, progress).await?
+                let (record, pins, origin) =
+                    self.pull_layout(&dir, DEFAULT_IMAGE_NAME, progress).await?;
+                (record, pins, origin, None)
             }
-            ImageRef::Layout { dir, name } => self.pull_layout(&dir, &name, progress).await?,
+            ImageRef::Layout { dir, name } => {
+                let (record, pins, origin) = self.pull_layout(&dir, &name, progress).await?;
+                (record, pins, origin, None)
+            }
             ImageRef::Registry(reference) => {
                 let source = RegistrySource {
                     client: &self.registry,
@@ -165,7 +168,16 @@ impl ImageService {
                 let lazy = LazyPull { origin: &origin };
                 let (record, pins) =
                     pull::pull_lazy(&self.cache, &source, progress, Some(&lazy)).await?;
-                (record, pins, Box::new(origin) as Box<OriginFor>)
+                let remote = RemoteTraces {
+                    client: Arc::clone(&self.registry),
+                    reference: reference.clone(),
+                };
+                (
+                    record,
+                    pins,
+                    Box::new(origin) as Box<OriginFor>,
+                    Some(remote),
+                )
             }
         };
         self.prepare(
@@ -173,6 +185,7 @@ impl ImageService {
             pins,
             origin.as_ref(),
             mode.unwrap_or(self.lazy.config().mode),
+            remote_traces,
         )
         .await
     }
@@ -202,6 +215,7 @@ impl ImageService {
         pins: Vec<PinGuard>,
         origin: &OriginFor,
         mode: PullMode,
+        remote_traces: Option<RemoteTraces>,
     ) -> Result<PulledImage, ImageError> {
         let mut sources: Vec<Arc<dyn BlockSource>> = Vec::with_capacity(record.layers.len());
         let mut lazy_layers = Vec::new();
@@ -229,7 +243,14 @@ impl ImageService {
             lazy_layers.push(lazy);
         }
         if !lazy_layers.is_empty() {
-            self.replay_or_record_trace(&record, &lazy_layers).await;
+            traces::start(
+                &self.lazy,
+                self.cache.root().to_path_buf(),
+                record.manifest_digest.clone(),
+                &lazy_layers,
+                remote_traces,
+            )
+            .await;
         }
         if mode == PullMode::Eager {
             for layer in &lazy_layers {
@@ -242,97 +263,6 @@ impl ImageService {
             sources,
             lazy_layers,
         })
-    }
-}
-
-impl ImageService {
-    /// Replays the image's startup trace as the first prefetch if the cache has one;
-    /// otherwise records one during the next `lazy.trace_seconds` and stores it.
-    async fn replay_or_record_trace(&self, record: &ImageRecord, layers: &[Arc<LazyLayer>]) {
-        let root = self.cache.root().to_path_buf();
-        let manifest = record.manifest_digest.clone();
-        let found = {
-            let (root, manifest) = (root.clone(), manifest.clone());
-            tokio::task::spawn_blocking(move || trace::read_trace(&root, &manifest)).await
-        };
-        match found {
-            Ok(Ok(Some(trace))) => {
-                for traced in &trace.layers {
-                    let Some(layer) = layers.iter().find(|l| *l.digest() == traced.blob_digest)
-                    else {
-                        continue;
-                    };
-                    let chunks: Vec<usize> = traced
-                        .chunks
-                        .iter()
-                        .map(|&chunk| chunk as usize)
-                        .filter(|&chunk| chunk < layer.index().len() && !layer.is_present(chunk))
-                        .collect();
-                    if !chunks.is_empty() {
-                        self.lazy.prefetch(Arc::clone(layer), chunks);
-                    }
-                }
-                return;
-            }
-            Ok(Ok(None)) => {}
-            Ok(Err(error)) => {
-                warn!(%error, "ignoring an unusable startup trace");
-                return;
-            }
-            Err(error) => {
-                warn!(%error, "reading the startup trace");
-                return;
-            }
-        }
-        let seconds = self.lazy.config().trace_seconds;
-        if seconds <= 0.0 {
-            return;
-        }
-        let window = Duration::from_secs_f64(seconds);
-        for layer in layers {
-            layer.record_trace(window);
-        }
-        let layers = layers.to_vec();
-        tokio::spawn(async move {
-            tokio::time::sleep(window).await;
-            let trace = StartupTrace {
-                version: trace::TRACE_VERSION,
-                manifest_digest: manifest.clone(),
-                window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
-                recorded_unix: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-                layers: layers
-                    .iter()
-                    .map(|layer| TracedLayer {
-                        blob_digest: layer.digest().clone(),
-                        chunks: layer
-                            .trace()
-                            .into_iter()
-                            .filter_map(|chunk| u32::try_from(chunk).ok())
-                            .collect(),
-                    })
-                    .collect(),
-            };
-            if trace.chunk_count() == 0 {
-                return;
-            }
-            let chunks = trace.chunk_count();
-            let written = tokio::task::spawn_blocking(move || {
-                // The first trace recorded for an image stays: later starts were helped by it.
-                match trace::read_trace(&root, &manifest) {
-                    Ok(Some(_)) => Ok(false),
-                    _ => trace::write_trace(&root, &trace).map(|()| true),
-                }
-            })
-            .await;
-            match written {
-                Ok(Ok(true)) => info!(chunks, "startup trace recorded"),
-                Ok(Ok(false)) => {}
-                Ok(Err(error)) => warn!(%error, "cannot store the startup trace"),
-                Err(error) => warn!(%error, "storing the startup trace"),
-            }
-        });
     }
 }
 

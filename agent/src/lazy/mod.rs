@@ -54,6 +54,9 @@ pub struct LazyConfig {
     /// How long a cold start's reads are recorded as the image's startup trace; 0 disables
     /// recording (traces already in the cache are still replayed).
     pub trace_seconds: f64,
+    /// On a cold start of a registry image without a trace in the cache, look for one stored
+    /// beside the image as an OCI referrer (`image trace --push` on another card).
+    pub remote_traces: bool,
 }
 
 impl Default for LazyConfig {
@@ -69,6 +72,7 @@ impl Default for LazyConfig {
             background_bytes_per_sec: 0,
             retries: 2,
             trace_seconds: 10.0,
+            remote_traces: true,
         }
     }
 }
@@ -164,6 +168,11 @@ impl LazyLayers {
     /// Completes `layer` in the background.
     pub fn fill(&self, layer: Arc<LazyLayer>) {
         self.fetcher.fill(layer);
+    }
+
+    /// A handle to the fetcher, for work that outlives the caller (a trace that arrives later).
+    pub fn fetcher(&self) -> Fetcher {
+        self.fetcher.clone()
     }
 
     /// Fetches `chunks` of `layer` first, in this order (a startup trace).

@@ -265,3 +265,14 @@ pub fn extract_erofs(image: &Path, into: &Path) -> PathBuf {
     assert!(status.success(), "fsck.erofs failed on {}", image.display());
     out
 }
+
+/// Serves a stub HTTP server (a registry or storage host that misbehaves on purpose) on a free
+/// loopback port: the port and the task (abort it, or let the runtime end it).
+pub async fn serve_stub(app: axum::Router) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (port, task)
+}

@@ -84,6 +84,7 @@ impl ChunkedLayer {
             platform: None,
             annotations,
             urls: Vec::new(),
+            artifact_type: None,
         }
     }
 }

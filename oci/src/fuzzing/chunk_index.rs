@@ -94,6 +94,7 @@ fn descriptor(mode: u8, blob: &[u8], section_start: u64) -> Descriptor {
         platform: None,
         annotations,
         urls: Vec::new(),
+        artifact_type: None,
     }
 }
 

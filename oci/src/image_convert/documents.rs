@@ -291,6 +291,7 @@ mod tests {
                     platform: None,
                     annotations: Default::default(),
                     urls: Vec::new(),
+                    artifact_type: None,
                 },
                 top,
             )
@@ -302,6 +303,7 @@ mod tests {
             platform: None,
             annotations: Default::default(),
             urls: Vec::new(),
+            artifact_type: None,
         };
         let source = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json",
             "config":{},"layers":[{}],"annotations":{"a":"b"},"subject":{"digest":"x"}}"#;

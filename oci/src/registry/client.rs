@@ -153,6 +153,22 @@ pub enum RegistryError {
         /// What it sent.
         location: String,
     },
+    /// A referrer is not what its listing said, or cannot be stored.
+    #[error("referrer {digest}: {reason}")]
+    Referrer {
+        /// The referrer's manifest (or, when pushing, its subject).
+        digest: Digest,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A referrers listing is not an image index.
+    #[error("{url}: not a referrers listing: {reason}")]
+    Listing {
+        /// Where it was read.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Every endpoint failed; their errors in order.
     #[error("{what}: every endpoint failed: {}", errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     AllEndpointsFailed {

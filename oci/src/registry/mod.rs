@@ -6,6 +6,8 @@
 //! - [`client`]: the HTTP client itself ([`RegistryClient`]), including ranged blob reads.
 //! - [`push`]: blob uploads, cross-repository mounts and manifest puts
 //!   ([`RegistryDestination`]).
+//! - [`referrers`]: OCI 1.1 referrers (artifacts about an image), with the tag-schema
+//!   fallback for registries without the referrers API.
 //!
 //! The document types it fetches are in [`crate::manifest`].
 
@@ -13,6 +15,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod push;
+pub mod referrers;
 
 pub use client::{BlobRange, RegistryClient, RegistryError, RegistrySource};
 pub use config::RegistryConfig;

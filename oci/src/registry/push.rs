@@ -96,28 +96,42 @@ impl RegistryClient {
         target: &str,
         manifest: &EncodedManifest,
     ) -> Result<Digest, RegistryError> {
+        self.push_manifest_answer(reference, target, manifest)
+            .await?;
+        Ok(manifest.digest.clone())
+    }
+
+    /// [`RegistryClient::push_manifest`], returning the headers of the registry's answer
+    /// (which say, for instance, whether it indexed the manifest's `subject`).
+    pub(super) async fn push_manifest_answer(
+        &self,
+        reference: &Reference,
+        target: &str,
+        manifest: &EncodedManifest,
+    ) -> Result<HeaderMap, RegistryError> {
         let push = self.push_target(reference, None);
         let url = format!(
             "{}/v2/{}/manifests/{target}",
             push.endpoint.base, reference.repository
         );
         let bytes = bytes::Bytes::from(manifest.bytes.clone());
-        self.retrying(&url, || async {
-            let response = self
-                .send_as(&push.endpoint, &push.scope, Method::PUT, &url, |request| {
-                    request
-                        .header(header::CONTENT_TYPE, &manifest.media_type)
-                        .body(bytes.clone())
-                })
-                .await?;
-            let response = expect_status(&url, response, &[StatusCode::CREATED]).await?;
-            check_served_digest(&url, response.headers(), &manifest.digest)?;
-            Ok(())
-        })
-        .await
-        .map_err(|error| push_error(reference, format!("manifest {target}"), error))?;
+        let headers = self
+            .retrying(&url, || async {
+                let response = self
+                    .send_as(&push.endpoint, &push.scope, Method::PUT, &url, |request| {
+                        request
+                            .header(header::CONTENT_TYPE, &manifest.media_type)
+                            .body(bytes.clone())
+                    })
+                    .await?;
+                let response = expect_status(&url, response, &[StatusCode::CREATED]).await?;
+                check_served_digest(&url, response.headers(), &manifest.digest)?;
+                Ok(response.headers().clone())
+            })
+            .await
+            .map_err(|error| push_error(reference, format!("manifest {target}"), error))?;
         debug!(%url, digest = %manifest.digest, "pushed manifest");
-        Ok(manifest.digest.clone())
+        Ok(headers)
     }
 
     async fn push_blob_to(
@@ -235,7 +249,11 @@ impl RegistryClient {
     }
 
     /// Runs `step` until it succeeds, fails for good, or the retries are spent.
-    async fn retrying<T, F, Fut>(&self, url: &str, mut step: F) -> Result<T, RegistryError>
+    pub(super) async fn retrying<T, F, Fut>(
+        &self,
+        url: &str,
+        mut step: F,
+    ) -> Result<T, RegistryError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, RegistryError>>,
