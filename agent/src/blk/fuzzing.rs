@@ -241,6 +241,18 @@ impl BlockSource for GatedSource {
 }
 
 /// Layer A's file: created once per process on tmpfs (when there is one), then unlinked.
+/// Layer A's bytes ([`pattern`] of [`LAYER_A_LEN`]), built once.
+fn layer_a_bytes() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| pattern(LAYER_A_LEN, 0xa5))
+}
+
+/// Layer B's bytes ([`pattern`] of [`LAYER_B_LEN`]), built once.
+fn layer_b_bytes() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| pattern(LAYER_B_LEN, 0x5b))
+}
+
 fn layer_a() -> Arc<FileSource> {
     static SOURCE: OnceLock<Arc<FileSource>> = OnceLock::new();
     SOURCE
@@ -251,7 +263,7 @@ fn layer_a() -> Arc<FileSource> {
                 .unwrap_or_else(std::env::temp_dir);
             let path = base.join(format!("gantry-blk-fuzz-{}.layer", std::process::id()));
             let mut file = File::create(&path).expect("creating the layer file");
-            file.write_all(&pattern(LAYER_A_LEN, 0xa5))
+            file.write_all(layer_a_bytes())
                 .expect("writing the layer file");
             let source = FileSource::open(&path).expect("opening the layer file");
             let _ = std::fs::remove_file(&path);
@@ -462,7 +474,7 @@ impl Harness {
         let backend = BlkBackend::new(store.clone(), 1, 4096, 0).expect("backend");
         backend.update_memory(atomic).expect("memory");
         backend.set_event_idx(event_idx);
-        let gated = GatedSource::new(pattern(LAYER_B_LEN, 0x5b), config & 0x10 != 0);
+        let gated = GatedSource::new(layer_b_bytes().to_vec(), config & 0x10 != 0);
         let mut harness = Harness {
             mem,
             vring,
@@ -775,31 +787,38 @@ impl Harness {
         Some(false)
     }
 
+    /// The device's bytes `[start, start + len)` as the model sees them: the header, the
+    /// layers' patterns, zeros elsewhere. Copied region by region (a read is up to 32 KiB and
+    /// this runs for every predicted read: byte by byte, it was most of the fuzzer's time).
     fn device_bytes(&self, start: u64, len: u64) -> Vec<u8> {
         let header = self.store.header();
-        let a = pattern(LAYER_A_LEN, 0xa5);
-        let b = pattern(LAYER_B_LEN, 0x5b);
-        let regions = self.regions();
-        (start..start + len)
-            .map(|offset| {
-                let Some((region_start, _, what)) =
-                    regions.iter().find(|(s, e, _)| *s <= offset && offset < *e)
-                else {
-                    return 0;
-                };
-                let within = (offset - region_start) as usize;
-                match what {
-                    b'h' => within
-                        .checked_sub(HEADER_OFFSET as usize)
-                        .and_then(|i| header.get(i))
-                        .copied()
-                        .unwrap_or(0),
-                    b'a' => a.get(within).copied().unwrap_or(0),
-                    b'b' => b.get(within).copied().unwrap_or(0),
-                    _ => 0,
-                }
-            })
-            .collect()
+        let end = start.saturating_add(len);
+        let mut bytes = vec![0u8; len as usize];
+        // The first region holding a byte decides it: later ones are written first.
+        for (region_start, region_end, what) in self.regions().into_iter().rev() {
+            let (from, to) = (start.max(region_start), end.min(region_end));
+            if from >= to {
+                continue;
+            }
+            let out = &mut bytes[(from - start) as usize..(to - start) as usize];
+            out.fill(0);
+            let (content, content_offset): (&[u8], u64) = match what {
+                b'h' => (&header, HEADER_OFFSET),
+                b'a' => (layer_a_bytes(), 0),
+                b'b' => (layer_b_bytes(), 0),
+                _ => continue,
+            };
+            // Device offset `o` holds content[o - region_start - content_offset], if any.
+            let first = region_start + content_offset;
+            let content_end = first + content.len() as u64;
+            let (copy_from, copy_to) = (from.max(first), to.min(content_end));
+            if copy_from < copy_to {
+                out[(copy_from - from) as usize..(copy_to - from) as usize].copy_from_slice(
+                    &content[(copy_from - first) as usize..(copy_to - first) as usize],
+                );
+            }
+        }
+        bytes
     }
 
     /// The model of `Request::parse` + `execute` + `finish` for one walked chain.
