@@ -11,6 +11,7 @@ use crate::api::server::{self, ApiServerError};
 use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::config::{AgentConfig, LaunchConfig, VmConfig};
 use crate::images::ImageService;
+use crate::manifest::{ClusterManifest, ManifestScheduler};
 use crate::qemu::{LayerStoreDisk, QemuConfig};
 use crate::state::Agent;
 use crate::vm::{Vm, VmError};
@@ -57,8 +58,11 @@ pub fn qemu_config(vm: &VmConfig, launch: &LaunchConfig) -> QemuConfig {
     config
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
+/// Runs the agent until SIGINT or SIGTERM, with `manifest` (checked already) in force.
+pub async fn run(
+    config: AgentConfig,
+    manifest: Option<ClusterManifest>,
+) -> Result<(), DaemonError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
@@ -104,7 +108,13 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         vms,
         images,
         enable_baseline: config.enable_baseline,
+        manifest: ManifestScheduler::default(),
     });
+    agent.manifest.start(Arc::downgrade(&agent));
+    if let Some(manifest) = manifest {
+        let generation = agent.manifest.apply(manifest);
+        info!(generation, "cluster manifest in force");
+    }
     info!(socket = %config.api_socket.display(), "operator API listening");
 
     let shutdown = async move {

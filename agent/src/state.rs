@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::images::ImageService;
+use crate::manifest::ManifestScheduler;
 use crate::vm::Vm;
 
 /// Everything the agent serves: its VMs and the card's images.
@@ -15,4 +16,6 @@ pub struct Agent {
     pub images: ImageService,
     /// Whether `baseline` (a command as guest root outside any container) is served.
     pub enable_baseline: bool,
+    /// The cluster manifest in force and its prefetch.
+    pub manifest: ManifestScheduler,
 }

@@ -79,6 +79,16 @@ impl ApiClient {
             .await
     }
 
+    /// `PUT path` with a JSON body, decoding a JSON answer.
+    pub async fn put_json<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ApiClientError> {
+        self.call(Method::PUT, path, serde_json::to_vec(body)?)
+            .await
+    }
+
     /// `DELETE path`, decoding a JSON answer.
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiClientError> {
         self.call(Method::DELETE, path, Vec::new()).await

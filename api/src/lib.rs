@@ -379,6 +379,84 @@ pub struct LazyLayerStats {
     pub blob_bytes: u64,
 }
 
+/// How much of a cluster manifest's image is brought in ahead of its first `run`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefetchLevel {
+    /// The manifest, config and chunk indexes.
+    Metadata,
+    /// That, and the chunks of the image's startup trace (cached, or beside the image).
+    #[default]
+    Trace,
+    /// Every chunk of every layer.
+    All,
+}
+
+/// Where a cluster manifest's image is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefetchState {
+    /// Waiting for its turn.
+    Queued,
+    /// Being resolved or fetched.
+    Fetching,
+    /// Brought in as far as its level says.
+    Complete,
+    /// Failed; `error` says why (retried on the next apply).
+    Failed,
+}
+
+/// `GET /v1/manifest`: the cluster manifest in force and how far its images are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestStatus {
+    /// How many manifests were applied (0: none yet).
+    pub generation: u64,
+    /// When the one in force was applied (Unix milliseconds).
+    pub applied_unix_ms: u64,
+    /// Sections of the manifest this agent validates but does not act on yet.
+    pub not_applied: Vec<String>,
+    /// Its images, highest priority first.
+    pub images: Vec<ManifestImageStatus>,
+}
+
+/// One image of [`ManifestStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestImageStatus {
+    /// The reference as the manifest names it.
+    pub reference: String,
+    /// The platform asked for.
+    pub platform: Option<String>,
+    /// Its priority.
+    pub priority: i64,
+    /// Whether its layers are pinned.
+    pub pin: bool,
+    /// How much of it is brought in.
+    pub prefetch: PrefetchLevel,
+    /// The reference by digest it was resolved to (once, when the entry appeared).
+    pub resolved: Option<String>,
+    /// Where it is.
+    pub state: PrefetchState,
+    /// The last error.
+    pub error: Option<String>,
+    /// When its prefetch started (Unix milliseconds).
+    pub started_unix_ms: Option<u64>,
+    /// When it completed (Unix milliseconds).
+    pub completed_unix_ms: Option<u64>,
+    /// Its layers.
+    pub layers: Vec<ManifestLayerStatus>,
+}
+
+/// One layer of a [`ManifestImageStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestLayerStatus {
+    /// The layer blob.
+    pub digest: String,
+    /// Chunks present.
+    pub present_chunks: u64,
+    /// Chunks in all.
+    pub chunks: u64,
+}
+
 /// `POST /v1/images/prefetch`: bring an image into the cache without running it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

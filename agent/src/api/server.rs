@@ -78,6 +78,7 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/images", get(images))
         .route("/v1/images/prefetch", post(prefetch))
         .route("/v1/lazy", get(lazy_stats))
+        .route("/v1/manifest", get(manifest_status).put(apply_manifest))
         .fallback(no_such_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(agent)
@@ -795,6 +796,39 @@ async fn prefetch(
         manifest_digest: pulled.record.manifest_digest.to_string(),
         layers: pulled.record.layers.len(),
         lazy_layers: pulled.lazy_layers.len(),
+    }))
+}
+
+/// `PUT /v1/manifest`: the cluster manifest (its JSON form) put in force, checked whole first.
+async fn apply_manifest(
+    State(agent): State<AgentState>,
+    body: Bytes,
+) -> Result<Json<gantry_api::ManifestStatus>, ApiError> {
+    let manifest = crate::manifest::ClusterManifest::from_json(&body)
+        .map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?;
+    agent.manifest.apply(manifest);
+    Ok(manifest_status(State(agent)).await)
+}
+
+/// `GET /v1/manifest`.
+async fn manifest_status(State(agent): State<AgentState>) -> Json<gantry_api::ManifestStatus> {
+    let images = agent.images.cache.images().unwrap_or_default();
+    Json(agent.manifest.status(|name| {
+        images
+            .iter()
+            .find(|image| image.record.name == name)
+            .map(|image| {
+                image
+                    .layer_presence
+                    .iter()
+                    .map(|layer| gantry_api::ManifestLayerStatus {
+                        digest: layer.blob_digest.to_string(),
+                        present_chunks: layer.present_chunks,
+                        chunks: layer.chunks,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }))
 }
 

@@ -6,6 +6,7 @@
 //! - [`vms`]: `guest-info`, `ping`, `vm …` over the API.
 //! - [`cache`]: `pull`, `images`, `rmi`, `cache gc` on a cache directory (no agent needed).
 //! - [`image`]: `image convert`, `image convert-layer`, `image build-default` (no agent needed).
+//! - [`manifest`]: `manifest apply`, `manifest status` over the API.
 //! - [`progress`]: how `run` and `image convert` show their progress (live on a terminal, plain
 //!   lines otherwise).
 
@@ -13,6 +14,7 @@ pub mod cache;
 pub mod containers;
 pub mod image;
 pub mod interactive;
+pub mod manifest;
 pub mod progress;
 pub mod vms;
 
@@ -24,6 +26,7 @@ use gantry_api::ApiClient;
 
 use crate::config::AgentConfig;
 use crate::images::default_image::DEFAULT_BUSYBOX;
+pub use crate::units::{SizeError, parse_limit, parse_size};
 
 const DEFAULT_API_SOCKET: &str = "/run/gantry/agent.sock";
 
@@ -52,6 +55,9 @@ pub enum Command {
         /// The agent's configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// A cluster manifest to put in force at start (TOML; refused whole if malformed).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
     },
     /// Show what the shim in a VM reports about its guest.
     GuestInfo {
@@ -112,6 +118,26 @@ pub enum Command {
     /// Maintain the cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// The cluster manifest: what the agent prefetches for the cluster.
+    #[command(subcommand)]
+    Manifest(ManifestCommand),
+}
+
+/// `manifest …`.
+#[derive(Debug, Subcommand)]
+pub enum ManifestCommand {
+    /// Put a cluster manifest (TOML) in force; a malformed one is refused whole with its line
+    /// and reason, and the one in force stays.
+    Apply {
+        /// The manifest file.
+        file: PathBuf,
+    },
+    /// Show the manifest in force: per image its resolution, state and present chunks.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `cache …`.
@@ -179,12 +205,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .unwrap_or(DEFAULT_API_SOCKET.as_ref()),
     );
     match cli.command {
-        Command::Serve { config } => {
+        Command::Serve { config, manifest } => {
             let mut config = AgentConfig::load(&config)?;
             if let Some(socket) = cli.api_socket {
                 config.api_socket = socket;
             }
-            crate::daemon::run(config).await?;
+            let manifest = manifest.map(|path| manifest::load(&path)).transpose()?;
+            crate::daemon::run(config, manifest).await?;
+        }
+        Command::Manifest(ManifestCommand::Apply { file }) => {
+            manifest::apply(&client, &file).await?
+        }
+        Command::Manifest(ManifestCommand::Status { json }) => {
+            manifest::status(&client, json).await?;
         }
         Command::GuestInfo { vm, wait, json } => vms::guest_info(&client, &vm, wait, json).await?,
         Command::Ping { vm, count, size } => vms::ping(&client, &vm, count, size).await?,
@@ -212,55 +245,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A size on the command line that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("size {text:?} {reason}")]
-pub struct SizeError {
-    text: String,
-    reason: &'static str,
-}
-
-/// Parses a byte count with an optional binary suffix, as Docker does: `4096`, `512k`, `512kb`,
-/// `256M`, `2g`, `1T`. Zero is a size (budgets use it for "no limit").
-pub fn parse_size(text: &str) -> Result<u64, SizeError> {
-    let fail = |reason| SizeError {
-        text: text.to_owned(),
-        reason,
-    };
-    let lower = text.trim().to_ascii_lowercase();
-    let lower = lower.strip_suffix('b').unwrap_or(&lower);
-    let (digits, shift) = match lower.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c {
-                'k' => 10,
-                'm' => 20,
-                'g' => 30,
-                't' => 40,
-                _ => return Err(fail("has an unknown suffix (use k, m, g or t)")),
-            };
-            (&lower[..i], shift)
-        }
-        _ => (lower, 0),
-    };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| fail("is not a number with an optional k, m, g or t suffix"))?;
-    value
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| fail("is too large"))
-}
-
-/// A size that must be more than zero (`--memory`, `--writable-layer`).
-pub fn parse_limit(text: &str) -> Result<u64, SizeError> {
-    match parse_size(text)? {
-        0 => Err(SizeError {
-            text: text.to_owned(),
-            reason: "must be more than zero",
-        }),
-        size => Ok(size),
-    }
 }
 
 #[cfg(test)]

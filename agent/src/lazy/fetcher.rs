@@ -8,8 +8,10 @@
 //! - **Coalescing**: a foreground fetch takes the following chunks the guest also wants, a
 //!   read-ahead or trace prefetch the following chunks its queue also names, a fill the
 //!   following missing chunks; each up to `coalesce_bytes` of blob, in one `Range` request.
-//! - **Read-ahead**: after a foreground fetch, the next `read_ahead_chunks` chunks are queued at
-//!   background priority.
+//! - **Read-ahead**: after a foreground fetch that continues a sequential read (the chunk before
+//!   it is present or in flight), the next `read_ahead_chunks` chunks are queued at background
+//!   priority. A read elsewhere (a program importing modules from across a layer) gets none:
+//!   what it would bring is mostly never read, and it costs the start its bytes.
 //! - **Fill**: a layer handed to [`Fetcher::fill`] is completed chunk by chunk in order at
 //!   background priority, under the agent's background bandwidth limit.
 //! - **Verification and durability** are the layer's ([`LazyLayer::store_chunks`]): nothing
@@ -517,8 +519,13 @@ impl Scheduler {
         match job.priority {
             Priority::Foreground => {
                 self.running_foreground += 1;
-                for ahead in job.chunks.end..job.chunks.end + self.config.read_ahead_chunks {
-                    self.background.push_back((Arc::clone(&job.layer), ahead));
+                let sequential = job.chunks.start.checked_sub(1).is_some_and(|before| {
+                    job.layer.is_present(before) || self.in_flight.contains(&(id, before))
+                });
+                if sequential {
+                    for ahead in job.chunks.end..job.chunks.end + self.config.read_ahead_chunks {
+                        self.background.push_back((Arc::clone(&job.layer), ahead));
+                    }
                 }
             }
             Priority::Background => {

@@ -45,7 +45,8 @@ pub struct LazyConfig {
     pub foreground_reserved: usize,
     /// Largest blob span of one range request made of adjacent chunks.
     pub coalesce_bytes: u64,
-    /// Chunks after a guest's read fetched in the background.
+    /// Chunks after a guest's sequential read (one continuing the chunk before) fetched in the
+    /// background.
     pub read_ahead_chunks: usize,
     /// Bandwidth of background fetching in bytes per second; 0 means unlimited.
     pub background_bytes_per_sec: u64,

@@ -551,7 +551,7 @@ async fn a_read_waiting_on_a_failed_background_fetch_is_asked_for_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_ahead_fetches_the_next_chunks_and_no_more() {
+async fn sequential_reads_fetch_the_next_chunks_ahead_and_no_more() {
     let fixture = fixture(10).await;
     let lazy = LazyLayers::new(LazyConfig {
         read_ahead_chunks: 2,
@@ -561,17 +561,33 @@ async fn read_ahead_fetches_the_next_chunks_and_no_more() {
     let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
     let origin = TestOrigin::new(fixture.blob.clone(), Fault::None);
     layer.add_origin(origin.clone());
+    // A read with nothing before it present is not sequential: no read-ahead.
     read(&layer, u64::from(CHUNK), 100, Duration::from_secs(10))
         .await
         .unwrap();
-    eventually(|| layer.is_present(2) && layer.is_present(3)).await;
-    // However large the coalescing limit, read-ahead is the two chunks after the read.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let present: Vec<usize> = (0..10).filter(|&chunk| layer.is_present(chunk)).collect();
-    assert_eq!(present, vec![1, 2, 3]);
+    let present = |layer: &LazyLayer| -> Vec<usize> {
+        (0..10).filter(|&chunk| layer.is_present(chunk)).collect()
+    };
+    assert_eq!(present(&layer), vec![1]);
+    // The next chunk continues it: the two after it come too, however large the coalescing
+    // limit.
+    read(&layer, 2 * u64::from(CHUNK), 100, Duration::from_secs(10))
+        .await
+        .unwrap();
+    eventually(|| layer.is_present(3) && layer.is_present(4)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(present(&layer), vec![1, 2, 3, 4]);
     // The read-ahead is queued when the read's fetch starts, so the two may go out in either
     // order.
     let mut requests = origin.requests();
     requests.sort_by_key(|range| range.start);
-    assert_eq!(requests, vec![layer.blob_span(1..2), layer.blob_span(2..4)]);
+    assert_eq!(
+        requests,
+        vec![
+            layer.blob_span(1..2),
+            layer.blob_span(2..3),
+            layer.blob_span(3..5)
+        ]
+    );
 }

@@ -1,0 +1,12 @@
+//! The cluster manifest (`shared/DESIGN.md` §6): what a cluster's operator tells a card about
+//! the images it will likely run, and the prefetch that brings them in before any VM asks.
+//!
+//! - [`document`]: the manifest file (TOML, or JSON over the API), parsed and checked whole.
+//! - [`scheduler`]: the manifest in force, diff-applied, and the task that prefetches its images
+//!   in priority order at background priority.
+
+pub mod document;
+pub mod scheduler;
+
+pub use document::{ClusterManifest, ManifestError};
+pub use scheduler::ManifestScheduler;

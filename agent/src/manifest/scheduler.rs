@@ -1,0 +1,408 @@
+//! Prefetch of what the cluster manifest names: one task works through the images, highest
+//! priority first, in two passes — every image's metadata (manifest, config, chunk indexes;
+//! the startup trace's chunks are queued by the pull itself), then the data of the images
+//! whose level is `all` — all at the fetcher's background priority, so a guest's own reads
+//! always go first.
+//!
+//! Applying a manifest diff-applies it: an entry with the same reference and platform as one
+//! in force keeps what was done for it (its resolution, its state, its pins); a new entry is
+//! queued; a dropped entry releases its pins (its layers become evictable) and its work stops.
+//! A tag is resolved to a digest when its entry first appears and recorded, so what is fetched
+//! does not change under a moved tag while the entry stands.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use gantry_api::{
+    ManifestImageStatus, ManifestLayerStatus, ManifestStatus, PrefetchLevel, PrefetchState,
+    PullMode,
+};
+use gantry_oci::Reference;
+use gantry_oci::manifest::Platform;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::document::{ClusterManifest, ImageEntry};
+use crate::cache::PinGuard;
+use crate::images::pull::no_progress;
+use crate::lazy::layer::LazyLayer;
+use crate::state::Agent;
+use crate::sync::lock;
+
+/// What the scheduler knows about one image of the manifest in force.
+#[derive(Debug)]
+struct Tracked {
+    entry: ImageEntry,
+    resolved: Option<String>,
+    state: PrefetchState,
+    error: Option<String>,
+    started_unix_ms: Option<u64>,
+    completed_unix_ms: Option<u64>,
+    /// Held while the entry asks for `pin`.
+    pins: Vec<PinGuard>,
+    /// The metadata pass is done (the image is in the cache, its layers open).
+    metadata_done: bool,
+    /// Its lazy layers, held open while their data is fetched.
+    layers: Vec<Arc<LazyLayer>>,
+}
+
+impl Tracked {
+    fn new(entry: ImageEntry) -> Tracked {
+        Tracked {
+            entry,
+            resolved: None,
+            state: PrefetchState::Queued,
+            error: None,
+            started_unix_ms: None,
+            completed_unix_ms: None,
+            pins: Vec::new(),
+            metadata_done: false,
+            layers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Applied {
+    generation: u64,
+    applied_unix_ms: u64,
+    manifest: Option<ClusterManifest>,
+    images: Vec<Tracked>,
+}
+
+/// The cluster manifest in force and its prefetch.
+#[derive(Debug)]
+pub struct ManifestScheduler {
+    applied: Arc<Mutex<Applied>>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for ManifestScheduler {
+    fn default() -> Self {
+        ManifestScheduler {
+            applied: Arc::default(),
+            generation: watch::channel(0).0,
+        }
+    }
+}
+
+impl ManifestScheduler {
+    /// Starts the prefetch task for `agent` (it ends with the agent).
+    pub fn start(&self, agent: Weak<Agent>) {
+        let applied = Arc::clone(&self.applied);
+        let mut generation = self.generation.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let current = *generation.borrow_and_update();
+                if current > 0 {
+                    work(&agent, &applied, current, &mut generation).await;
+                }
+                if generation.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Puts `manifest` in force (see the module docs); returns the new generation.
+    pub fn apply(&self, manifest: ClusterManifest) -> u64 {
+        let generation = {
+            let mut applied = lock(&self.applied);
+            let mut previous: Vec<Tracked> = std::mem::take(&mut applied.images);
+            let mut images = Vec::with_capacity(manifest.images.len());
+            for entry in &manifest.images {
+                let kept = previous
+                    .iter()
+                    .position(|tracked| tracked.entry.key() == entry.key())
+                    .map(|index| previous.swap_remove(index));
+                let tracked = match kept {
+                    Some(mut tracked) => {
+                        let level_raised =
+                            level_rank(entry.prefetch) > level_rank(tracked.entry.prefetch);
+                        if !entry.pin {
+                            tracked.pins.clear();
+                        }
+                        let repin = entry.pin && tracked.pins.is_empty();
+                        tracked.entry = entry.clone();
+                        if level_raised || repin || tracked.state == PrefetchState::Failed {
+                            // Pulled again (cheap: the cache has it) for its pins and layers.
+                            tracked.state = PrefetchState::Queued;
+                            tracked.metadata_done = false;
+                            tracked.completed_unix_ms = None;
+                        }
+                        tracked
+                    }
+                    None => Tracked::new(entry.clone()),
+                };
+                images.push(tracked);
+            }
+            for dropped in &previous {
+                info!(image = %dropped.entry.reference, "dropped from the cluster manifest: unpinned");
+            }
+            drop(previous);
+            applied.generation += 1;
+            applied.applied_unix_ms = now_ms();
+            applied.manifest = Some(manifest);
+            applied.images = images;
+            applied.generation
+        };
+        self.generation.send_replace(generation);
+        generation
+    }
+
+    /// The status of the manifest in force; `presence` gives an image's layers (by the name
+    /// it was pulled as).
+    pub fn status(&self, presence: impl Fn(&str) -> Vec<ManifestLayerStatus>) -> ManifestStatus {
+        let applied = lock(&self.applied);
+        let mut images: Vec<&Tracked> = applied.images.iter().collect();
+        images.sort_by_key(|tracked| std::cmp::Reverse(tracked.entry.priority));
+        let mut not_applied = Vec::new();
+        if let Some(manifest) = &applied.manifest {
+            for (section, used) in [
+                ("registry", !manifest.registries.is_empty()),
+                ("peer", !manifest.peers.is_empty()),
+                ("budget", manifest.budget != Default::default()),
+            ] {
+                if used {
+                    not_applied.push(section.to_string());
+                }
+            }
+        }
+        ManifestStatus {
+            generation: applied.generation,
+            applied_unix_ms: applied.applied_unix_ms,
+            not_applied,
+            images: images
+                .into_iter()
+                .map(|tracked| ManifestImageStatus {
+                    reference: tracked.entry.reference.clone(),
+                    platform: tracked.entry.platform.clone(),
+                    priority: tracked.entry.priority,
+                    pin: tracked.entry.pin,
+                    prefetch: tracked.entry.prefetch,
+                    resolved: tracked.resolved.clone(),
+                    state: tracked.state,
+                    error: tracked.error.clone(),
+                    started_unix_ms: tracked.started_unix_ms,
+                    completed_unix_ms: tracked.completed_unix_ms,
+                    layers: tracked
+                        .resolved
+                        .as_deref()
+                        .map(&presence)
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn level_rank(level: PrefetchLevel) -> u8 {
+    match level {
+        PrefetchLevel::Metadata => 0,
+        PrefetchLevel::Trace => 1,
+        PrefetchLevel::All => 2,
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// One pass over the images of `generation`: metadata of all, then data of `all` ones. Stops
+/// when another manifest is applied (the loop starts over with it).
+async fn work(
+    agent: &Weak<Agent>,
+    applied: &Arc<Mutex<Applied>>,
+    generation: u64,
+    changed: &mut watch::Receiver<u64>,
+) {
+    for data_pass in [false, true] {
+        loop {
+            let Some(agent) = agent.upgrade() else {
+                return;
+            };
+            let next = next_job(applied, generation, data_pass);
+            let Some((key, entry, resolved, layers)) = next else {
+                break;
+            };
+            let outcome = if data_pass {
+                for layer in &layers {
+                    if !layer.is_complete() {
+                        agent.images.lazy.fill(Arc::clone(layer));
+                    }
+                }
+                tokio::select! {
+                    () = wait_all(&layers) => Ok(Step::Data),
+                    _ = changed.changed() => return,
+                }
+            } else {
+                metadata(&agent, &entry, resolved).await
+            };
+            record(applied, generation, &key, outcome);
+        }
+    }
+}
+
+/// What one step did.
+enum Step {
+    /// The image is in the cache: its resolution, pins and lazy layers.
+    Metadata {
+        resolved: String,
+        pins: Vec<PinGuard>,
+        layers: Vec<Arc<LazyLayer>>,
+    },
+    /// Every chunk is present.
+    Data,
+}
+
+type Job = (
+    (String, Option<String>),
+    ImageEntry,
+    Option<String>,
+    Vec<Arc<LazyLayer>>,
+);
+
+/// The highest-priority image with work left in this pass, marked as fetching.
+fn next_job(applied: &Arc<Mutex<Applied>>, generation: u64, data_pass: bool) -> Option<Job> {
+    let mut applied = lock(applied);
+    if applied.generation != generation {
+        return None;
+    }
+    let tracked = applied
+        .images
+        .iter_mut()
+        .filter(|tracked| tracked.state != PrefetchState::Complete)
+        .filter(|tracked| tracked.state != PrefetchState::Failed)
+        .filter(|tracked| {
+            if data_pass {
+                tracked.metadata_done && tracked.entry.prefetch == PrefetchLevel::All
+            } else {
+                !tracked.metadata_done
+            }
+        })
+        // The first of the highest priority: the manifest's order among equals.
+        .min_by_key(|tracked| std::cmp::Reverse(tracked.entry.priority))?;
+    tracked.state = PrefetchState::Fetching;
+    tracked.started_unix_ms.get_or_insert_with(now_ms);
+    Some((
+        tracked.entry.key(),
+        tracked.entry.clone(),
+        tracked.resolved.clone(),
+        tracked.layers.clone(),
+    ))
+}
+
+/// Resolves the entry (unless it was) and pulls its metadata, lazily.
+async fn metadata(
+    agent: &Agent,
+    entry: &ImageEntry,
+    resolved: Option<String>,
+) -> Result<Step, String> {
+    if let Some(platform) = &entry.platform {
+        let wanted: Platform = platform
+            .parse()
+            .map_err(|error: gantry_oci::manifest::ManifestError| error.to_string())?;
+        let own = agent.images.registry.platform();
+        if wanted != *own {
+            return Err(format!(
+                "platform {wanted}: this agent prefetches its own platform ({own}) only"
+            ));
+        }
+    }
+    let resolved = match resolved {
+        Some(resolved) => resolved,
+        None => resolve(agent, &entry.reference).await?,
+    };
+    let pulled = agent
+        .images
+        .pull(&resolved, Some(PullMode::Lazy), &no_progress)
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(Step::Metadata {
+        resolved,
+        pins: if entry.pin { pulled.pins } else { Vec::new() },
+        layers: pulled.lazy_layers,
+    })
+}
+
+/// `host/repository@digest` of what the reference names now.
+async fn resolve(agent: &Agent, reference: &str) -> Result<String, String> {
+    let parsed: Reference = reference.parse().map_err(|e| format!("{e}"))?;
+    if let Some(digest) = &parsed.digest {
+        return Ok(format!(
+            "{}/{}@{digest}",
+            parsed.registry, parsed.repository
+        ));
+    }
+    let tag = parsed.tag.clone().unwrap_or_else(|| "latest".into());
+    let root = agent
+        .images
+        .registry
+        .fetch_manifest(&parsed, &tag)
+        .await
+        .map_err(|error| format!("resolving {reference}: {error}"))?;
+    Ok(format!(
+        "{}/{}@{}",
+        parsed.registry, parsed.repository, root.digest
+    ))
+}
+
+async fn wait_all(layers: &[Arc<LazyLayer>]) {
+    for layer in layers {
+        layer.wait_complete().await;
+    }
+}
+
+/// Records what a step did, if the entry is still in force.
+fn record(
+    applied: &Arc<Mutex<Applied>>,
+    generation: u64,
+    key: &(String, Option<String>),
+    outcome: Result<Step, String>,
+) {
+    let mut applied = lock(applied);
+    if applied.generation != generation {
+        // Another manifest replaced this one meanwhile: a kept entry is redone by its pass.
+        return;
+    }
+    let Some(tracked) = applied
+        .images
+        .iter_mut()
+        .find(|tracked| tracked.entry.key() == *key)
+    else {
+        return;
+    };
+    match outcome {
+        Ok(Step::Metadata {
+            resolved,
+            pins,
+            layers,
+        }) => {
+            tracked.resolved = Some(resolved);
+            tracked.pins = pins;
+            tracked.metadata_done = true;
+            tracked.error = None;
+            if tracked.entry.prefetch == PrefetchLevel::All && !layers.is_empty() {
+                tracked.state = PrefetchState::Queued;
+                tracked.layers = layers;
+            } else {
+                // Metadata is all a `metadata` entry asks for; a `trace` entry's trace chunks
+                // were queued by the pull (they arrive in the background).
+                tracked.state = PrefetchState::Complete;
+                tracked.completed_unix_ms = Some(now_ms());
+            }
+        }
+        Ok(Step::Data) => {
+            tracked.state = PrefetchState::Complete;
+            tracked.completed_unix_ms = Some(now_ms());
+            tracked.layers.clear();
+        }
+        Err(error) => {
+            warn!(image = %tracked.entry.reference, %error, "cluster manifest prefetch failed");
+            tracked.state = PrefetchState::Failed;
+            tracked.error = Some(error);
+        }
+    }
+}

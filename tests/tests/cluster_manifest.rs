@@ -1,0 +1,212 @@
+//! The cluster manifest end to end, against a real `docker-registry` and an agent without VMs
+//! (prefetch needs no guest): `manifest apply` of three lazy images prefetches them in priority
+//! order; a malformed manifest is refused with its line and the one in force stays; a changed
+//! manifest drops, adds and keeps images without refetching the kept ones.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gantry_agent::images::default_image;
+use gantry_e2e::{TestAgent, agent_binary};
+use gantry_oci::builder::{self, ImageConfigSpec, LayerBuilder};
+use gantry_testkit::{Registry, RegistryOptions, noise, tools_available};
+use serde_json::Value;
+
+/// Pushes image `name` (busybox and 3 MiB of its own data), converts it to the lazy format,
+/// and returns the converted reference.
+fn lazy_image(registry: &Registry, work: &Path, name: &str, seed: u64) -> String {
+    let busybox = default_image::busybox_layer(Path::new(default_image::DEFAULT_BUSYBOX))
+        .expect("busybox layer");
+    let mut data = LayerBuilder::new();
+    data.file("data/blob.bin", 0o644, noise(3 << 20, seed))
+        .unwrap();
+    let config = ImageConfigSpec {
+        cmd: vec!["true".into()],
+        ..Default::default()
+    };
+    let layout = work.join(name);
+    builder::write_image(&layout, "v1", &[busybox, data], &config).expect("write image");
+    registry.push(&layout, "v1", &format!("cluster/{name}:v1"));
+    let original = format!("{}/cluster/{name}:v1", registry.host());
+    let converted = format!("{}/cluster/{name}:lazy", registry.host());
+    let convert = Command::new(agent_binary())
+        .args(["image", "convert", &original, &converted])
+        .output()
+        .expect("image convert runs");
+    assert!(
+        convert.status.success(),
+        "image convert: {}",
+        String::from_utf8_lossy(&convert.stderr)
+    );
+    converted
+}
+
+fn status(agent: &TestAgent) -> Value {
+    agent
+        .cli_json(&["manifest", "status", "--json"])
+        .expect("manifest status")
+}
+
+fn image<'a>(status: &'a Value, reference: &str) -> &'a Value {
+    status["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .find(|image| image["reference"] == reference)
+        .unwrap_or_else(|| panic!("{reference} not in {status}"))
+}
+
+/// The status once every image is complete or failed (within `timeout`).
+fn settled(agent: &TestAgent, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = status(agent);
+        let images = status["images"].as_array().expect("images");
+        if images
+            .iter()
+            .all(|image| image["state"] == "complete" || image["state"] == "failed")
+        {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not settled after {timeout:?}: {status}\n--- agent log ---\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn chunks(image: &Value) -> (u64, u64) {
+    image["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .fold((0, 0), |(present, all), layer| {
+            (
+                present + layer["present_chunks"].as_u64().unwrap(),
+                all + layer["chunks"].as_u64().unwrap(),
+            )
+        })
+}
+
+fn apply(agent: &TestAgent, dir: &Path, name: &str, text: &str) -> std::process::Output {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    agent
+        .cli(&["manifest", "apply", path.to_str().unwrap()])
+        .expect("manifest apply runs")
+}
+
+#[test]
+fn a_manifest_prefetches_in_priority_order_and_changes_apply_as_a_diff() {
+    if !tools_available() {
+        return;
+    }
+    let registry = Registry::start_options(&RegistryOptions {
+        access_log: true,
+        ..Default::default()
+    });
+    let work = tempfile::tempdir().unwrap();
+    let [web, db, cron, extra] = ["web", "db", "cron", "extra"]
+        .map(|name| lazy_image(&registry, work.path(), name, name.len() as u64 * 7));
+    let agent = TestAgent::start_with(&[], "[lazy]\nmode = \"lazy\"\ntrace_seconds = 0\n")
+        .expect("agent starts");
+
+    // Three images: db first, then web, then cron; all their data.
+    let first = format!(
+        "version = 1\n\n[[image]]\nref = \"{web}\"\npriority = 20\nprefetch = \"all\"\n\n\
+         [[image]]\nref = \"{cron}\"\npriority = 10\nprefetch = \"all\"\n\n\
+         [[image]]\nref = \"{db}\"\npriority = 30\npin = true\nprefetch = \"all\"\n"
+    );
+    let output = apply(&agent, work.path(), "first.toml", &first);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let done = settled(&agent, Duration::from_secs(120));
+    println!("after the first manifest: {done}");
+    let completed = |reference: &str| {
+        let image = image(&done, reference);
+        assert_eq!(image["state"], "complete", "{image}");
+        let (present, all) = chunks(image);
+        assert!(all > 0 && present == all, "{reference}: {present} of {all}");
+        assert!(
+            image["resolved"]
+                .as_str()
+                .is_some_and(|resolved| resolved.contains("@sha256:")),
+            "{image}"
+        );
+        image["completed_unix_ms"].as_u64().expect("completed")
+    };
+    let (db_done, web_done, cron_done) = (completed(&db), completed(&web), completed(&cron));
+    assert!(
+        db_done <= web_done && web_done <= cron_done,
+        "priority order: db {db_done}, web {web_done}, cron {cron_done}"
+    );
+    let generation = done["generation"].as_u64().unwrap();
+
+    // A malformed manifest is refused whole, with its line; the one in force stays.
+    let output = apply(
+        &agent,
+        work.path(),
+        "typo.toml",
+        &format!("version = 1\n[[image]]\nref = \"{web}\"\nprioritty = 5\n"),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("line 4") && stderr.contains("prioritty"),
+        "{stderr}"
+    );
+    assert_eq!(status(&agent)["generation"].as_u64(), Some(generation));
+
+    // cron goes, extra comes (metadata only), web and db stay: nothing of theirs is fetched
+    // again.
+    let requests_before = registry.access_log().len();
+    let second = format!(
+        "version = 1\n\n[[image]]\nref = \"{web}\"\npriority = 20\nprefetch = \"all\"\n\n\
+         [[image]]\nref = \"{db}\"\npriority = 30\npin = true\nprefetch = \"all\"\n\n\
+         [[image]]\nref = \"{extra}\"\npriority = 5\nprefetch = \"metadata\"\n"
+    );
+    let output = apply(&agent, work.path(), "second.toml", &second);
+    assert!(output.status.success());
+    let after = settled(&agent, Duration::from_secs(60));
+    println!("after the second manifest: {after}");
+    assert_eq!(after["generation"].as_u64(), Some(generation + 1));
+    let references: Vec<&str> = after["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|image| image["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(references, [db.as_str(), web.as_str(), extra.as_str()]);
+    assert_eq!(
+        image(&after, &web)["completed_unix_ms"],
+        image(&done, &web)["completed_unix_ms"],
+        "web was not redone"
+    );
+    let extra_status = image(&after, &extra);
+    assert_eq!(extra_status["state"], "complete", "{extra_status}");
+    let (present, all) = chunks(extra_status);
+    assert!(
+        all > 0 && present < all,
+        "metadata only: {present} of {all} chunks"
+    );
+    let new_requests: Vec<String> = registry.access_log()[requests_before..].to_vec();
+    for kept in [&web, &db] {
+        let repository = kept
+            .split_once('/')
+            .and_then(|(_, rest)| rest.split_once(':'))
+            .map(|(repository, _)| repository)
+            .unwrap();
+        assert!(
+            !new_requests
+                .iter()
+                .any(|request| request.contains(&format!("/v2/{repository}/"))),
+            "{kept} was fetched again: {new_requests:?}"
+        );
+    }
+}
