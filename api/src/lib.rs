@@ -402,6 +402,9 @@ pub enum PrefetchState {
     Fetching,
     /// Brought in as far as its level says.
     Complete,
+    /// Its metadata is in, its data is not: it would not fit the manifest's disk budget
+    /// (`error` says how much it needs).
+    Partial,
     /// Failed; `error` says why (retried on the next apply).
     Failed,
 }

@@ -210,3 +210,61 @@ fn a_manifest_prefetches_in_priority_order_and_changes_apply_as_a_diff() {
         );
     }
 }
+
+#[test]
+fn the_disk_budget_leaves_the_lowest_priority_image_partial() {
+    if !tools_available() {
+        return;
+    }
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let [first, second] =
+        ["first", "second"].map(|name| lazy_image(&registry, work.path(), name, name.len() as u64));
+    let agent = TestAgent::start_with(&[], "[lazy]\nmode = \"lazy\"\ntrace_seconds = 0\n")
+        .expect("agent starts");
+    // Room for the first image (busybox + 3 MiB of data), not for the second's data too.
+    let manifest = format!(
+        "version = 1\n[budget]\ndisk = \"7M\"\n\n\
+         [[image]]\nref = \"{second}\"\npriority = 1\nprefetch = \"all\"\n\n\
+         [[image]]\nref = \"{first}\"\npriority = 2\nprefetch = \"all\"\n"
+    );
+    let output = apply(&agent, work.path(), "budget.toml", &manifest);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let status = status(&agent);
+        if status["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|image| image["state"] != "queued" && image["state"] != "fetching")
+        {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "not settled: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("with a 7 MiB budget: {done}");
+    let first_status = image(&done, &first);
+    assert_eq!(first_status["state"], "complete", "{first_status}");
+    let (present, all) = chunks(first_status);
+    assert_eq!(present, all);
+    let second_status = image(&done, &second);
+    assert_eq!(second_status["state"], "partial", "{second_status}");
+    assert!(
+        second_status["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("disk budget")),
+        "{second_status}"
+    );
+    let data_layer = second_status["layers"].as_array().unwrap().last().unwrap();
+    assert_eq!(
+        data_layer["present_chunks"], 0,
+        "nothing of its own data: {second_status}"
+    );
+    assert!(done["not_applied"].as_array().unwrap().is_empty(), "{done}");
+}

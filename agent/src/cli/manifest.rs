@@ -62,6 +62,7 @@ pub async fn status(client: &ApiClient, json: bool) -> anyhow::Result<()> {
             PrefetchState::Queued => "queued",
             PrefetchState::Fetching => "fetching",
             PrefetchState::Complete => "complete",
+            PrefetchState::Partial => "partial",
             PrefetchState::Failed => "failed",
         };
         let detail = image

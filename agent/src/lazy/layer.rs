@@ -250,6 +250,18 @@ impl LazyLayer {
         self.present_chunks() == self.index.len() as u64
     }
 
+    /// Uncompressed bytes of the chunks not present yet (what completing the layer adds to
+    /// the cache).
+    pub fn missing_bytes(&self) -> u64 {
+        (0..self.index.len())
+            .filter(|&chunk| !self.is_present(chunk))
+            .map(|chunk| {
+                let range = self.index.uncompressed_range(chunk);
+                range.end - range.start
+            })
+            .sum()
+    }
+
     /// Waits until every chunk is present.
     pub async fn wait_complete(&self) {
         let mut complete = self.complete.subscribe();

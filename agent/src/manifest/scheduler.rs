@@ -124,7 +124,11 @@ impl ManifestScheduler {
                         }
                         let repin = entry.pin && tracked.pins.is_empty();
                         tracked.entry = entry.clone();
-                        if level_raised || repin || tracked.state == PrefetchState::Failed {
+                        let unfinished = matches!(
+                            tracked.state,
+                            PrefetchState::Failed | PrefetchState::Partial
+                        );
+                        if level_raised || repin || unfinished {
                             // Pulled again (cheap: the cache has it) for its pins and layers.
                             tracked.state = PrefetchState::Queued;
                             tracked.metadata_done = false;
@@ -161,7 +165,7 @@ impl ManifestScheduler {
             for (section, used) in [
                 ("registry", !manifest.registries.is_empty()),
                 ("peer", !manifest.peers.is_empty()),
-                ("budget", manifest.budget != Default::default()),
+                ("budget.bandwidth", manifest.budget.bandwidth.is_some()),
             ] {
                 if used {
                     not_applied.push(section.to_string());
@@ -224,10 +228,14 @@ async fn work(
                 return;
             };
             let next = next_job(applied, generation, data_pass);
-            let Some((key, entry, resolved, layers)) = next else {
+            let Some((key, entry, resolved, layers, disk_budget)) = next else {
                 break;
             };
             let outcome = if data_pass {
+                if let Some(reason) = over_budget(&agent, disk_budget, &layers).await {
+                    record(applied, generation, &key, Ok(Step::Partial(reason)));
+                    continue;
+                }
                 for layer in &layers {
                     if !layer.is_complete() {
                         agent.images.lazy.fill(Arc::clone(layer));
@@ -255,13 +263,18 @@ enum Step {
     },
     /// Every chunk is present.
     Data,
+    /// The data would not fit the disk budget: why.
+    Partial(String),
 }
 
+/// An image to work on: its key, entry, resolution, open lazy layers, and the manifest's disk
+/// budget (0: none).
 type Job = (
     (String, Option<String>),
     ImageEntry,
     Option<String>,
     Vec<Arc<LazyLayer>>,
+    u64,
 );
 
 /// The highest-priority image with work left in this pass, marked as fetching.
@@ -270,11 +283,19 @@ fn next_job(applied: &Arc<Mutex<Applied>>, generation: u64, data_pass: bool) -> 
     if applied.generation != generation {
         return None;
     }
+    let disk_budget = applied
+        .manifest
+        .as_ref()
+        .map_or(0, ClusterManifest::disk_budget);
     let tracked = applied
         .images
         .iter_mut()
-        .filter(|tracked| tracked.state != PrefetchState::Complete)
-        .filter(|tracked| tracked.state != PrefetchState::Failed)
+        .filter(|tracked| {
+            !matches!(
+                tracked.state,
+                PrefetchState::Complete | PrefetchState::Failed | PrefetchState::Partial
+            )
+        })
         .filter(|tracked| {
             if data_pass {
                 tracked.metadata_done && tracked.entry.prefetch == PrefetchLevel::All
@@ -291,7 +312,32 @@ fn next_job(applied: &Arc<Mutex<Applied>>, generation: u64, data_pass: bool) -> 
         tracked.entry.clone(),
         tracked.resolved.clone(),
         tracked.layers.clone(),
+        disk_budget,
     ))
+}
+
+/// Why completing `layers` would not fit `budget` (the cache's layers now, plus what the
+/// layers lack), or `None` when it fits or there is no budget.
+async fn over_budget(agent: &Arc<Agent>, budget: u64, layers: &[Arc<LazyLayer>]) -> Option<String> {
+    if budget == 0 {
+        return None;
+    }
+    let missing: u64 = layers.iter().map(|layer| layer.missing_bytes()).sum();
+    let agent = Arc::clone(agent);
+    let used = match tokio::task::spawn_blocking(move || agent.images.cache.layers_bytes()).await {
+        Ok(Ok(used)) => used,
+        Ok(Err(error)) => return Some(format!("cannot measure the cache: {error}")),
+        Err(error) => return Some(format!("cannot measure the cache: {error}")),
+    };
+    let mib = |bytes: u64| bytes as f64 / 1048576.0;
+    (used.saturating_add(missing) > budget).then(|| {
+        format!(
+            "disk budget: its data needs {:.1} MiB more, the cache holds {:.1} MiB of {:.1} MiB",
+            mib(missing),
+            mib(used),
+            mib(budget)
+        )
+    })
 }
 
 /// Resolves the entry (unless it was) and pulls its metadata, lazily.
@@ -397,6 +443,12 @@ fn record(
         Ok(Step::Data) => {
             tracked.state = PrefetchState::Complete;
             tracked.completed_unix_ms = Some(now_ms());
+            tracked.layers.clear();
+        }
+        Ok(Step::Partial(reason)) => {
+            info!(image = %tracked.entry.reference, %reason, "left partial");
+            tracked.state = PrefetchState::Partial;
+            tracked.error = Some(reason);
             tracked.layers.clear();
         }
         Err(error) => {
