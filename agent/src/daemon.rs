@@ -34,6 +34,9 @@ pub enum DaemonError {
     /// The registry configuration is unusable.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The cluster manifest given at start cannot be put in force.
+    #[error("cluster manifest: {0}")]
+    Manifest(String),
 }
 
 /// The QEMU recipe for a VM the agent launches itself.
@@ -84,6 +87,17 @@ pub async fn run(
         &config.state_dir,
         &config.busybox,
     );
+    // The manifest's registries are checked before any VM starts: a refused manifest starts
+    // nothing.
+    let manifest = match manifest {
+        Some(manifest) => {
+            let client = images
+                .registry_for(&manifest.registries)
+                .map_err(DaemonError::Manifest)?;
+            Some((manifest, client))
+        }
+        None => None,
+    };
     let mut vms = BTreeMap::new();
     for vm_config in config.vms {
         let qemu = vm_config
@@ -111,7 +125,8 @@ pub async fn run(
         manifest: ManifestScheduler::default(),
     });
     agent.manifest.start(Arc::downgrade(&agent));
-    if let Some(manifest) = manifest {
+    if let Some((manifest, client)) = manifest {
+        agent.images.use_registry(client);
         let generation = agent.manifest.apply(manifest);
         info!(generation, "cluster manifest in force");
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use gantry_agent::images::default_image;
 use gantry_e2e::{TestAgent, agent_binary};
 use gantry_oci::builder::{self, ImageConfigSpec, LayerBuilder};
-use gantry_testkit::{Registry, RegistryOptions, noise, tools_available};
+use gantry_testkit::{FaultProxy, Registry, RegistryOptions, noise, tools_available};
 use serde_json::Value;
 
 /// Pushes image `name` (busybox and 3 MiB of its own data), converts it to the lazy format,
@@ -267,4 +267,72 @@ fn the_disk_budget_leaves_the_lowest_priority_image_partial() {
         "nothing of its own data: {second_status}"
     );
     assert!(done["not_applied"].as_array().unwrap().is_empty(), "{done}");
+}
+
+#[test]
+fn the_manifest_s_registry_mirrors_are_used_in_order() {
+    if !tools_available() {
+        return;
+    }
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let mirrored = lazy_image(&registry, work.path(), "mirrored", 11);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mirror = runtime.block_on(FaultProxy::start(&format!("http://{}", registry.host())));
+    // A port nothing listens on: the first mirror fails, the second serves.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let agent = TestAgent::start_with(&[], "[lazy]\nmode = \"lazy\"\ntrace_seconds = 0\n")
+        .expect("agent starts");
+
+    // A credentials file that does not exist refuses the manifest whole.
+    let output = apply(
+        &agent,
+        work.path(),
+        "no-credentials.toml",
+        &format!(
+            "version = 1\n[[registry]]\nhost = \"{}\"\ncredentials = \"/nonexistent/config.json\"\n",
+            registry.host()
+        ),
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/config.json"), "{stderr}");
+    assert_eq!(status(&agent)["generation"].as_u64(), Some(0));
+
+    let manifest = format!(
+        "version = 1\n[[registry]]\nhost = \"{}\"\nmirrors = [\"http://127.0.0.1:{dead}\", \"http://{}\"]\n\n\
+         [[image]]\nref = \"{mirrored}\"\nprefetch = \"all\"\n",
+        registry.host(),
+        mirror.host()
+    );
+    let output = apply(&agent, work.path(), "mirrors.toml", &manifest);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let done = settled(&agent, Duration::from_secs(120));
+    println!("through the manifest's mirrors: {done}");
+    assert!(done["not_applied"].as_array().unwrap().is_empty(), "{done}");
+    let image = image(&done, &mirrored);
+    assert_eq!(image["state"], "complete", "{image}");
+    let data_layer: gantry_oci::Digest =
+        image["layers"].as_array().unwrap().last().unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+    let through_mirror = mirror.blob_ranges(&data_layer);
+    assert!(
+        !through_mirror.is_empty(),
+        "the data came through the second mirror"
+    );
 }

@@ -806,7 +806,12 @@ async fn apply_manifest(
 ) -> Result<Json<gantry_api::ManifestStatus>, ApiError> {
     let manifest = crate::manifest::ClusterManifest::from_json(&body)
         .map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?;
-    agent.manifest.apply(manifest);
+    crate::manifest::put_in_force(&agent, manifest).map_err(|reason| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("cluster manifest: {reason}"),
+        )
+    })?;
     Ok(manifest_status(State(agent)).await)
 }
 

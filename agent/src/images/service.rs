@@ -8,9 +8,11 @@ use std::sync::Arc;
 use gantry_api::PullMode;
 use gantry_oci::manifest::Descriptor;
 
+use arc_swap::ArcSwap;
 use gantry_oci::Reference;
 use gantry_oci::layout::{OciLayout, OciLayoutSource};
-use gantry_oci::registry::{RegistryClient, RegistrySource};
+use gantry_oci::registry::auth::CredentialStore;
+use gantry_oci::registry::{RegistryClient, RegistryConfig, RegistrySource};
 
 use super::default_image::{self, DEFAULT_IMAGE_NAME, DefaultImageError};
 use super::pull::{self, LazyPull, PullError, PullEvent};
@@ -20,6 +22,7 @@ use crate::cache::{Cache, ImageRecord, PinGuard};
 use crate::lazy::layer::LazyLayer;
 use crate::lazy::origin::{BlobOrigin, FileOrigin, RegistryOrigin};
 use crate::lazy::{LazyConfig, LazyLayers};
+use crate::manifest::document::RegistryEntry;
 
 /// Errors finding or pulling an image.
 #[derive(Debug, thiserror::Error)]
@@ -88,8 +91,11 @@ pub fn parse_image(image: &str) -> Result<ImageRef, ImageError> {
 pub struct ImageService {
     /// The shared layer cache.
     pub cache: Cache,
-    /// The registry client.
-    pub registry: Arc<RegistryClient>,
+    /// The registry client in use: built from `agent.toml`'s `[registry]`, rebuilt when a
+    /// cluster manifest names registries (in-flight fetches keep the client they started with).
+    registry: ArcSwap<RegistryClient>,
+    /// `agent.toml`'s `[registry]`, what a manifest's registries are added to.
+    base_registry: RegistryConfig,
     /// Layers fetched while mapped, and their fetcher.
     pub lazy: LazyLayers,
     default_layout: PathBuf,
@@ -124,12 +130,60 @@ impl ImageService {
     ) -> Self {
         Self {
             cache,
-            registry: Arc::new(registry),
+            base_registry: registry.config().clone(),
+            registry: ArcSwap::from_pointee(registry),
             lazy: LazyLayers::new(lazy),
             default_layout: state_dir.join("images").join("default"),
             busybox: busybox.to_owned(),
             default_build: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The registry client in use now.
+    pub fn registry(&self) -> Arc<RegistryClient> {
+        self.registry.load_full()
+    }
+
+    /// A client for `agent.toml`'s registries with a cluster manifest's `registries` added:
+    /// each one's mirrors (in order, tried before it; a failing one falls through to the
+    /// next), insecure flag, CA file and credentials. Nothing changes until
+    /// [`ImageService::use_registry`]; an unusable CA or credentials file is an error here.
+    pub fn registry_for(&self, registries: &[RegistryEntry]) -> Result<RegistryClient, String> {
+        let mut config = self.base_registry.clone();
+        for entry in registries {
+            if !entry.mirrors.is_empty() {
+                config
+                    .mirrors
+                    .insert(entry.host.clone(), entry.mirrors.clone());
+            }
+            if entry.insecure && !config.insecure_registries.contains(&entry.host) {
+                config.insecure_registries.push(entry.host.clone());
+            }
+            if let Some(ca) = &entry.ca {
+                config.ca_files.push(ca.clone());
+            }
+        }
+        let client = RegistryClient::new(config).map_err(|error| error.to_string())?;
+        let mut credentials = client.credentials().clone();
+        for entry in registries {
+            if let Some(path) = &entry.credentials {
+                let store = CredentialStore::load(path).map_err(|error| error.to_string())?;
+                let credential = store.get(&entry.host).ok_or_else(|| {
+                    format!(
+                        "registry {}: {} has no credentials for it",
+                        entry.host,
+                        path.display()
+                    )
+                })?;
+                credentials.insert(&entry.host, credential.clone());
+            }
+        }
+        Ok(client.with_credentials(credentials))
+    }
+
+    /// Makes `client` the one later pulls use.
+    pub fn use_registry(&self, client: RegistryClient) {
+        self.registry.store(Arc::new(client));
     }
 
     /// Pulls `image` into the cache (a no-op for layers already there) and prepares its layers
@@ -160,16 +214,17 @@ impl ImageService {
                 (record, pins, origin, None)
             }
             ImageRef::Registry(reference) => {
+                let registry = self.registry();
                 let source = RegistrySource {
-                    client: &self.registry,
+                    client: &registry,
                     reference: &reference,
                 };
-                let origin = registry_origin(&self.registry, &reference);
+                let origin = registry_origin(&registry, &reference);
                 let lazy = LazyPull { origin: &origin };
                 let (record, pins) =
                     pull::pull_lazy(&self.cache, &source, progress, Some(&lazy)).await?;
                 let remote = RemoteTraces {
-                    client: Arc::clone(&self.registry),
+                    client: Arc::clone(&registry),
                     reference: reference.clone(),
                 };
                 (

@@ -10,3 +10,14 @@ pub mod scheduler;
 
 pub use document::{ClusterManifest, ManifestError};
 pub use scheduler::ManifestScheduler;
+
+use crate::state::Agent;
+
+/// Puts a checked manifest in force on `agent`: its registries first (a client that cannot be
+/// built — an unreadable CA or credentials file — refuses the manifest, and the one in force
+/// stays), then its images. Returns the new generation.
+pub fn put_in_force(agent: &Agent, manifest: ClusterManifest) -> Result<u64, String> {
+    let client = agent.images.registry_for(&manifest.registries)?;
+    agent.images.use_registry(client);
+    Ok(agent.manifest.apply(manifest))
+}

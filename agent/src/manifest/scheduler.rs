@@ -163,7 +163,6 @@ impl ManifestScheduler {
         let mut not_applied = Vec::new();
         if let Some(manifest) = &applied.manifest {
             for (section, used) in [
-                ("registry", !manifest.registries.is_empty()),
                 ("peer", !manifest.peers.is_empty()),
                 ("budget.bandwidth", manifest.budget.bandwidth.is_some()),
             ] {
@@ -350,7 +349,8 @@ async fn metadata(
         let wanted: Platform = platform
             .parse()
             .map_err(|error: gantry_oci::manifest::ManifestError| error.to_string())?;
-        let own = agent.images.registry.platform();
+        let registry = agent.images.registry();
+        let own = registry.platform();
         if wanted != *own {
             return Err(format!(
                 "platform {wanted}: this agent prefetches its own platform ({own}) only"
@@ -385,7 +385,7 @@ async fn resolve(agent: &Agent, reference: &str) -> Result<String, String> {
     let tag = parsed.tag.clone().unwrap_or_else(|| "latest".into());
     let root = agent
         .images
-        .registry
+        .registry()
         .fetch_manifest(&parsed, &tag)
         .await
         .map_err(|error| format!("resolving {reference}: {error}"))?;

@@ -283,6 +283,11 @@ impl RegistryClient {
         })
     }
 
+    /// The credentials it sends.
+    pub fn credentials(&self) -> &CredentialStore {
+        &self.credentials
+    }
+
     /// Replaces the credentials (e.g. from the CLI or tests).
     pub fn with_credentials(mut self, credentials: CredentialStore) -> Self {
         self.credentials = credentials;
