@@ -120,11 +120,11 @@ pub async fn run(
     }
     let agent = Arc::new(Agent {
         vms,
-        images,
+        images: Arc::new(images),
         enable_baseline: config.enable_baseline,
         manifest: ManifestScheduler::default(),
     });
-    agent.manifest.start(Arc::downgrade(&agent));
+    agent.manifest.start(Arc::downgrade(&agent.images));
     if let Some((manifest, client)) = manifest {
         agent.images.use_registry(client);
         let generation = agent.manifest.apply(manifest);

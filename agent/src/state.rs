@@ -2,6 +2,7 @@
 //! daemon's start and shutdown).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::images::ImageService;
 use crate::manifest::ManifestScheduler;
@@ -13,7 +14,7 @@ pub struct Agent {
     /// The attached VMs, by name.
     pub vms: BTreeMap<String, Vm>,
     /// The shared image cache and image sources.
-    pub images: ImageService,
+    pub images: Arc<ImageService>,
     /// Whether `baseline` (a command as guest root outside any container) is served.
     pub enable_baseline: bool,
     /// The cluster manifest in force and its prefetch.

@@ -24,9 +24,9 @@ use tracing::{info, warn};
 
 use super::document::{ClusterManifest, ImageEntry};
 use crate::cache::PinGuard;
+use crate::images::ImageService;
 use crate::images::pull::no_progress;
 use crate::lazy::layer::LazyLayer;
-use crate::state::Agent;
 use crate::sync::lock;
 
 /// What the scheduler knows about one image of the manifest in force.
@@ -87,15 +87,16 @@ impl Default for ManifestScheduler {
 }
 
 impl ManifestScheduler {
-    /// Starts the prefetch task for `agent` (it ends with the agent).
-    pub fn start(&self, agent: Weak<Agent>) {
+    /// Starts the prefetch task over the agent's `images` (it ends with them). It holds the
+    /// image service, never the agent: a shutdown waits for nothing here.
+    pub fn start(&self, images: Weak<ImageService>) {
         let applied = Arc::clone(&self.applied);
         let mut generation = self.generation.subscribe();
         tokio::spawn(async move {
             loop {
                 let current = *generation.borrow_and_update();
                 if current > 0 {
-                    work(&agent, &applied, current, &mut generation).await;
+                    work(&images, &applied, current, &mut generation).await;
                 }
                 if generation.changed().await.is_err() {
                     return;
@@ -216,14 +217,14 @@ fn now_ms() -> u64 {
 /// One pass over the images of `generation`: metadata of all, then data of `all` ones. Stops
 /// when another manifest is applied (the loop starts over with it).
 async fn work(
-    agent: &Weak<Agent>,
+    images: &Weak<ImageService>,
     applied: &Arc<Mutex<Applied>>,
     generation: u64,
     changed: &mut watch::Receiver<u64>,
 ) {
     for data_pass in [false, true] {
         loop {
-            let Some(agent) = agent.upgrade() else {
+            let Some(images) = images.upgrade() else {
                 return;
             };
             let next = next_job(applied, generation, data_pass);
@@ -231,13 +232,13 @@ async fn work(
                 break;
             };
             let outcome = if data_pass {
-                if let Some(reason) = over_budget(&agent, disk_budget, &layers).await {
+                if let Some(reason) = over_budget(&images, disk_budget, &layers).await {
                     record(applied, generation, &key, Ok(Step::Partial(reason)));
                     continue;
                 }
                 for layer in &layers {
                     if !layer.is_complete() {
-                        agent.images.lazy.fill(Arc::clone(layer));
+                        images.lazy.fill(Arc::clone(layer));
                     }
                 }
                 tokio::select! {
@@ -245,7 +246,7 @@ async fn work(
                     _ = changed.changed() => return,
                 }
             } else {
-                metadata(&agent, &entry, resolved).await
+                metadata(&images, &entry, resolved).await
             };
             record(applied, generation, &key, outcome);
         }
@@ -317,13 +318,17 @@ fn next_job(applied: &Arc<Mutex<Applied>>, generation: u64, data_pass: bool) -> 
 
 /// Why completing `layers` would not fit `budget` (the cache's layers now, plus what the
 /// layers lack), or `None` when it fits or there is no budget.
-async fn over_budget(agent: &Arc<Agent>, budget: u64, layers: &[Arc<LazyLayer>]) -> Option<String> {
+async fn over_budget(
+    images: &Arc<ImageService>,
+    budget: u64,
+    layers: &[Arc<LazyLayer>],
+) -> Option<String> {
     if budget == 0 {
         return None;
     }
     let missing: u64 = layers.iter().map(|layer| layer.missing_bytes()).sum();
-    let agent = Arc::clone(agent);
-    let used = match tokio::task::spawn_blocking(move || agent.images.cache.layers_bytes()).await {
+    let images = Arc::clone(images);
+    let used = match tokio::task::spawn_blocking(move || images.cache.layers_bytes()).await {
         Ok(Ok(used)) => used,
         Ok(Err(error)) => return Some(format!("cannot measure the cache: {error}")),
         Err(error) => return Some(format!("cannot measure the cache: {error}")),
@@ -341,7 +346,7 @@ async fn over_budget(agent: &Arc<Agent>, budget: u64, layers: &[Arc<LazyLayer>])
 
 /// Resolves the entry (unless it was) and pulls its metadata, lazily.
 async fn metadata(
-    agent: &Agent,
+    images: &ImageService,
     entry: &ImageEntry,
     resolved: Option<String>,
 ) -> Result<Step, String> {
@@ -349,7 +354,7 @@ async fn metadata(
         let wanted: Platform = platform
             .parse()
             .map_err(|error: gantry_oci::manifest::ManifestError| error.to_string())?;
-        let registry = agent.images.registry();
+        let registry = images.registry();
         let own = registry.platform();
         if wanted != *own {
             return Err(format!(
@@ -359,10 +364,9 @@ async fn metadata(
     }
     let resolved = match resolved {
         Some(resolved) => resolved,
-        None => resolve(agent, &entry.reference).await?,
+        None => resolve(images, &entry.reference).await?,
     };
-    let pulled = agent
-        .images
+    let pulled = images
         .pull(&resolved, Some(PullMode::Lazy), &no_progress)
         .await
         .map_err(|error| error.to_string())?;
@@ -374,7 +378,7 @@ async fn metadata(
 }
 
 /// `host/repository@digest` of what the reference names now.
-async fn resolve(agent: &Agent, reference: &str) -> Result<String, String> {
+async fn resolve(images: &ImageService, reference: &str) -> Result<String, String> {
     let parsed: Reference = reference.parse().map_err(|e| format!("{e}"))?;
     if let Some(digest) = &parsed.digest {
         return Ok(format!(
@@ -383,8 +387,7 @@ async fn resolve(agent: &Agent, reference: &str) -> Result<String, String> {
         ));
     }
     let tag = parsed.tag.clone().unwrap_or_else(|| "latest".into());
-    let root = agent
-        .images
+    let root = images
         .registry()
         .fetch_manifest(&parsed, &tag)
         .await

@@ -244,7 +244,12 @@ pub struct RegistryClient {
     platform: Platform,
     credentials: CredentialStore,
     auth: Mutex<AuthCache>,
+    /// Mirror base URLs that could not be reached, and until when they are skipped.
+    unreachable_mirrors: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a mirror that could not be reached is skipped.
+pub const MIRROR_COOLDOWN: Duration = Duration::from_secs(30);
 
 impl RegistryClient {
     /// Builds a client: loads the CA files and the credentials file named in `config`.
@@ -280,6 +285,7 @@ impl RegistryClient {
             platform,
             credentials,
             auth: Mutex::new(AuthCache::default()),
+            unreachable_mirrors: Mutex::new(HashMap::new()),
         })
     }
 
@@ -304,8 +310,12 @@ impl RegistryClient {
         &self.platform
     }
 
-    /// The endpoints for a registry, in the order they are tried.
+    /// The endpoints for a registry, in the order they are tried: its mirrors (but those that
+    /// could not be reached in the last [`MIRROR_COOLDOWN`]), then the registry itself.
     fn endpoints(&self, reference: &Reference) -> Vec<Endpoint> {
+        let now = Instant::now();
+        let mut unreachable = self.lock_unreachable();
+        unreachable.retain(|_, until| *until > now);
         let mut endpoints: Vec<Endpoint> = self
             .config
             .mirrors
@@ -313,9 +323,25 @@ impl RegistryClient {
             .into_iter()
             .flatten()
             .map(|url| Endpoint::from_url(url))
+            .filter(|endpoint| !unreachable.contains_key(&endpoint.base))
             .collect();
         endpoints.push(self.origin(reference));
         endpoints
+    }
+
+    /// Notes an endpoint's failure: a mirror that could not be reached is skipped for
+    /// [`MIRROR_COOLDOWN`], so that every later request does not pay its retries again (the
+    /// registry itself is always tried: it is the last resort).
+    fn endpoint_failed(&self, endpoint: &Endpoint, reference: &Reference, error: &RegistryError) {
+        let unreachable = matches!(
+            error,
+            RegistryError::Transport { .. } | RegistryError::Stalled { .. }
+        );
+        if unreachable && *endpoint != self.origin(reference) {
+            warn!(mirror = %endpoint.base, ?MIRROR_COOLDOWN, "mirror unreachable: skipped for a while");
+            self.lock_unreachable()
+                .insert(endpoint.base.clone(), Instant::now() + MIRROR_COOLDOWN);
+        }
     }
 
     /// The registry itself, without mirrors (where pushes go).
@@ -357,6 +383,7 @@ impl RegistryClient {
                 Ok(manifest) => return Ok(manifest),
                 Err(error) => {
                     warn!(%error, "manifest fetch failed, trying the next endpoint if any");
+                    self.endpoint_failed(&endpoint, reference, &error);
                     errors.push(error);
                 }
             }
@@ -464,6 +491,7 @@ impl RegistryClient {
                 Err(error @ RegistryError::Sink(_)) => return Err(error),
                 Err(error) => {
                     warn!(%error, "blob fetch failed, trying the next endpoint if any");
+                    self.endpoint_failed(&endpoint, reference, &error);
                     errors.push(error);
                 }
             }
@@ -520,6 +548,7 @@ impl RegistryClient {
                 Ok(read) => return Ok(read),
                 Err(error) => {
                     warn!(%error, "ranged blob read failed, trying the next endpoint if any");
+                    self.endpoint_failed(&endpoint, reference, &error);
                     errors.push(error);
                 }
             }
@@ -788,6 +817,13 @@ impl RegistryClient {
             drop(cache);
             answered_challenge = true;
         }
+    }
+
+    fn lock_unreachable(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        // A map of deadlines: no invariant a panic could break.
+        self.unreachable_mirrors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lock_auth(&self) -> std::sync::MutexGuard<'_, AuthCache> {
@@ -1160,6 +1196,64 @@ mod tests {
         assert_eq!(endpoints[2].host, "docker.io");
         let local: Reference = "127.0.0.1:5000/x".parse().unwrap();
         assert_eq!(client.endpoints(&local)[0].base, "http://127.0.0.1:5000");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_mirror_is_skipped_for_a_while_and_the_registry_never() {
+        let mut config = RegistryConfig::default();
+        config.mirrors.insert(
+            "127.0.0.1:5000".into(),
+            vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+        );
+        config.connect_timeout_ms = 200;
+        let client = RegistryClient::new(config).unwrap();
+        let reference: Reference = "127.0.0.1:5000/x".parse().unwrap();
+        let unreachable = client
+            .http
+            .get("http://127.0.0.1:1/")
+            .send()
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        let transport = |url: &str| RegistryError::Transport {
+            url: url.into(),
+            source: unreachable,
+        };
+        let endpoints = client.endpoints(&reference);
+        client.endpoint_failed(
+            &endpoints[0],
+            &reference,
+            &transport("http://127.0.0.1:1/v2/"),
+        );
+        let bases = |client: &RegistryClient| -> Vec<String> {
+            client
+                .endpoints(&reference)
+                .into_iter()
+                .map(|e| e.base)
+                .collect()
+        };
+        assert_eq!(
+            bases(&client),
+            ["http://127.0.0.1:2", "http://127.0.0.1:5000"]
+        );
+        // An answer with an error status is not "unreachable"; the registry itself stays.
+        let status = RegistryError::Status {
+            url: "u".into(),
+            status: 500,
+            body: String::new(),
+        };
+        client.endpoint_failed(&endpoints[1], &reference, &status);
+        client.endpoint_failed(&endpoints[2], &reference, &status);
+        assert_eq!(
+            bases(&client),
+            ["http://127.0.0.1:2", "http://127.0.0.1:5000"]
+        );
+        // Once the cooldown is over, the mirror is tried again.
+        client
+            .lock_unreachable()
+            .values_mut()
+            .for_each(|until| *until = Instant::now());
+        assert_eq!(bases(&client).len(), 3);
     }
 
     #[test]
