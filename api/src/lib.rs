@@ -445,6 +445,8 @@ pub struct ManifestImageStatus {
     pub started_unix_ms: Option<u64>,
     /// When it completed (Unix milliseconds).
     pub completed_unix_ms: Option<u64>,
+    /// While its data is fetched: milliseconds until it is in, at the rate so far.
+    pub eta_ms: Option<u64>,
     /// Its layers.
     pub layers: Vec<ManifestLayerStatus>,
 }

@@ -126,7 +126,20 @@ fn a_manifest_prefetches_in_priority_order_and_changes_apply_as_a_diff() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let done = settled(&agent, Duration::from_secs(120));
+    // `manifest status --watch` follows it until every image is settled (piped: a line per
+    // change).
+    let watched = agent.cli_within(&["manifest", "status", "--watch"], Duration::from_secs(120));
+    let watched_text = String::from_utf8_lossy(&watched.stdout);
+    assert!(watched.status.success(), "{watched_text}");
+    for reference in [&db, &web, &cron] {
+        assert!(
+            watched_text
+                .lines()
+                .any(|line| line.starts_with(&format!("{reference} complete: "))),
+            "{watched_text}"
+        );
+    }
+    let done = settled(&agent, Duration::from_secs(1));
     println!("after the first manifest: {done}");
     let completed = |reference: &str| {
         let image = image(&done, reference);

@@ -806,7 +806,7 @@ async fn apply_manifest(
 ) -> Result<Json<gantry_api::ManifestStatus>, ApiError> {
     let manifest = crate::manifest::ClusterManifest::from_json(&body)
         .map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?;
-    crate::manifest::put_in_force(&agent, manifest).map_err(|reason| {
+    crate::manifest::put_in_force(&agent.images, &agent.manifest, manifest).map_err(|reason| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("cluster manifest: {reason}"),

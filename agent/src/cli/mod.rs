@@ -137,6 +137,10 @@ pub enum ManifestCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Follow the prefetch until every image is settled (live bars on a terminal, a line
+        /// per change otherwise).
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
 }
 
@@ -216,8 +220,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Manifest(ManifestCommand::Apply { file }) => {
             manifest::apply(&client, &file).await?
         }
-        Command::Manifest(ManifestCommand::Status { json }) => {
-            manifest::status(&client, json).await?;
+        Command::Manifest(ManifestCommand::Status { json, watch }) => {
+            if watch {
+                manifest::watch(&client).await?;
+            } else {
+                manifest::status(&client, json).await?;
+            }
         }
         Command::GuestInfo { vm, wait, json } => vms::guest_info(&client, &vm, wait, json).await?,
         Command::Ping { vm, count, size } => vms::ping(&client, &vm, count, size).await?,

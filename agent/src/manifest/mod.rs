@@ -11,13 +11,17 @@ pub mod scheduler;
 pub use document::{ClusterManifest, ManifestError};
 pub use scheduler::ManifestScheduler;
 
-use crate::state::Agent;
+use crate::images::ImageService;
 
-/// Puts a checked manifest in force on `agent`: its registries first (a client that cannot be
-/// built — an unreadable CA or credentials file — refuses the manifest, and the one in force
-/// stays), then its images. Returns the new generation.
-pub fn put_in_force(agent: &Agent, manifest: ClusterManifest) -> Result<u64, String> {
-    let client = agent.images.registry_for(&manifest.registries)?;
-    agent.images.use_registry(client);
-    Ok(agent.manifest.apply(manifest))
+/// Puts a checked manifest in force: its registries into `images` first (a client that cannot
+/// be built — an unreadable CA or credentials file — refuses the manifest, and the one in force
+/// stays), then its images into `scheduler`. Returns the new generation.
+pub fn put_in_force(
+    images: &ImageService,
+    scheduler: &ManifestScheduler,
+    manifest: ClusterManifest,
+) -> Result<u64, String> {
+    let client = images.registry_for(&manifest.registries)?;
+    images.use_registry(client);
+    Ok(scheduler.apply(manifest))
 }

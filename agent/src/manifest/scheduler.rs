@@ -11,7 +11,7 @@
 //! does not change under a moved tag while the entry stands.
 
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use gantry_api::{
     ManifestImageStatus, ManifestLayerStatus, ManifestStatus, PrefetchLevel, PrefetchState,
@@ -44,6 +44,22 @@ struct Tracked {
     metadata_done: bool,
     /// Its lazy layers, held open while their data is fetched.
     layers: Vec<Arc<LazyLayer>>,
+    /// When its data pass started, and the bytes its layers lacked then (for the ETA).
+    data_started: Option<(Instant, u64)>,
+}
+
+impl Tracked {
+    /// Milliseconds until its data is in, at the rate since its data pass started.
+    fn eta_ms(&self) -> Option<u64> {
+        let (started, missing_then) = self.data_started?;
+        if self.state != PrefetchState::Fetching {
+            return None;
+        }
+        let missing: u64 = self.layers.iter().map(|layer| layer.missing_bytes()).sum();
+        let elapsed = started.elapsed().as_secs_f64();
+        let rate = missing_then.saturating_sub(missing) as f64 / elapsed.max(1e-3);
+        (rate > 0.0).then(|| (missing as f64 / rate * 1000.0) as u64)
+    }
 }
 
 impl Tracked {
@@ -58,6 +74,7 @@ impl Tracked {
             pins: Vec::new(),
             metadata_done: false,
             layers: Vec::new(),
+            data_started: None,
         }
     }
 }
@@ -189,6 +206,7 @@ impl ManifestScheduler {
                     error: tracked.error.clone(),
                     started_unix_ms: tracked.started_unix_ms,
                     completed_unix_ms: tracked.completed_unix_ms,
+                    eta_ms: tracked.eta_ms(),
                     layers: tracked
                         .resolved
                         .as_deref()
@@ -307,6 +325,14 @@ fn next_job(applied: &Arc<Mutex<Applied>>, generation: u64, data_pass: bool) -> 
         .min_by_key(|tracked| std::cmp::Reverse(tracked.entry.priority))?;
     tracked.state = PrefetchState::Fetching;
     tracked.started_unix_ms.get_or_insert_with(now_ms);
+    if data_pass {
+        let missing = tracked
+            .layers
+            .iter()
+            .map(|layer| layer.missing_bytes())
+            .sum();
+        tracked.data_started = Some((Instant::now(), missing));
+    }
     Some((
         tracked.entry.key(),
         tracked.entry.clone(),
