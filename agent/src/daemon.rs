@@ -126,8 +126,8 @@ pub async fn run(
     });
     agent.manifest.start(Arc::downgrade(&agent.images));
     if let Some((manifest, client)) = manifest {
-        agent.images.use_registry(client);
-        let generation = agent.manifest.apply(manifest);
+        let generation =
+            crate::manifest::put_in_force_with(&agent.images, &agent.manifest, manifest, client);
         info!(generation, "cluster manifest in force");
     }
     info!(socket = %config.api_socket.display(), "operator API listening");

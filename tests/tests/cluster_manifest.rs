@@ -99,6 +99,16 @@ fn apply(agent: &TestAgent, dir: &Path, name: &str, text: &str) -> std::process:
         .expect("manifest apply runs")
 }
 
+/// [`apply`], which must succeed.
+fn apply_ok(agent: &TestAgent, dir: &Path, name: &str, text: &str) {
+    let output = apply(agent, dir, name, text);
+    assert!(
+        output.status.success(),
+        "manifest apply {name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[test]
 fn a_manifest_prefetches_in_priority_order_and_changes_apply_as_a_diff() {
     if !tools_available() {
@@ -120,12 +130,7 @@ fn a_manifest_prefetches_in_priority_order_and_changes_apply_as_a_diff() {
          [[image]]\nref = \"{cron}\"\npriority = 10\nprefetch = \"all\"\n\n\
          [[image]]\nref = \"{db}\"\npriority = 30\npin = true\nprefetch = \"all\"\n"
     );
-    let output = apply(&agent, work.path(), "first.toml", &first);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    apply_ok(&agent, work.path(), "first.toml", &first);
     // `manifest status --watch` follows it until every image is settled (piped: a line per
     // change).
     let watched = agent.cli_within(&["manifest", "status", "--watch"], Duration::from_secs(120));
@@ -184,8 +189,7 @@ fn a_manifest_prefetches_in_priority_order_and_changes_apply_as_a_diff() {
          [[image]]\nref = \"{db}\"\npriority = 30\npin = true\nprefetch = \"all\"\n\n\
          [[image]]\nref = \"{extra}\"\npriority = 5\nprefetch = \"metadata\"\n"
     );
-    let output = apply(&agent, work.path(), "second.toml", &second);
-    assert!(output.status.success());
+    apply_ok(&agent, work.path(), "second.toml", &second);
     let after = settled(&agent, Duration::from_secs(60));
     println!("after the second manifest: {after}");
     assert_eq!(after["generation"].as_u64(), Some(generation + 1));
@@ -241,12 +245,7 @@ fn the_disk_budget_leaves_the_lowest_priority_image_partial() {
          [[image]]\nref = \"{second}\"\npriority = 1\nprefetch = \"all\"\n\n\
          [[image]]\nref = \"{first}\"\npriority = 2\nprefetch = \"all\"\n"
     );
-    let output = apply(&agent, work.path(), "budget.toml", &manifest);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    apply_ok(&agent, work.path(), "budget.toml", &manifest);
     let deadline = Instant::now() + Duration::from_secs(60);
     let done = loop {
         let status = status(&agent);
@@ -326,12 +325,7 @@ fn the_manifest_s_registry_mirrors_are_used_in_order() {
         registry.host(),
         mirror.host()
     );
-    let output = apply(&agent, work.path(), "mirrors.toml", &manifest);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    apply_ok(&agent, work.path(), "mirrors.toml", &manifest);
     let done = settled(&agent, Duration::from_secs(120));
     println!("through the manifest's mirrors: {done}");
     assert!(done["not_applied"].as_array().unwrap().is_empty(), "{done}");
@@ -347,5 +341,39 @@ fn the_manifest_s_registry_mirrors_are_used_in_order() {
     assert!(
         !through_mirror.is_empty(),
         "the data came through the second mirror"
+    );
+}
+
+#[test]
+fn the_bandwidth_budget_limits_the_fill() {
+    if !tools_available() {
+        return;
+    }
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let slow = lazy_image(&registry, work.path(), "slow", 13);
+    // One chunk per request, so that the limit spaces every chunk after the first.
+    let agent = TestAgent::start_with(
+        &[],
+        "[lazy]\nmode = \"lazy\"\ntrace_seconds = 0\ncoalesce_bytes = 1048576\n",
+    )
+    .expect("agent starts");
+    let manifest = format!(
+        "version = 1\n[budget]\nbandwidth = \"1M\"\n\n[[image]]\nref = \"{slow}\"\nprefetch = \"all\"\n"
+    );
+    apply_ok(&agent, work.path(), "bandwidth.toml", &manifest);
+    let done = settled(&agent, Duration::from_secs(120));
+    assert!(done["not_applied"].as_array().unwrap().is_empty(), "{done}");
+    let image = image(&done, &slow);
+    assert_eq!(image["state"], "complete", "{image}");
+    let took_ms =
+        image["completed_unix_ms"].as_u64().unwrap() - done["applied_unix_ms"].as_u64().unwrap();
+    let (_, chunks) = chunks(image);
+    println!("{chunks} chunks (about 4 MiB) under a 1 MiB/s budget in {took_ms} ms");
+    // A lower bound only (a limit cannot be beaten however fast the machine): every chunk but
+    // the first waits for the budget, ~3 MiB at 1 MiB/s.
+    assert!(
+        took_ms >= 2_000,
+        "the fill ignored the budget: {took_ms} ms"
     );
 }

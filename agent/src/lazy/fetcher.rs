@@ -159,6 +159,8 @@ enum Control {
         chunks: Range<usize>,
         priority: Priority,
     },
+    /// The fill's bandwidth from now on (bytes per second; 0: unlimited).
+    SetFillLimit(u64),
 }
 
 /// A handle to the fetcher task.
@@ -236,6 +238,14 @@ impl Fetcher {
         let _ = self
             .control
             .send(ControlMessage(Control::Prefetch(layer, chunks)));
+    }
+
+    /// Sets the fill's bandwidth limit (bytes per second, 0 for none), in place of
+    /// `lazy.background_bytes_per_sec` (a cluster manifest's `budget.bandwidth`).
+    pub fn set_fill_limit(&self, bytes_per_sec: u64) {
+        let _ = self
+            .control
+            .send(ControlMessage(Control::SetFillLimit(bytes_per_sec)));
     }
 
     /// The fetcher's counters.
@@ -324,6 +334,10 @@ impl Scheduler {
                     .extend(chunks.into_iter().map(|chunk| (Arc::clone(&layer), chunk)));
             }
             Control::Refill { layer, pass } => self.add_fill(layer, pass),
+            Control::SetFillLimit(bytes_per_sec) => {
+                info!(bytes_per_sec, "fill bandwidth limit");
+                self.config.background_bytes_per_sec = bytes_per_sec;
+            }
             Control::Finished {
                 layer,
                 chunks,

@@ -180,6 +180,14 @@ impl ClusterManifest {
             .unwrap_or(0)
     }
 
+    /// The background bandwidth budget in bytes per second, if the manifest sets one.
+    pub fn bandwidth_budget(&self) -> Option<u64> {
+        self.budget
+            .bandwidth
+            .as_deref()
+            .and_then(|text| parse_size(text).ok())
+    }
+
     /// Checks what parsing cannot: on failure, the image entry at fault (if one) and why.
     fn check(&self) -> Result<(), (Option<usize>, String)> {
         if self.version != MANIFEST_VERSION {

@@ -180,10 +180,7 @@ impl ManifestScheduler {
         images.sort_by_key(|tracked| std::cmp::Reverse(tracked.entry.priority));
         let mut not_applied = Vec::new();
         if let Some(manifest) = &applied.manifest {
-            for (section, used) in [
-                ("peer", !manifest.peers.is_empty()),
-                ("budget.bandwidth", manifest.budget.bandwidth.is_some()),
-            ] {
+            for (section, used) in [("peer", !manifest.peers.is_empty())] {
                 if used {
                     not_applied.push(section.to_string());
                 }
