@@ -379,8 +379,11 @@ pub struct LazyLayerStats {
     pub blob_bytes: u64,
 }
 
-/// How much of a cluster manifest's image is brought in ahead of its first `run`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// How much of a cluster manifest's image is brought in ahead of its first `run` (ordered:
+/// each level includes the ones before it).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum PrefetchLevel {
     /// The manifest, config and chunk indexes.
@@ -390,6 +393,17 @@ pub enum PrefetchLevel {
     Trace,
     /// Every chunk of every layer.
     All,
+}
+
+impl PrefetchLevel {
+    /// The level's name as manifests spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrefetchLevel::Metadata => "metadata",
+            PrefetchLevel::Trace => "trace",
+            PrefetchLevel::All => "all",
+        }
+    }
 }
 
 /// Where a cluster manifest's image is.
@@ -407,6 +421,19 @@ pub enum PrefetchState {
     Partial,
     /// Failed; `error` says why (retried on the next apply).
     Failed,
+}
+
+impl PrefetchState {
+    /// The state's name as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrefetchState::Queued => "queued",
+            PrefetchState::Fetching => "fetching",
+            PrefetchState::Complete => "complete",
+            PrefetchState::Partial => "partial",
+            PrefetchState::Failed => "failed",
+        }
+    }
 }
 
 /// `GET /v1/manifest`: the cluster manifest in force and how far its images are.

@@ -38,16 +38,6 @@ pub async fn apply(client: &ApiClient, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn state_name(state: PrefetchState) -> &'static str {
-    match state {
-        PrefetchState::Queued => "queued",
-        PrefetchState::Fetching => "fetching",
-        PrefetchState::Complete => "complete",
-        PrefetchState::Partial => "partial",
-        PrefetchState::Failed => "failed",
-    }
-}
-
 fn settled(state: PrefetchState) -> bool {
     !matches!(state, PrefetchState::Queued | PrefetchState::Fetching)
 }
@@ -66,7 +56,7 @@ fn describe(image: &ManifestImageStatus) -> String {
     let mut line = format!(
         "{} {}: {present}/{chunks} chunks",
         image.reference,
-        state_name(image.state)
+        image.state.as_str()
     );
     if let Some(eta) = image.eta_ms {
         line.push_str(&format!(", about {:.0} s left", eta as f64 / 1000.0));
@@ -114,7 +104,7 @@ pub async fn watch(client: &ApiClient) -> anyhow::Result<()> {
                         .as_deref()
                         .map(|error| format!(" {error}"))
                         .unwrap_or_default();
-                    bar.set_message(format!("{}{eta}{error}", state_name(image.state)));
+                    bar.set_message(format!("{}{eta}{error}", image.state.as_str()));
                 }
                 None => {
                     // Piped: a line when the state or error changes (not every chunk).
@@ -158,7 +148,6 @@ pub async fn status(client: &ApiClient, json: bool) -> anyhow::Result<()> {
         } else {
             format!("{:.0}%", present as f64 * 100.0 / chunks as f64)
         };
-        let state = state_name(image.state);
         let detail = image
             .error
             .clone()
@@ -168,10 +157,8 @@ pub async fn status(client: &ApiClient, json: bool) -> anyhow::Result<()> {
             "{:<48} {:>8} {:<8} {:<9} {:>8}  {detail}",
             image.reference,
             image.priority,
-            serde_json::to_value(image.prefetch)?
-                .as_str()
-                .unwrap_or_default(),
-            state,
+            image.prefetch.as_str(),
+            image.state.as_str(),
             present,
         );
     }

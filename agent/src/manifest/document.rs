@@ -173,19 +173,12 @@ impl ClusterManifest {
 
     /// The disk budget in bytes, 0 for none.
     pub fn disk_budget(&self) -> u64 {
-        self.budget
-            .disk
-            .as_deref()
-            .and_then(|text| parse_size(text).ok())
-            .unwrap_or(0)
+        budget_size(&self.budget.disk).unwrap_or(0)
     }
 
     /// The background bandwidth budget in bytes per second, if the manifest sets one.
     pub fn bandwidth_budget(&self) -> Option<u64> {
-        self.budget
-            .bandwidth
-            .as_deref()
-            .and_then(|text| parse_size(text).ok())
+        budget_size(&self.budget.bandwidth)
     }
 
     /// Checks what parsing cannot: on failure, the image entry at fault (if one) and why.
@@ -263,6 +256,11 @@ impl ClusterManifest {
         }
         Ok(())
     }
+}
+
+/// A budget's size (checked by [`ClusterManifest::check`], so it parses).
+fn budget_size(text: &Option<String>) -> Option<u64> {
+    text.as_deref().and_then(|text| parse_size(text).ok())
 }
 
 fn check_url(url: &str) -> Result<(), String> {

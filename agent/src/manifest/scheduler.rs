@@ -49,20 +49,6 @@ struct Tracked {
 }
 
 impl Tracked {
-    /// Milliseconds until its data is in, at the rate since its data pass started.
-    fn eta_ms(&self) -> Option<u64> {
-        let (started, missing_then) = self.data_started?;
-        if self.state != PrefetchState::Fetching {
-            return None;
-        }
-        let missing: u64 = self.layers.iter().map(|layer| layer.missing_bytes()).sum();
-        let elapsed = started.elapsed().as_secs_f64();
-        let rate = missing_then.saturating_sub(missing) as f64 / elapsed.max(1e-3);
-        (rate > 0.0).then(|| (missing as f64 / rate * 1000.0) as u64)
-    }
-}
-
-impl Tracked {
     fn new(entry: ImageEntry) -> Tracked {
         Tracked {
             entry,
@@ -76,6 +62,18 @@ impl Tracked {
             layers: Vec::new(),
             data_started: None,
         }
+    }
+
+    /// Milliseconds until its data is in, at the rate since its data pass started.
+    fn eta_ms(&self) -> Option<u64> {
+        let (started, missing_then) = self.data_started?;
+        if self.state != PrefetchState::Fetching {
+            return None;
+        }
+        let missing: u64 = self.layers.iter().map(|layer| layer.missing_bytes()).sum();
+        let elapsed = started.elapsed().as_secs_f64();
+        let rate = missing_then.saturating_sub(missing) as f64 / elapsed.max(1e-3);
+        (rate > 0.0).then(|| (missing as f64 / rate * 1000.0) as u64)
     }
 }
 
@@ -135,8 +133,7 @@ impl ManifestScheduler {
                     .map(|index| previous.swap_remove(index));
                 let tracked = match kept {
                     Some(mut tracked) => {
-                        let level_raised =
-                            level_rank(entry.prefetch) > level_rank(tracked.entry.prefetch);
+                        let level_raised = entry.prefetch > tracked.entry.prefetch;
                         if !entry.pin {
                             tracked.pins.clear();
                         }
@@ -178,14 +175,11 @@ impl ManifestScheduler {
         let applied = lock(&self.applied);
         let mut images: Vec<&Tracked> = applied.images.iter().collect();
         images.sort_by_key(|tracked| std::cmp::Reverse(tracked.entry.priority));
-        let mut not_applied = Vec::new();
-        if let Some(manifest) = &applied.manifest {
-            for (section, used) in [("peer", !manifest.peers.is_empty())] {
-                if used {
-                    not_applied.push(section.to_string());
-                }
-            }
-        }
+        // Sections checked but not acted on yet.
+        let not_applied = match &applied.manifest {
+            Some(manifest) if !manifest.peers.is_empty() => vec!["peer".to_string()],
+            _ => Vec::new(),
+        };
         ManifestStatus {
             generation: applied.generation,
             applied_unix_ms: applied.applied_unix_ms,
@@ -215,14 +209,6 @@ impl ManifestScheduler {
     }
 }
 
-fn level_rank(level: PrefetchLevel) -> u8 {
-    match level {
-        PrefetchLevel::Metadata => 0,
-        PrefetchLevel::Trace => 1,
-        PrefetchLevel::All => 2,
-    }
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -242,28 +228,27 @@ async fn work(
             let Some(images) = images.upgrade() else {
                 return;
             };
-            let next = next_job(applied, generation, data_pass);
-            let Some((key, entry, resolved, layers, disk_budget)) = next else {
+            let Some(job) = next_job(applied, generation, data_pass) else {
                 break;
             };
             let outcome = if data_pass {
-                if let Some(reason) = over_budget(&images, disk_budget, &layers).await {
-                    record(applied, generation, &key, Ok(Step::Partial(reason)));
+                if let Some(reason) = over_budget(&images, job.disk_budget, job.missing).await {
+                    record(applied, generation, &job.key, Ok(Step::Partial(reason)));
                     continue;
                 }
-                for layer in &layers {
+                for layer in &job.layers {
                     if !layer.is_complete() {
                         images.lazy.fill(Arc::clone(layer));
                     }
                 }
                 tokio::select! {
-                    () = wait_all(&layers) => Ok(Step::Data),
+                    () = wait_all(&job.layers) => Ok(Step::Data),
                     _ = changed.changed() => return,
                 }
             } else {
-                metadata(&images, &entry, resolved).await
+                metadata(&images, &job.entry, job.resolved).await
             };
-            record(applied, generation, &key, outcome);
+            record(applied, generation, &job.key, outcome);
         }
     }
 }
@@ -282,15 +267,18 @@ enum Step {
     Partial(String),
 }
 
-/// An image to work on: its key, entry, resolution, open lazy layers, and the manifest's disk
-/// budget (0: none).
-type Job = (
-    (String, Option<String>),
-    ImageEntry,
-    Option<String>,
-    Vec<Arc<LazyLayer>>,
-    u64,
-);
+/// An image to work on in one pass.
+struct Job {
+    key: (String, Option<String>),
+    entry: ImageEntry,
+    resolved: Option<String>,
+    /// Its open lazy layers (data pass).
+    layers: Vec<Arc<LazyLayer>>,
+    /// The bytes they lack (data pass; 0 otherwise).
+    missing: u64,
+    /// The manifest's disk budget (0: none).
+    disk_budget: u64,
+}
 
 /// The highest-priority image with work left in this pass, marked as fetching.
 fn next_job(applied: &Arc<Mutex<Applied>>, generation: u64, data_pass: bool) -> Option<Job> {
@@ -322,34 +310,31 @@ fn next_job(applied: &Arc<Mutex<Applied>>, generation: u64, data_pass: bool) -> 
         .min_by_key(|tracked| std::cmp::Reverse(tracked.entry.priority))?;
     tracked.state = PrefetchState::Fetching;
     tracked.started_unix_ms.get_or_insert_with(now_ms);
+    let mut missing = 0;
     if data_pass {
-        let missing = tracked
+        missing = tracked
             .layers
             .iter()
             .map(|layer| layer.missing_bytes())
             .sum();
         tracked.data_started = Some((Instant::now(), missing));
     }
-    Some((
-        tracked.entry.key(),
-        tracked.entry.clone(),
-        tracked.resolved.clone(),
-        tracked.layers.clone(),
+    Some(Job {
+        key: tracked.entry.key(),
+        entry: tracked.entry.clone(),
+        resolved: tracked.resolved.clone(),
+        layers: tracked.layers.clone(),
+        missing,
         disk_budget,
-    ))
+    })
 }
 
-/// Why completing `layers` would not fit `budget` (the cache's layers now, plus what the
-/// layers lack), or `None` when it fits or there is no budget.
-async fn over_budget(
-    images: &Arc<ImageService>,
-    budget: u64,
-    layers: &[Arc<LazyLayer>],
-) -> Option<String> {
+/// Why adding `missing` bytes (what an image's layers lack) to the cache's layers would not
+/// fit `budget`, or `None` when it fits or there is no budget.
+async fn over_budget(images: &Arc<ImageService>, budget: u64, missing: u64) -> Option<String> {
     if budget == 0 {
         return None;
     }
-    let missing: u64 = layers.iter().map(|layer| layer.missing_bytes()).sum();
     let images = Arc::clone(images);
     let used = match tokio::task::spawn_blocking(move || images.cache.layers_bytes()).await {
         Ok(Ok(used)) => used,
@@ -403,21 +388,20 @@ async fn metadata(
 /// `host/repository@digest` of what the reference names now.
 async fn resolve(images: &ImageService, reference: &str) -> Result<String, String> {
     let parsed: Reference = reference.parse().map_err(|e| format!("{e}"))?;
-    if let Some(digest) = &parsed.digest {
-        return Ok(format!(
-            "{}/{}@{digest}",
-            parsed.registry, parsed.repository
-        ));
-    }
-    let tag = parsed.tag.clone().unwrap_or_else(|| "latest".into());
-    let root = images
-        .registry()
-        .fetch_manifest(&parsed, &tag)
-        .await
-        .map_err(|error| format!("resolving {reference}: {error}"))?;
+    let digest = match &parsed.digest {
+        Some(digest) => digest.clone(),
+        None => {
+            images
+                .registry()
+                .fetch_manifest(&parsed, &parsed.manifest_target())
+                .await
+                .map_err(|error| format!("resolving {reference}: {error}"))?
+                .digest
+        }
+    };
     Ok(format!(
-        "{}/{}@{}",
-        parsed.registry, parsed.repository, root.digest
+        "{}/{}@{digest}",
+        parsed.registry, parsed.repository
     ))
 }
 

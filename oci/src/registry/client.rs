@@ -358,6 +358,15 @@ impl RegistryClient {
         }
     }
 
+    /// The URL of manifest `target` (a tag or digest) on the registry itself.
+    pub(super) fn manifest_url(&self, reference: &Reference, target: &str) -> String {
+        format!(
+            "{}/v2/{}/manifests/{target}",
+            self.origin(reference).base,
+            reference.repository
+        )
+    }
+
     pub(super) fn stall_timeout(&self) -> Duration {
         Duration::from_millis(self.config.stall_timeout_ms)
     }

@@ -110,10 +110,7 @@ impl RegistryClient {
         manifest: &EncodedManifest,
     ) -> Result<HeaderMap, RegistryError> {
         let push = self.push_target(reference, None);
-        let url = format!(
-            "{}/v2/{}/manifests/{target}",
-            push.endpoint.base, reference.repository
-        );
+        let url = self.manifest_url(reference, target);
         let bytes = bytes::Bytes::from(manifest.bytes.clone());
         let headers = self
             .retrying(&url, || async {

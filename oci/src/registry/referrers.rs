@@ -238,14 +238,6 @@ impl RegistryClient {
         })
     }
 
-    fn manifest_url(&self, reference: &Reference, target: &str) -> String {
-        format!(
-            "{}/v2/{}/manifests/{target}",
-            self.origin(reference).base,
-            reference.repository
-        )
-    }
-
     /// Reads a listing (an image index) at `url`: `None` when the registry answers `404`.
     async fn read_listing(
         &self,
