@@ -123,6 +123,12 @@ impl OciLayout {
             .collect()
     }
 
+    /// Every `index.json` entry, named or not (unnamed ones are often referrers: artifacts
+    /// with a `subject`).
+    pub fn entries(&self) -> &[Descriptor] {
+        &self.index.manifests
+    }
+
     /// The `index.json` entry for `name`: a `ref.name` annotation equal to it (or to its tag
     /// part), a digest, or — with an empty name — the only entry.
     pub fn find(&self, name: &str) -> Result<&Descriptor, LayoutError> {
@@ -158,7 +164,7 @@ impl OciLayout {
     }
 
     /// Reads a manifest blob, verified.
-    fn read_manifest(&self, descriptor: &Descriptor) -> Result<FetchedManifest, LayoutError> {
+    pub fn read_manifest(&self, descriptor: &Descriptor) -> Result<FetchedManifest, LayoutError> {
         let path = self.blob_path(&descriptor.digest);
         let bytes = read_capped(&path, MAX_DOCUMENT_BYTES)?;
         let mut verifier = BlobVerifier::new(descriptor);
@@ -440,6 +446,9 @@ impl LayoutWriter {
             "digest": digest,
             "size": descriptor.size,
         });
+        if let Some(artifact_type) = &descriptor.artifact_type {
+            entry["artifactType"] = artifact_type.as_str().into();
+        }
         if !name.is_empty() {
             entry["annotations"] = json!({ REF_NAME_ANNOTATION: name });
         }

@@ -455,15 +455,20 @@ fn two_vms_starting_the_same_image_fetch_each_chunk_once() {
     }
 }
 
+/// A proxy of the test's own before the registry: stopping it is the registry going away for
+/// that test only, leaving the other tests' proxy alone.
+fn own_proxy(fixture: &Fixture) -> FaultProxy {
+    fixture.runtime.block_on(FaultProxy::start(&format!(
+        "http://{}",
+        fixture.registry.host()
+    )))
+}
+
 #[test]
 fn a_registry_that_disappears_fails_missing_reads_only() {
     let fixture = fixture();
     let _turn = turn();
-    // A proxy of its own, so that stopping it leaves the other tests' proxy alone.
-    let proxy = fixture.runtime.block_on(FaultProxy::start(&format!(
-        "http://{}",
-        fixture.registry.host()
-    )));
+    let proxy = own_proxy(fixture);
     let image = image(fixture, "vanish", 5, &proxy.host());
     let name = "vanish";
     succeed(
@@ -516,6 +521,96 @@ fn a_registry_that_disappears_fails_missing_reads_only() {
     succeed(cli(&["rm", "--vm", VM_B, "-f", name]), "rm -f");
     let ps = succeed(cli(&["ps", "--vm", VM_B, "-a", "--json"]), "ps");
     assert!(!ps.contains(name), "{ps}");
+}
+
+/// `gantry-agent cache ARGS --cache-dir DIR` (no agent API involved; agents may be running).
+fn cache_cli(cache_dir: &Path, args: &[&str]) -> Output {
+    Command::new(agent_binary())
+        .arg("cache")
+        .args(args)
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("gantry-agent cache runs")
+}
+
+#[test]
+fn a_bundle_from_one_card_starts_containers_on_another_with_the_registry_down() {
+    let fixture = fixture();
+    let _turn = turn();
+    let proxy = own_proxy(fixture);
+    let image = image(fixture, "bundled", 11, &proxy.host());
+    // Card A (no VMs) prefetches both forms whole: the lazy one, and the tar one it converts.
+    let card_a = TestAgent::start_with(&[], "[lazy]\nmode = \"lazy\"\ntrace_seconds = 0\n")
+        .expect("card a starts");
+    for reference in [&image.converted, &image.original] {
+        succeed(
+            cli_on(
+                &card_a,
+                &["prefetch", "--pull-mode", "eager", reference],
+                Duration::from_secs(120),
+            ),
+            "prefetch on card a",
+        );
+    }
+    let bundle = fixture.work.path().join("bundle");
+    let started = Instant::now();
+    let exported = succeed(
+        cache_cli(
+            &card_a.state_dir().join("cache"),
+            &[
+                "export",
+                &image.converted,
+                &image.original,
+                bundle.to_str().unwrap(),
+            ],
+        ),
+        "cache export beside a running agent",
+    );
+    println!("{exported}exported in {:?}", started.elapsed());
+    assert!(exported.contains("as cached"), "{exported}");
+    assert!(exported.contains("re-chunked"), "{exported}");
+    drop(card_a);
+
+    proxy.stop();
+    // Card B has never seen the image; the bundle goes into its cache while it runs.
+    let cache_b = fixture.agent.state_dir().join("cache");
+    let started = Instant::now();
+    let imported = succeed(
+        cache_cli(&cache_b, &["import", bundle.to_str().unwrap()]),
+        "cache import",
+    );
+    println!("{imported}imported in {:?}", started.elapsed());
+    for reference in [&image.converted, &image.original] {
+        let started = Instant::now();
+        let output = succeed(
+            cli(&[
+                "run",
+                "--vm",
+                VM_A,
+                "--rm",
+                reference,
+                "sh",
+                "-c",
+                "cat /data/hello.txt; sha256sum /data/big.bin /data/big2.bin",
+            ]),
+            "run with the registry down",
+        );
+        println!(
+            "{reference}: ran from the bundle in {:?}",
+            started.elapsed()
+        );
+        assert!(output.starts_with("hello from bundled\n"), "{output}");
+        assert!(output.contains(&image.big_sha), "{output}");
+        assert!(output.contains(&image.big2_sha), "{output}");
+    }
+    let log = fixture.agent.log();
+    assert!(
+        log.contains("the registry is out of reach: using the cached image"),
+        "{}",
+        tail(&log)
+    );
 }
 
 /// Every present chunk of a lazy layer in the cache equals the blob's chunk, decoded.

@@ -812,13 +812,20 @@ async fn apply_manifest(
             format!("cluster manifest: {reason}"),
         )
     })?;
-    Ok(manifest_status(State(agent)).await)
+    manifest_status(State(agent)).await
 }
 
-/// `GET /v1/manifest`.
-async fn manifest_status(State(agent): State<AgentState>) -> Json<gantry_api::ManifestStatus> {
-    let images = agent.images.cache.images().unwrap_or_default();
-    Json(agent.manifest.status(|name| {
+/// `GET /v1/manifest`; a cache that cannot be read is a 500, as for `GET /v1/images` (empty
+/// layer lists would read as "nothing fetched yet").
+async fn manifest_status(
+    State(agent): State<AgentState>,
+) -> Result<Json<gantry_api::ManifestStatus>, ApiError> {
+    let images = agent
+        .images
+        .cache
+        .images()
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+    Ok(Json(agent.manifest.status(|name| {
         images
             .iter()
             .find(|image| image.record.name == name)
@@ -834,7 +841,7 @@ async fn manifest_status(State(agent): State<AgentState>) -> Json<gantry_api::Ma
                     .collect()
             })
             .unwrap_or_default()
-    }))
+    })))
 }
 
 async fn lazy_stats(State(agent): State<AgentState>) -> Json<gantry_api::LazyStats> {

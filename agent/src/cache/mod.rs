@@ -8,7 +8,11 @@
 //!     image.erofs               the EROFS image, a sparse file
 //!     chunks.bitmap             present chunks (all set after a full conversion)
 //!     chunk-index.bin           lazy layers only: the verified chunk index (its payload)
+//!     blob                      lazy layers only: the blob as the registry has it, sparse
+//!                               (each chunk's stored frame, and the index section), kept so
+//!                               that bundles and peers hand out the very bytes it vouches for
 //!     layer.json                LayerMeta; also the file pins lock (shared flock)
+//! documents/sha256-<hex>       the image manifests and configs records name, as fetched
 //! locks/sha256-<hex>.lock       per-layer single-flight lock (exclusive flock while fetching)
 //! tmp/<pid>-<n>/                work in progress, owned while its owner.lock is held
 //! ```
@@ -33,7 +37,7 @@ pub mod trace;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -53,6 +57,9 @@ const IMAGE_FILE: &str = "image.erofs";
 const BITMAP_FILE: &str = "chunks.bitmap";
 const META_FILE: &str = "layer.json";
 const INDEX_FILE: &str = "chunk-index.bin";
+const BLOB_FILE: &str = "blob";
+/// Every file a published layer directory may hold (what its allocated size counts).
+const LAYER_FILES: [&str; 5] = [IMAGE_FILE, BITMAP_FILE, META_FILE, INDEX_FILE, BLOB_FILE];
 /// Largest chunk index read back from the cache.
 const MAX_INDEX_BYTES: u64 = 256 << 20;
 const OWNER_LOCK: &str = "owner.lock";
@@ -167,6 +174,10 @@ pub struct LazyLayerMeta {
     pub index_digest: Digest,
     /// Where the chunk-index section starts in the blob.
     pub section_start: u64,
+    /// Whether the layer directory keeps the blob's bytes beside the image (layers
+    /// published before the cache did so do not).
+    #[serde(default)]
+    pub keeps_blob: bool,
 }
 
 /// A layer in the cache, as an image record lists it.
@@ -313,7 +324,7 @@ pub struct Cache {
 impl Cache {
     /// Opens (creating if needed) the cache at `root` and removes unowned temporary files.
     pub fn open(root: &Path, config: CacheConfig) -> Result<Cache, CacheError> {
-        for dir in ["images", "layers", "locks", "tmp"] {
+        for dir in ["images", "layers", "locks", "tmp", "documents"] {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(io_error(&path))?;
         }
@@ -526,16 +537,30 @@ impl Cache {
     }
 
     /// Publishes a lazily fetched layer whose chunk index was verified: an empty sparse image
-    /// of the index's uncompressed size, a bitmap with no chunk present, the index itself and
-    /// the metadata, fsynced and renamed into `layers/`. Returns the layer pinned.
+    /// of the index's uncompressed size, a bitmap with no chunk present, the index itself, a
+    /// sparse copy of the blob holding only the index `section` (its bytes as in the blob)
+    /// and the metadata, fsynced and renamed into `layers/`. Returns the layer pinned.
     pub async fn publish_lazy_layer(
         &self,
         descriptor: &Descriptor,
         index: &ChunkIndex,
         index_digest: &Digest,
         erofs_digest: Digest,
+        section: &[u8],
     ) -> Result<(LayerRecord, PinGuard), CacheError> {
         let mut build = self.begin_build()?;
+        let section_end = index.section_start().checked_add(section.len() as u64);
+        if section_end.is_none_or(|end| end > descriptor.size) {
+            return Err(CacheError::Corrupt {
+                path: build.dir.join(BLOB_FILE),
+                reason: format!(
+                    "the chunk index section at {} ({} bytes) is not inside the {}-byte blob",
+                    index.section_start(),
+                    section.len(),
+                    descriptor.size
+                ),
+            });
+        }
         let meta = LayerMeta {
             blob_digest: descriptor.digest.clone(),
             blob_size: descriptor.size,
@@ -548,6 +573,7 @@ impl Cache {
             lazy: Some(LazyLayerMeta {
                 index_digest: index_digest.clone(),
                 section_start: index.section_start(),
+                keeps_blob: true,
             }),
         };
         let target = self.layer_dir(&descriptor.digest);
@@ -556,11 +582,18 @@ impl Cache {
         let layers = self.root.join("layers");
         let task_meta = meta.clone();
         let (payload, count) = (index.payload_bytes(), index.len() as u64);
+        let (section, section_start) = (section.to_vec(), index.section_start());
         tokio::task::spawn_blocking(move || -> Result<(), CacheError> {
             let file = fs::File::create(&image).map_err(io_error(&image))?;
             file.set_len(task_meta.erofs_size)
                 .and_then(|()| file.sync_all())
                 .map_err(io_error(&image))?;
+            let blob = dir.join(BLOB_FILE);
+            let file = fs::File::create(&blob).map_err(io_error(&blob))?;
+            file.set_len(task_meta.blob_size)
+                .and_then(|()| file.write_all_at(&section, section_start))
+                .and_then(|()| file.sync_all())
+                .map_err(io_error(&blob))?;
             let bitmap = dir.join(BITMAP_FILE);
             ChunkBitmap::create_variable(&bitmap, task_meta.erofs_size, count).map_err(
                 |source| CacheError::Bitmap {
@@ -602,9 +635,54 @@ impl Cache {
         ChunkIndex::parse_payload(&payload, lazy.section_start).map_err(|e| corrupt(e.to_string()))
     }
 
-    /// Writes (or replaces) an image record.
-    pub async fn write_image(&self, record: &ImageRecord) -> Result<(), CacheError> {
+    /// The sparse copy of a lazy layer's blob, if the layer keeps one: its stored frames are
+    /// valid where the bitmap says the chunk is present, and the index section always.
+    pub fn lazy_blob_path(&self, digest: &Digest) -> Result<Option<PathBuf>, CacheError> {
+        let meta = self
+            .layer(digest)?
+            .ok_or_else(|| CacheError::LayerMissing(digest.clone()))?;
+        Ok(meta
+            .lazy
+            .filter(|lazy| lazy.keeps_blob)
+            .map(|_| self.layer_dir(digest).join(BLOB_FILE)))
+    }
+
+    fn document_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("documents").join(digest.file_name())
+    }
+
+    /// A kept manifest or config, checked against its digest; `None` if not kept (an image
+    /// pulled before the cache kept them).
+    pub fn document(&self, digest: &Digest) -> Result<Option<Vec<u8>>, CacheError> {
+        let path = self.document_path(digest);
+        let bytes = match fsutil::read_capped(&path, MAX_METADATA_BYTES) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(io_error(&path)(error)),
+        };
+        if Digest::of(&bytes) != *digest {
+            return Err(CacheError::Corrupt {
+                path,
+                reason: "the document does not match its digest".into(),
+            });
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Writes (or replaces) an image record, keeping `documents` (its manifest and config as
+    /// fetched, content-addressed) first, so the image can be handed on byte for byte
+    /// (bundles, peers). Both under the metadata lock: a GC never sees the documents without
+    /// the record that names them.
+    pub async fn write_image(
+        &self,
+        record: &ImageRecord,
+        documents: Vec<Vec<u8>>,
+    ) -> Result<(), CacheError> {
         let path = self.record_path(&record.name);
+        let document_paths: Vec<(PathBuf, Vec<u8>)> = documents
+            .into_iter()
+            .map(|bytes| (self.document_path(&Digest::of(&bytes)), bytes))
+            .collect();
         let json = serde_json::to_vec_pretty(record).map_err(|e| CacheError::Corrupt {
             path: path.clone(),
             reason: e.to_string(),
@@ -613,6 +691,11 @@ impl Cache {
         tokio::task::spawn_blocking(move || {
             let _lock =
                 FileLock::acquire(&lock, LockMode::Exclusive, true).map_err(io_error(&lock))?;
+            for (document, bytes) in &document_paths {
+                if !document.exists() {
+                    write_atomic(document, bytes).map_err(io_error(document))?;
+                }
+            }
             write_atomic(&path, &json).map_err(io_error(&path))
         })
         .await
@@ -831,7 +914,7 @@ impl CacheView {
                 continue;
             };
             let path = entry.path();
-            let allocated = ["image.erofs", "chunks.bitmap", "layer.json"]
+            let allocated = LAYER_FILES
                 .iter()
                 .filter_map(|f| fs::metadata(path.join(f)).ok())
                 .map(|m| m.blocks().saturating_mul(512))
@@ -851,7 +934,7 @@ impl CacheView {
     /// The layers some readable image record names. An unreadable record is skipped (and
     /// said so), as everywhere else: one corrupt file must not stop removal and GC for every
     /// other image; the layers it alone named become evictable, which only costs a refetch.
-    /// The layer blobs and the manifests the image records name.
+    /// The layer blobs, and the manifests and configs, the image records name.
     fn referenced(&self) -> Result<(HashSet<Digest>, HashSet<Digest>), CacheError> {
         let dir = self.root.join("images");
         let (mut referenced, mut manifests) = (HashSet::new(), HashSet::new());
@@ -863,6 +946,8 @@ impl CacheView {
             match read_json::<ImageRecord>(&path) {
                 Ok(record) => {
                     manifests.insert(record.manifest_digest);
+                    manifests.insert(record.config_digest);
+                    manifests.extend(record.index_digest);
                     referenced.extend(record.layers.into_iter().map(|l| l.blob_digest));
                 }
                 Err(error) => warn!(%error, "skipping an unreadable image record"),
@@ -905,6 +990,7 @@ impl CacheView {
                 .map_err(io_error(&self.root.join("traces")))?,
             ..GcReport::default()
         };
+        self.remove_documents_except(&manifests)?;
         for layer in self.scan_layers()? {
             if referenced.contains(&layer.digest) {
                 continue;
@@ -917,6 +1003,31 @@ impl CacheView {
         }
         report.layers_bytes = self.scan_layers()?.iter().map(|l| l.allocated).sum();
         Ok(report)
+    }
+
+    /// Removes the kept documents no record names (a config is named by its digest too).
+    fn remove_documents_except(&self, keep: &HashSet<Digest>) -> Result<(), CacheError> {
+        let dir = self.root.join("documents");
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(io_error(&dir)(error)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_error(&dir))?;
+            let name = entry.file_name();
+            // Temporary files of an atomic write in progress do not parse as digests.
+            let Some(digest) = name.to_str().and_then(Digest::from_file_name) else {
+                continue;
+            };
+            if !keep.contains(&digest)
+                && let Err(error) = fs::remove_file(entry.path())
+                && error.kind() != io::ErrorKind::NotFound
+            {
+                warn!(path = %entry.path().display(), %error, "cannot remove a document");
+            }
+        }
+        Ok(())
     }
 
     fn evict_to_budget(&self) -> Result<GcReport, CacheError> {

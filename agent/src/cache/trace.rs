@@ -12,6 +12,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use gantry_oci::Digest;
+use gantry_oci::registry::referrers::Artifact;
 use serde::{Deserialize, Serialize};
 
 use gantry_oci::fsutil::{read_capped, write_atomic};
@@ -112,6 +113,20 @@ pub fn decode_trace(bytes: &[u8], manifest: &Digest) -> Result<StartupTrace, Str
         ));
     }
     Ok(trace)
+}
+
+/// The trace as an OCI artifact (a referrer of its manifest, in a registry or a bundle).
+pub fn trace_artifact(trace: &StartupTrace) -> serde_json::Result<Artifact> {
+    Ok(Artifact {
+        artifact_type: TRACE_ARTIFACT_TYPE.into(),
+        media_type: TRACE_ARTIFACT_TYPE.into(),
+        bytes: encode_trace(trace)?.into(),
+        annotations: [(
+            TRACE_CHUNKS_ANNOTATION.to_string(),
+            trace.chunk_count().to_string(),
+        )]
+        .into(),
+    })
 }
 
 /// The JSON of a trace, as files and referrers hold it.

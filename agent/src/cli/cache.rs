@@ -13,15 +13,15 @@ use gantry_oci::Reference;
 use gantry_oci::layout::{OciLayout, OciLayoutSource};
 use gantry_oci::manifest::{Descriptor, OCI_MANIFEST};
 use gantry_oci::registry::auth::CredentialStore;
-use gantry_oci::registry::referrers::{Artifact, ReferrerListing};
+use gantry_oci::registry::referrers::ReferrerListing;
 use gantry_oci::registry::{RegistryClient, RegistryConfig, RegistrySource};
 
 use super::parse_size;
-use crate::cache::trace::{
-    StartupTrace, TRACE_ARTIFACT_TYPE, TRACE_CHUNKS_ANNOTATION, encode_trace, read_trace,
-};
+use crate::cache::trace::{StartupTrace, read_trace, trace_artifact};
 use crate::cache::{Cache, CacheConfig};
+use crate::images::bundle;
 use crate::images::pull::{self, PullEvent};
+use crate::manifest::document::ClusterManifest;
 
 /// The default cache directory.
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/gantry/cache";
@@ -120,6 +120,141 @@ pub struct GcArgs {
     pub json: bool,
     #[command(flatten)]
     pub cache: CacheDirArgs,
+}
+
+/// Arguments of `cache export`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportArgs {
+    /// Export the images a cluster manifest names (each as it was prefetched).
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// The images (names as `images` shows them), then the bundle: an OCI image layout
+    /// directory, created or extended.
+    #[arg(required = true, value_name = "IMAGE… BUNDLE")]
+    pub images_and_bundle: Vec<String>,
+    /// Print what was exported as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub cache: CacheDirArgs,
+}
+
+/// Arguments of `cache import`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImportArgs {
+    /// The bundle: an OCI image layout directory (as `cache export` writes it).
+    pub bundle: PathBuf,
+    /// Platform to pick from multi-platform images, `os/arch[/variant]`.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Print what was imported as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub cache: CacheDirArgs,
+}
+
+/// Runs `cache export`.
+pub async fn run_export(args: &ExportArgs) -> anyhow::Result<()> {
+    let (bundle, images) = args
+        .images_and_bundle
+        .split_last()
+        .context("name the bundle directory")?;
+    let mut wanted: Vec<(String, Vec<String>)> = images
+        .iter()
+        .map(|image| (image.clone(), Vec::new()))
+        .collect();
+    if let Some(path) = &args.manifest {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let manifest = ClusterManifest::from_toml(&text)
+            .map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
+        // A tag is exported under the name its prefetch resolved it to and under the tag
+        // itself, so a card without the registry finds it by either.
+        wanted.extend(manifest.images.iter().map(|entry| {
+            (
+                record_name(&entry.reference),
+                vec![record_name(&entry.reference)],
+            )
+        }));
+    }
+    if wanted.is_empty() {
+        anyhow::bail!("name the images to export, or a cluster manifest with --manifest");
+    }
+    let (cache_args, bundle) = (args.cache.clone(), PathBuf::from(bundle));
+    let exported = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let cache = cache_args.open()?;
+        let mut resolved = Vec::with_capacity(wanted.len());
+        for (name, aliases) in wanted {
+            resolved.push((bundle::find_image(&cache, &name)?, aliases));
+        }
+        Ok(bundle::export(&cache, &resolved, &bundle)?)
+    })
+    .await??;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&exported)?);
+        return Ok(());
+    }
+    for image in &exported {
+        let form = if image.layers_rechunked == 0 {
+            "as cached".to_string()
+        } else {
+            format!(
+                "{} of {} layers re-chunked into the lazy format",
+                image.layers_rechunked,
+                image.layers_rechunked + image.layers_copied
+            )
+        };
+        println!(
+            "exported {} {} ({form}, {:.1} MiB of layers{})",
+            image.name,
+            image.manifest_digest,
+            image.layer_bytes as f64 / 1048576.0,
+            if image.trace {
+                ", with its startup trace"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Runs `cache import`: fails (after importing what it could) if any image was left out.
+pub async fn run_import(args: &ImportArgs) -> anyhow::Result<()> {
+    let cache = args.cache.open()?;
+    let platform = args.platform.as_deref().map(str::parse).transpose()?;
+    let report = bundle::import(&cache, &args.bundle, platform, &print_progress).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for image in &report.imported {
+            println!(
+                "imported {} {} ({} layers, {} chunks stored{})",
+                image.name,
+                image.manifest_digest,
+                image.layers,
+                image.chunks_stored,
+                if image.trace {
+                    ", startup trace kept"
+                } else {
+                    ""
+                }
+            );
+        }
+        for failure in &report.failed {
+            eprintln!("not imported: {}: {}", failure.name, failure.error);
+        }
+    }
+    if !report.failed.is_empty() {
+        anyhow::bail!(
+            "{} of {} images of {} were not imported",
+            report.failed.len(),
+            report.failed.len() + report.imported.len(),
+            args.bundle.display()
+        );
+    }
+    Ok(())
 }
 
 /// Builds the registry client a `pull` asks for.
@@ -230,13 +365,23 @@ pub fn record_name(reference: &str) -> String {
         .map_or_else(|_| reference.to_string(), |r| r.to_string())
 }
 
+/// The record name of a user-typed image: as typed when the cache holds that name (a bundle's
+/// or a layout's name), else normalized as `pull` names it.
+fn cached_name(cache: &Cache, reference: &str) -> anyhow::Result<String> {
+    Ok(if cache.image(reference)?.is_some() {
+        reference.to_string()
+    } else {
+        record_name(reference)
+    })
+}
+
 /// Runs `rmi`.
 pub async fn run_rmi(args: &RmiArgs) -> anyhow::Result<()> {
     let cache = args.cache.open()?;
-    let report = cache.remove_image(&record_name(&args.reference)).await?;
+    let name = cached_name(&cache, &args.reference)?;
+    let report = cache.remove_image(&name).await?;
     println!(
-        "removed {}; {} layers freed, {} kept (pinned)",
-        record_name(&args.reference),
+        "removed {name}; {} layers freed, {} kept (pinned)",
         report.layers_removed.len(),
         report.pinned_kept.len()
     );
@@ -246,7 +391,7 @@ pub async fn run_rmi(args: &RmiArgs) -> anyhow::Result<()> {
 /// Runs `image trace`: the startup trace the cache holds for an image.
 pub async fn run_trace(args: &TraceArgs) -> anyhow::Result<()> {
     let cache = args.cache.open()?;
-    let name = record_name(&args.reference);
+    let name = cached_name(&cache, &args.reference)?;
     let record = cache.image(&name)?.with_context(|| {
         format!(
             "no image named {name:?} in {}",
@@ -304,16 +449,7 @@ async fn push_trace(args: &TraceArgs, name: &str, trace: &StartupTrace) -> anyho
         manifest.digest.clone(),
         manifest.bytes.len() as u64,
     );
-    let artifact = Artifact {
-        artifact_type: TRACE_ARTIFACT_TYPE.into(),
-        media_type: TRACE_ARTIFACT_TYPE.into(),
-        bytes: encode_trace(trace)?.into(),
-        annotations: [(
-            TRACE_CHUNKS_ANNOTATION.to_string(),
-            trace.chunk_count().to_string(),
-        )]
-        .into(),
-    };
+    let artifact = trace_artifact(trace)?;
     let pushed = client
         .push_referrer(&reference, &subject, &artifact)
         .await

@@ -151,6 +151,11 @@ pub enum CacheCommand {
     Gc(cache::GcArgs),
     /// List the images in a cache directory (without asking an agent).
     Images(cache::ImagesArgs),
+    /// Write cached images into a bundle (an OCI image layout, lazy-format layers, startup
+    /// traces as artifacts) for another card's `cache import`.
+    Export(cache::ExportArgs),
+    /// Load a bundle into the cache before any VM asks, every blob and chunk checked.
+    Import(cache::ImportArgs),
 }
 
 /// `image …`.
@@ -243,6 +248,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rmi(args) => cache::run_rmi(&args).await?,
         Command::Cache(CacheCommand::Gc(args)) => cache::run_gc(&args).await?,
         Command::Cache(CacheCommand::Images(args)) => cache::run_images(&args).await?,
+        Command::Cache(CacheCommand::Export(args)) => cache::run_export(&args).await?,
+        Command::Cache(CacheCommand::Import(args)) => cache::run_import(&args).await?,
         Command::Image(ImageCommand::Convert(args)) => image::run_convert(&args).await?,
         Command::Image(ImageCommand::ConvertLayer(args)) => {
             image::run_convert_layer(&args)?;

@@ -235,8 +235,13 @@ pub async fn pull_lazy<S: ImageSource>(
     };
 
     let root = source.fetch_root_manifest().await.map_err(source_error)?;
+    // The documents as fetched, kept with the record: the manifest, and the index it came from.
+    let mut documents = Vec::with_capacity(3);
     let (manifest, manifest_digest, index_digest) = match document("manifest", &root)? {
-        ManifestDocument::Image(manifest) => (manifest, root.digest.clone(), None),
+        ManifestDocument::Image(manifest) => {
+            documents.push(root.bytes.clone());
+            (manifest, root.digest.clone(), None)
+        }
         ManifestDocument::Index(index) => {
             let platform = source.platform();
             let entry = index
@@ -253,6 +258,7 @@ pub async fn pull_lazy<S: ImageSource>(
                 .map_err(source_error)?;
             match document("manifest", &child)? {
                 ManifestDocument::Image(manifest) => {
+                    documents.extend([root.bytes.clone(), child.bytes.clone()]);
                     (manifest, child.digest.clone(), Some(root.digest.clone()))
                 }
                 ManifestDocument::Index(_) => {
@@ -266,6 +272,7 @@ pub async fn pull_lazy<S: ImageSource>(
     };
 
     let config_bytes = fetch_config(source, &image, &manifest).await?;
+    documents.push(config_bytes.clone());
     let config = ImageConfiguration::parse(&config_bytes).map_err(|error| PullError::Document {
         image: image.clone(),
         what: "config",
@@ -307,7 +314,7 @@ pub async fn pull_lazy<S: ImageSource>(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    cache.write_image(&record).await?;
+    cache.write_image(&record, documents).await?;
     // The pins keep this image's layers out of the eviction its own arrival may trigger.
     cache.enforce_budget().await?;
     info!(image, manifest = %record.manifest_digest, layers = record.layers.len(), "pulled");
@@ -506,7 +513,7 @@ async fn publish_lazy(
         .clone()
         .unwrap_or_else(|| descriptor.digest.clone());
     cache
-        .publish_lazy_layer(descriptor, &index, &index_digest, erofs_digest)
+        .publish_lazy_layer(descriptor, &index, &index_digest, erofs_digest, &section)
         .await
         .map(Some)
         .map_err(|e| e.to_string())

@@ -12,7 +12,8 @@ use arc_swap::ArcSwap;
 use gantry_oci::Reference;
 use gantry_oci::layout::{OciLayout, OciLayoutSource};
 use gantry_oci::registry::auth::CredentialStore;
-use gantry_oci::registry::{RegistryClient, RegistryConfig, RegistrySource};
+use gantry_oci::registry::{RegistryClient, RegistryConfig, RegistryError, RegistrySource};
+use tracing::warn;
 
 use super::default_image::{self, DEFAULT_IMAGE_NAME, DefaultImageError};
 use super::pull::{self, LazyPull, PullError, PullEvent};
@@ -222,7 +223,10 @@ impl ImageService {
                 let origin = registry_origin(&registry, &reference);
                 let lazy = LazyPull { origin: &origin };
                 let (record, pins) =
-                    pull::pull_lazy(&self.cache, &source, progress, Some(&lazy)).await?;
+                    match pull::pull_lazy(&self.cache, &source, progress, Some(&lazy)).await {
+                        Ok(pulled) => pulled,
+                        Err(error) => self.cached_if_unreachable(&reference, error)?,
+                    };
                 let remote = RemoteTraces {
                     client: Arc::clone(&registry),
                     reference: reference.clone(),
@@ -243,6 +247,33 @@ impl ImageService {
             remote_traces,
         )
         .await
+    }
+
+    /// The cached image `reference` names, pinned, when `error` says its registry is out of
+    /// reach (an image imported from a bundle, or pulled before, runs without it); `error`
+    /// otherwise, or when the cache lacks the image or any of its layers. An answer from the
+    /// registry (not found, unauthorized) is never overridden.
+    fn cached_if_unreachable(
+        &self,
+        reference: &Reference,
+        error: PullError,
+    ) -> Result<(ImageRecord, Vec<PinGuard>), ImageError> {
+        let unreachable = matches!(&error, PullError::Source { error, .. }
+            if error.downcast_ref::<RegistryError>().is_some_and(RegistryError::is_unreachable));
+        if !unreachable {
+            return Err(error.into());
+        }
+        let name = reference.to_string();
+        let Some(record) = self.cache.image(&name).map_err(PullError::from)? else {
+            return Err(error.into());
+        };
+        match self.cache.pin_image(&record) {
+            Ok(pins) => {
+                warn!(image = name, %error, "the registry is out of reach: using the cached image");
+                Ok((record, pins))
+            }
+            Err(_) => Err(error.into()),
+        }
     }
 
     async fn pull_layout(

@@ -19,7 +19,7 @@
 //! - **Failure**: each origin is tried in order, `retries` extra rounds; a foreground fetch
 //!   gives up after `park_timeout` at the latest. The layer then fails the waiting reads.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -131,6 +131,8 @@ struct Job {
     since: Option<Instant>,
     /// Whether the background bandwidth limit applies (fill).
     limited: bool,
+    /// The registry a fill job counts against (a registry with a limit only).
+    registry: Option<String>,
 }
 
 impl Job {
@@ -141,6 +143,7 @@ impl Job {
             priority: Priority::Background,
             since: None,
             limited,
+            registry: None,
         }
     }
 }
@@ -158,9 +161,12 @@ enum Control {
         layer: Arc<LazyLayer>,
         chunks: Range<usize>,
         priority: Priority,
+        registry: Option<String>,
     },
     /// The fill's bandwidth from now on (bytes per second; 0: unlimited).
     SetFillLimit(u64),
+    /// Fill fetches in flight per registry from now on (registries not named: no limit).
+    SetRegistryLimits(HashMap<String, usize>),
 }
 
 /// A handle to the fetcher task.
@@ -213,6 +219,8 @@ impl Fetcher {
             running_foreground: 0,
             running_background: 0,
             background_allowed_at: Instant::now(),
+            registry_limits: HashMap::new(),
+            fills_per_registry: HashMap::new(),
         };
         tokio::spawn(scheduler.run(want_rx, control_rx));
         Fetcher {
@@ -248,6 +256,14 @@ impl Fetcher {
             .send(ControlMessage(Control::SetFillLimit(bytes_per_sec)));
     }
 
+    /// Sets how many fill fetches may be in flight to each registry named (a cluster
+    /// manifest's `[[registry]] max_fills`); other registries have no limit of their own.
+    pub fn set_registry_limits(&self, limits: HashMap<String, usize>) {
+        let _ = self
+            .control
+            .send(ControlMessage(Control::SetRegistryLimits(limits)));
+    }
+
     /// The fetcher's counters.
     pub fn counters(&self) -> &FetchCounters {
         &self.counters
@@ -281,6 +297,10 @@ struct Scheduler {
     running_background: usize,
     /// The background bandwidth limit: no background fetch starts before this.
     background_allowed_at: Instant,
+    /// Fill fetches allowed in flight per registry.
+    registry_limits: HashMap<String, usize>,
+    /// Fill fetches in flight per limited registry.
+    fills_per_registry: HashMap<String, usize>,
 }
 
 impl Scheduler {
@@ -338,11 +358,21 @@ impl Scheduler {
                 info!(bytes_per_sec, "fill bandwidth limit");
                 self.config.background_bytes_per_sec = bytes_per_sec;
             }
+            Control::SetRegistryLimits(limits) => {
+                info!(?limits, "fill fetches per registry");
+                self.registry_limits = limits;
+            }
             Control::Finished {
                 layer,
                 chunks,
                 priority,
+                registry,
             } => {
+                if let Some(registry) = registry
+                    && let Some(running) = self.fills_per_registry.get_mut(&registry)
+                {
+                    *running = running.saturating_sub(1);
+                }
                 let id = layer_id(&layer);
                 for chunk in chunks.clone() {
                     self.in_flight.remove(&(id, chunk));
@@ -424,6 +454,7 @@ impl Scheduler {
                 priority: Priority::Foreground,
                 since: Some(want.since),
                 limited: false,
+                registry: None,
             });
         }
         None
@@ -442,7 +473,23 @@ impl Scheduler {
         if Instant::now() < self.background_allowed_at {
             return None;
         }
-        while let Some(mut fill) = self.fills.pop_front() {
+        // Each fill is looked at once at most: those whose registry is at its limit wait
+        // their turn at the back.
+        for _ in 0..self.fills.len() {
+            let Some(mut fill) = self.fills.pop_front() else {
+                break;
+            };
+            let registry = fill
+                .layer
+                .registry()
+                .filter(|registry| self.registry_limits.contains_key(registry));
+            if let Some(registry) = &registry
+                && self.fills_per_registry.get(registry).copied().unwrap_or(0)
+                    >= self.registry_limits[registry]
+            {
+                self.fills.push_back(fill);
+                continue;
+            }
             let chunks = fill.layer.index().len();
             while fill.next < chunks && !self.is_free(&fill.layer, fill.next) {
                 fill.next += 1;
@@ -468,7 +515,9 @@ impl Scheduler {
             let layer = Arc::clone(&fill.layer);
             // Round robin between the layers being filled.
             self.fills.push_back(fill);
-            return Some(Job::background(layer, start..end, true));
+            let mut job = Job::background(layer, start..end, true);
+            job.registry = registry;
+            return Some(job);
         }
         None
     }
@@ -544,6 +593,9 @@ impl Scheduler {
             }
             Priority::Background => {
                 self.running_background += 1;
+                if let Some(registry) = &job.registry {
+                    *self.fills_per_registry.entry(registry.clone()).or_default() += 1;
+                }
                 if job.limited && self.config.background_bytes_per_sec > 0 {
                     let span = job.layer.blob_span(job.chunks.clone());
                     let seconds = (span.end - span.start) as f64
@@ -557,13 +609,18 @@ impl Scheduler {
         let counters = Arc::clone(&self.counters);
         let control = self.control.clone();
         tokio::spawn(async move {
-            let (layer, chunks, priority) =
-                (Arc::clone(&job.layer), job.chunks.clone(), job.priority);
+            let (layer, chunks, priority, registry) = (
+                Arc::clone(&job.layer),
+                job.chunks.clone(),
+                job.priority,
+                job.registry.clone(),
+            );
             run_job(job, &config, &counters).await;
             let _ = control.send(ControlMessage(Control::Finished {
                 layer,
                 chunks,
                 priority,
+                registry,
             }));
         });
     }

@@ -94,6 +94,9 @@ pub struct LazyLayer {
     index: ChunkIndex,
     /// The cache's sparse image, opened for reading and writing.
     image: File,
+    /// The cache's sparse copy of the blob (each stored frame at its offset), when the layer
+    /// keeps one.
+    blob: Option<File>,
     bitmap: Mutex<ChunkBitmap>,
     present: Box<[AtomicU64]>,
     present_count: AtomicU64,
@@ -145,13 +148,16 @@ fn clear_bit(words: &[AtomicU64], bit: usize) {
 }
 
 impl LazyLayer {
-    /// Opens a layer's image and bitmap (created by the cache when the layer was published)
-    /// with its verified chunk index. `pin` keeps the layer in the cache while this exists.
+    /// Opens a layer's image, bitmap and (if it keeps one) blob copy, created by the cache
+    /// when the layer was published, with its verified chunk index. `pin` keeps the layer in
+    /// the cache while this exists.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         digest: Digest,
         index: ChunkIndex,
         image_path: &Path,
         bitmap_path: &Path,
+        blob_path: Option<&Path>,
         pin: PinGuard,
         failure_hold: Duration,
         wants: mpsc::UnboundedSender<Want>,
@@ -170,6 +176,10 @@ impl LazyLayer {
                 "the image file's size is not the chunk index's uncompressed size",
             )));
         }
+        let blob = blob_path
+            .map(|path| OpenOptions::new().write(true).open(path))
+            .transpose()
+            .map_err(io_error)?;
         let bitmap = ChunkBitmap::open(bitmap_path).map_err(|source| StoreError::Bitmap {
             layer: digest.clone(),
             source,
@@ -194,6 +204,7 @@ impl LazyLayer {
             digest,
             index,
             image,
+            blob,
             bitmap: Mutex::new(bitmap),
             present,
             present_count: AtomicU64::new(present_count),
@@ -310,6 +321,14 @@ impl LazyLayer {
     pub fn ignores_ranges(&self) -> bool {
         let origins = lock(&self.origins);
         !origins.is_empty() && origins.iter().all(|origin| origin.ignores_ranges())
+    }
+
+    /// The registry the layer's first origin reaches, if it is one: what a per-registry
+    /// limit counts the layer's fill against.
+    pub fn registry(&self) -> Option<String> {
+        lock(&self.origins)
+            .first()
+            .and_then(|origin| origin.registry().map(str::to_string))
     }
 
     /// The places to fetch the blob from, in order.
@@ -437,7 +456,7 @@ impl LazyLayer {
             self.index
                 .decode_chunk_into(chunk, bytes, &mut out)
                 .map_err(|error| verify_error(chunk, error.to_string()))?;
-            decoded.push((chunk, target.start, out, range.end - range.start));
+            decoded.push((chunk, target.start, out, range.start, bytes));
         }
         if decoded.is_empty() {
             return Ok(());
@@ -446,10 +465,17 @@ impl LazyLayer {
             layer: self.digest.clone(),
             source,
         };
-        for (_, offset, bytes, _) in &decoded {
+        for (_, offset, bytes, blob_offset, frame) in &decoded {
             self.image.write_all_at(bytes, *offset).map_err(io_error)?;
+            if let Some(blob) = &self.blob {
+                blob.write_all_at(frame, *blob_offset).map_err(io_error)?;
+            }
         }
+        // Both durable before the bit: a set bit vouches for the image and the blob copy.
         self.image.sync_data().map_err(io_error)?;
+        if let Some(blob) = &self.blob {
+            blob.sync_data().map_err(io_error)?;
+        }
         let indexes: Vec<u64> = decoded.iter().map(|(chunk, ..)| *chunk as u64).collect();
         lock(&self.bitmap)
             .set_present_many(&indexes)
@@ -457,14 +483,14 @@ impl LazyLayer {
                 layer: self.digest.clone(),
                 source,
             })?;
-        for (chunk, _, bytes, stored_len) in &decoded {
+        for (chunk, _, bytes, _, frame) in &decoded {
             if set_bit(&self.present, *chunk) {
                 self.present_count.fetch_add(1, Ordering::AcqRel);
             }
             self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
             self.counters
                 .bytes_fetched
-                .fetch_add(*stored_len, Ordering::Relaxed);
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
             debug!(layer = %self.digest, chunk, bytes = bytes.len(), "chunk stored");
             clear_bit(&self.requested, *chunk);
             self.wake(*chunk);

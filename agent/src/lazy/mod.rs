@@ -148,11 +148,13 @@ impl LazyLayers {
         }
         let index = cache.lazy_index(&record.blob_digest)?;
         let pin = cache.pin(record)?;
+        let blob = cache.lazy_blob_path(&record.blob_digest)?;
         let layer = LazyLayer::open(
             record.blob_digest.clone(),
             index,
             &record.erofs_path,
             &record.bitmap_path,
+            blob.as_deref(),
             pin,
             Duration::from_millis(self.config.failure_hold_ms),
             self.fetcher.wants(),

@@ -63,6 +63,12 @@ pub trait BlobOrigin: Send + Sync + fmt::Debug {
         false
     }
 
+    /// The registry (`host[:port]` as references name it) this origin reaches, mirrors
+    /// included, for per-registry limits; `None` for origins that are no registry.
+    fn registry(&self) -> Option<&str> {
+        None
+    }
+
     /// Downloads the whole blob into `receiver` (verified against the blob's digest at the
     /// end, where the origin can).
     fn stream_blob<'a>(
@@ -135,6 +141,10 @@ impl BlobOrigin for RegistryOrigin {
 
     fn ignores_ranges(&self) -> bool {
         self.ranges_ignored.load(Ordering::Relaxed)
+    }
+
+    fn registry(&self) -> Option<&str> {
+        Some(&self.reference.registry)
     }
 
     fn stream_blob<'a>(

@@ -55,6 +55,15 @@ enum Fault {
     /// Answers ranges right, then says it ignores `Range` (a registry answering `200`), and
     /// streams whole blobs.
     IgnoreRanges,
+    /// Answers right after 50 ms (so fetches overlap).
+    Slow,
+}
+
+/// Requests in flight now, and the most seen at once, across the origins sharing it.
+#[derive(Debug, Default)]
+struct Gauge {
+    now: AtomicUsize,
+    max: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -65,6 +74,8 @@ struct TestOrigin {
     corrupted: AtomicBool,
     ignoring: AtomicBool,
     streams: AtomicUsize,
+    /// The registry it stands for, with the gauge its requests are counted on.
+    registry: Option<(String, Arc<Gauge>)>,
 }
 
 impl TestOrigin {
@@ -76,7 +87,15 @@ impl TestOrigin {
             corrupted: AtomicBool::new(false),
             ignoring: AtomicBool::new(false),
             streams: AtomicUsize::new(0),
+            registry: None,
         })
+    }
+
+    /// A slow origin standing for `registry`, counting its requests in flight on `gauge`.
+    fn registry(blob: Vec<u8>, registry: &str, gauge: &Arc<Gauge>) -> Arc<TestOrigin> {
+        let mut origin = Arc::into_inner(TestOrigin::new(blob, Fault::Slow)).unwrap();
+        origin.registry = Some((registry.to_string(), Arc::clone(gauge)));
+        Arc::new(origin)
     }
 
     fn requests(&self) -> Vec<Range<u64>> {
@@ -102,6 +121,17 @@ impl BlobOrigin for TestOrigin {
             if fault == Fault::IgnoreRanges {
                 self.ignoring.store(true, Ordering::SeqCst);
             }
+            if fault == Fault::Slow {
+                let gauge = self.registry.as_ref().map(|(_, gauge)| gauge);
+                if let Some(gauge) = gauge {
+                    let now = gauge.now.fetch_add(1, Ordering::SeqCst) + 1;
+                    gauge.max.fetch_max(now, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(gauge) = gauge {
+                    gauge.now.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
             let mut bytes = self.blob[range.start as usize..range.end as usize].to_vec();
             let flip = match fault {
                 Fault::CorruptAlways | Fault::CorruptSlowly => true,
@@ -122,6 +152,12 @@ impl BlobOrigin for TestOrigin {
 
     fn ignores_ranges(&self) -> bool {
         self.ignoring.load(Ordering::SeqCst)
+    }
+
+    fn registry(&self) -> Option<&str> {
+        self.registry
+            .as_ref()
+            .map(|(registry, _)| registry.as_str())
     }
 
     fn stream_blob<'a>(
@@ -223,6 +259,7 @@ async fn fixture_named(chunks: usize, name: &str) -> Fixture {
             &index,
             location.digest.as_ref().unwrap(),
             layer.uncompressed_digest.clone(),
+            section,
         )
         .await
         .unwrap();
@@ -590,4 +627,52 @@ async fn sequential_reads_fetch_the_next_chunks_ahead_and_no_more() {
             layer.blob_span(3..5)
         ]
     );
+}
+
+/// Fills two layers from one registry; the most fill fetches that were in flight at once.
+async fn fill_two_layers(limit: Option<usize>) -> usize {
+    let (first, second) = (
+        fixture_named(8, "first").await,
+        fixture_named(8, "second").await,
+    );
+    let lazy = LazyLayers::new(LazyConfig {
+        coalesce_bytes: 1,
+        connections: 8,
+        foreground_reserved: 2,
+        ..config()
+    });
+    if let Some(limit) = limit {
+        lazy.fetcher()
+            .set_registry_limits([("r.example".to_string(), limit)].into());
+    }
+    let gauge = Arc::new(Gauge::default());
+    let mut layers = Vec::new();
+    for fixture in [&first, &second] {
+        let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+        layer.add_origin(TestOrigin::registry(
+            fixture.blob.clone(),
+            "r.example",
+            &gauge,
+        ));
+        lazy.fill(Arc::clone(&layer));
+        layers.push(layer);
+    }
+    for layer in &layers {
+        tokio::time::timeout(Duration::from_secs(20), layer.wait_complete())
+            .await
+            .expect("the fill completes");
+    }
+    gauge.max.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_limit_bounds_the_fill_fetches_in_flight_to_it() {
+    let unlimited = fill_two_layers(None).await;
+    let limited = fill_two_layers(Some(2)).await;
+    println!("fill fetches in flight at once: {unlimited} without a limit, {limited} with 2");
+    assert!(
+        unlimited > 2,
+        "without a limit the fill uses its slots: {unlimited}"
+    );
+    assert!((1..=2).contains(&limited), "{limited}");
 }

@@ -65,6 +65,10 @@ pub struct RegistryEntry {
     /// Plain HTTP.
     #[serde(default)]
     pub insecure: bool,
+    /// Most background fill fetches in flight to it (and its mirrors) at once; unset: only
+    /// the agent's own `lazy.connections` bound them. A guest's reads never wait for it.
+    #[serde(default)]
+    pub max_fills: Option<usize>,
 }
 
 /// A peer agent (served and used by the peer cache).
@@ -181,6 +185,14 @@ impl ClusterManifest {
         budget_size(&self.budget.bandwidth)
     }
 
+    /// Fill fetches allowed in flight per registry (`max_fills`), for the registries that set it.
+    pub fn fill_limits(&self) -> std::collections::HashMap<String, usize> {
+        self.registries
+            .iter()
+            .filter_map(|registry| Some((registry.host.clone(), registry.max_fills?)))
+            .collect()
+    }
+
     /// Checks what parsing cannot: on failure, the image entry at fault (if one) and why.
     fn check(&self) -> Result<(), (Option<usize>, String)> {
         if self.version != MANIFEST_VERSION {
@@ -211,6 +223,12 @@ impl ClusterManifest {
             }
             if !hosts.insert(registry.host.as_str()) {
                 return Err((None, format!("registry {} is listed twice", registry.host)));
+            }
+            if registry.max_fills == Some(0) {
+                return Err((
+                    None,
+                    format!("registry {}: max_fills must be at least 1", registry.host),
+                ));
             }
             for mirror in &registry.mirrors {
                 check_url(mirror).map_err(|reason| {
@@ -356,6 +374,16 @@ bandwidth = "200M"
             error.reason.contains("image 2") && error.reason.contains("twice"),
             "{error}"
         );
+
+        let error = refused("version = 1\n[[registry]]\nhost = \"r.example\"\nmax_fills = 0\n");
+        assert!(error.reason.contains("max_fills"), "{error}");
+        let limits = ClusterManifest::from_toml(
+            "version = 1\n[[registry]]\nhost = \"r.example\"\nmax_fills = 3\n\
+             [[registry]]\nhost = \"s.example\"\n",
+        )
+        .unwrap()
+        .fill_limits();
+        assert_eq!(limits, [("r.example".to_string(), 3)].into());
 
         let error = refused("version = 1\n[[image]]\nref = \"UPPER/Case:1\"\n");
         assert_eq!(error.line, Some(2), "{error}");

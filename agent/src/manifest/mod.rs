@@ -38,5 +38,9 @@ pub fn put_in_force_with(
         .bandwidth_budget()
         .unwrap_or(images.lazy.config().background_bytes_per_sec);
     images.lazy.fetcher().set_fill_limit(limit);
+    images
+        .lazy
+        .fetcher()
+        .set_registry_limits(manifest.fill_limits());
     scheduler.apply(manifest)
 }

@@ -192,6 +192,18 @@ impl RegistryError {
             _ => false,
         }
     }
+
+    /// Whether the registry could not be reached or could not answer (as opposed to an
+    /// answer: not found, unauthorized, a bad document): a caller holding a copy of what it
+    /// asked for may use that instead.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            RegistryError::AllEndpointsFailed { errors, .. } => {
+                !errors.is_empty() && errors.iter().all(RegistryError::is_unreachable)
+            }
+            error => error.is_retriable(),
+        }
+    }
 }
 
 /// One base URL serving the distribution API for a registry.
@@ -1178,6 +1190,28 @@ impl ImageSource for RegistrySource<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_registry_that_gave_no_answer_is_out_of_reach() {
+        let status = |status| RegistryError::Status {
+            url: "http://r.example/v2/".into(),
+            status,
+            body: String::new(),
+        };
+        let all = |errors| RegistryError::AllEndpointsFailed {
+            what: "manifest".into(),
+            errors,
+        };
+        assert!(status(503).is_unreachable());
+        assert!(!status(404).is_unreachable());
+        assert!(!status(401).is_unreachable());
+        assert!(all(vec![status(502), status(500)]).is_unreachable());
+        assert!(
+            !all(vec![status(502), status(404)]).is_unreachable(),
+            "one endpoint answered: the image is not there"
+        );
+        assert!(!all(Vec::new()).is_unreachable());
+    }
 
     #[test]
     fn endpoints_mirrors_first() {

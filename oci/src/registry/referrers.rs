@@ -45,6 +45,26 @@ pub struct Artifact {
     pub annotations: BTreeMap<String, String>,
 }
 
+impl Artifact {
+    /// The artifact's manifest naming `subject`: the empty config and the one blob (both
+    /// must be stored beside it).
+    pub fn manifest(&self, subject: &Descriptor) -> ImageManifest {
+        ImageManifest {
+            schema_version: 2,
+            media_type: Some(OCI_MANIFEST.into()),
+            config: Descriptor::of(OCI_EMPTY, EMPTY_JSON),
+            layers: vec![Descriptor::of(self.media_type.clone(), &self.bytes)],
+            annotations: self.annotations.clone(),
+            artifact_type: Some(self.artifact_type.clone()),
+            subject: Some(Box::new(Descriptor::new(
+                subject.media_type.clone(),
+                subject.digest.clone(),
+                subject.size,
+            ))),
+        }
+    }
+}
+
 /// Where a pushed referrer is listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReferrerListing {
@@ -99,19 +119,7 @@ impl RegistryClient {
             None,
         )
         .await?;
-        let manifest = ImageManifest {
-            schema_version: 2,
-            media_type: Some(OCI_MANIFEST.into()),
-            config,
-            layers: vec![blob],
-            annotations: artifact.annotations.clone(),
-            artifact_type: Some(artifact.artifact_type.clone()),
-            subject: Some(Box::new(Descriptor::new(
-                subject.media_type.clone(),
-                subject.digest.clone(),
-                subject.size,
-            ))),
-        };
+        let manifest = artifact.manifest(subject);
         let encoded = encode(&subject.digest, &manifest, OCI_MANIFEST)?;
         let headers = self
             .push_manifest_answer(reference, &encoded.digest.to_string(), &encoded)
