@@ -279,6 +279,13 @@ impl Vm {
             boot_to_ready_ms: progress.boot_to_ready.map(|d| d.as_millis() as u64),
             session_setup_us: progress.session_setup.map(|d| d.as_micros() as u64),
             last_error: progress.last_error.clone(),
+            mapped_layers: self
+                .layer_device
+                .extents()
+                .layers()
+                .into_iter()
+                .map(|layer| layer.digest)
+                .collect(),
         }
     }
 

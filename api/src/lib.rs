@@ -240,6 +240,10 @@ pub struct VmStatus {
     pub session_setup_us: Option<u64>,
     /// Why the latest connection attempt or session failed, if it did.
     pub last_error: Option<String>,
+    /// The layers mapped into its layer store (their EROFS images' digests, by offset): only
+    /// layers of images this VM asked for.
+    #[serde(default)]
+    pub mapped_layers: Vec<String>,
 }
 
 /// What the operator asked `run` for. Unknown fields are refused: a typo like `"comand"` must

@@ -436,6 +436,31 @@ fn two_vms_starting_the_same_image_fetch_each_chunk_once() {
     println!("two VMs read big.bin at once in {:?}", started.elapsed());
     assert!(succeed(a, "vm a").starts_with(&image.big_sha));
     assert!(succeed(b, "vm b").starts_with(&image.big_sha));
+    // One copy on the card: both VMs map the one cache file, which `images` counts once.
+    let data_erofs = erofs_digest(&image.data_layer);
+    for vm in [VM_A, VM_B] {
+        assert!(
+            mapped_layers(vm).contains(&data_erofs),
+            "{vm} maps the data layer"
+        );
+    }
+    let images = fixture
+        .agent
+        .cli_json(&["images", "--json"])
+        .expect("images");
+    let listed = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|entry| entry["layers"].as_array().cloned().unwrap_or_default())
+        .filter(|layer| layer["blob_digest"] == image.data_layer.digest.to_string().as_str())
+        .count();
+    assert_eq!(listed, 1, "the data layer is one cache entry");
+    assert!(
+        layer_dir(&fixture.agent, &image.data_layer.digest)
+            .join("image.erofs")
+            .is_file()
+    );
     // No byte of the layer was asked for twice.
     let mut seen = BTreeSet::new();
     for range in fixture.proxy.blob_ranges(&image.data_layer.digest) {
@@ -453,6 +478,27 @@ fn two_vms_starting_the_same_image_fetch_each_chunk_once() {
         }
         seen.insert((start, end));
     }
+}
+
+/// The EROFS image digest of a converted layer (what a VM's layer store maps it by).
+fn erofs_digest(layer: &Descriptor) -> String {
+    IndexLocation::from_descriptor(layer)
+        .expect("a lazy-format layer")
+        .uncompressed_digest
+        .expect("an uncompressed digest")
+        .to_string()
+}
+
+/// The layers mapped into `vm`'s layer store.
+fn mapped_layers(vm: &str) -> Vec<String> {
+    let fixture = fixture();
+    let status: gantry_api::VmStatus = fixture
+        .runtime
+        .block_on(
+            gantry_api::ApiClient::new(fixture.agent.api_socket()).get(&format!("/v1/vms/{vm}")),
+        )
+        .expect("/v1/vms/VM answers");
+    status.mapped_layers
 }
 
 /// A proxy of the test's own before the registry: stopping it is the registry going away for
@@ -610,6 +656,13 @@ fn a_bundle_from_one_card_starts_containers_on_another_with_the_registry_down() 
         log.contains("the registry is out of reach: using the cached image"),
         "{}",
         tail(&log)
+    );
+    // Tenants stay apart: the VM that never asked for the image has none of its layers.
+    let data_erofs = erofs_digest(&image.data_layer);
+    assert!(mapped_layers(VM_A).contains(&data_erofs));
+    assert!(
+        !mapped_layers(VM_B).contains(&data_erofs),
+        "{VM_B} never ran the image"
     );
 }
 

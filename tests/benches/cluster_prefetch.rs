@@ -1,0 +1,366 @@
+//! The cluster manifest (issue 13): N = 4 simulated cards (agents on loopback that share
+//! nothing but the registry) are given one manifest of 3 realistic images, and the figures are
+//! the time from the manifest to every card holding every image, the registry bytes that took
+//! (against 4 × the images' size), and the cold start of a prefetched image against one that
+//! was not, on the card with a booted TCG guest. On that card, a cold start of another image
+//! not in the manifest *while* the prefetch runs is measured against the same cold start on the
+//! idle agent (the goal: at most 1.5 ×). A benchmark reports: it asserts nothing about the
+//! figures, only that every step worked.
+//!
+//! Run: `qemu/build-guest.sh && cargo build --release -p gantry-agent && cargo bench -p gantry-e2e
+//! --bench cluster_prefetch` (under the guests' lock on a shared machine:
+//! `flock /tmp/gantry-guests.lock cargo bench -p gantry-e2e --bench cluster_prefetch`).
+//!
+//! The images: the lazy-start benchmark's root file system (`debootstrap --variant=minbase
+//! --include=python3-minimal bookworm`, kept in `target/bench-data/`, made on the first run),
+//! each with a file of its own appended (so no two share a layer) and, for `web` and `worker`,
+//! application data; one tar+gzip layer each, converted with `gantry-agent image convert`. The
+//! registry is `docker-registry` on loopback behind one shaping proxy, the registry's uplink
+//! shared by the cards: 400 Mbit/s, 20 ms round trip.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use gantry_e2e::{TestAgent, TestVm, agent_binary, image_layers, output_within};
+use gantry_oci::Digest;
+use gantry_testkit::{Registry, Shaping, ShapingProxy, noise};
+
+use common::*;
+
+const CARDS: usize = 4;
+const GUEST_MIB: u32 = 1024;
+/// No startup traces: every cold start here is a first one.
+const SETTINGS: &str = "[lazy]\nmode = \"lazy\"\ntrace_seconds = 0\n";
+const COMMAND: [&str; 3] = ["python3", "-c", "print(1)"];
+const REPOSITORY: &str = "bench/cluster";
+const LINK_MBIT: u64 = 400;
+const LINK_ROUND_TRIP: Duration = Duration::from_millis(20);
+const CONVERT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+const PREFETCH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Goal: a cold start while the prefetch runs, against the same on an idle agent.
+const GOAL_BUSY: f64 = 1.5;
+
+/// An image of the benchmark: the root file system, a marker file, and this much app data.
+struct Variant {
+    tag: &'static str,
+    app_bytes: usize,
+    /// In the manifest, with this priority; `None`: a probe, run cold, never prefetched.
+    priority: Option<i64>,
+}
+
+const VARIANTS: [Variant; 5] = [
+    Variant {
+        tag: "python",
+        app_bytes: 0,
+        priority: Some(100),
+    },
+    Variant {
+        tag: "web",
+        app_bytes: 24 << 20,
+        priority: Some(50),
+    },
+    Variant {
+        tag: "worker",
+        app_bytes: 12 << 20,
+        priority: Some(10),
+    },
+    Variant {
+        tag: "probe-idle",
+        app_bytes: 0,
+        priority: None,
+    },
+    Variant {
+        tag: "probe-busy",
+        app_bytes: 0,
+        priority: None,
+    },
+];
+
+fn main() -> ExitCode {
+    run_bench("cluster_prefetch", bench)
+}
+
+/// The root file system with `./etc/gantry-variant` (and `./srv/app/data.bin`) appended, as
+/// one tar+gzip layer in `work`.
+fn variant_layer(base: &RootfsLayer, work: &Path, variant: &Variant) -> Result<RootfsLayer> {
+    let extra = work.join(format!("{}-extra", variant.tag));
+    std::fs::create_dir_all(extra.join("etc"))?;
+    std::fs::write(
+        extra.join("etc/gantry-variant"),
+        format!("{}\n", variant.tag),
+    )?;
+    let mut added = vec!["./etc/gantry-variant"];
+    if variant.app_bytes > 0 {
+        std::fs::create_dir_all(extra.join("srv/app"))?;
+        let seed = variant.tag.bytes().map(u64::from).sum();
+        std::fs::write(
+            extra.join("srv/app/data.bin"),
+            noise(variant.app_bytes, seed),
+        )?;
+        added.push("./srv/app");
+    }
+    let tar = work.join(format!("{}.tar", variant.tag));
+    let gzipped = work.join(format!("{}.tar.gz", variant.tag));
+    let script = format!(
+        "gzip -dc '{base}' > '{tar}' && tar --append --numeric-owner --owner=0 --group=0 \
+         -f '{tar}' -C '{extra}' {added} && gzip -n -6 -c '{tar}' > '{gzipped}'",
+        base = base.path.display(),
+        tar = tar.display(),
+        extra = extra.display(),
+        added = added.join(" "),
+        gzipped = gzipped.display(),
+    );
+    let status = Command::new("sh").arg("-c").arg(&script).status()?;
+    ensure!(status.success(), "making the {} layer failed", variant.tag);
+    let tar_bytes = std::fs::read(&tar)?;
+    let gzip_bytes = std::fs::read(&gzipped)?;
+    std::fs::remove_file(&tar)?;
+    std::fs::remove_dir_all(&extra)?;
+    Ok(RootfsLayer {
+        path: gzipped,
+        digest: Digest::of(&gzip_bytes),
+        size: gzip_bytes.len() as u64,
+        diff_id: Digest::of(&tar_bytes),
+        tar_size: tar_bytes.len() as u64,
+        entries: base.entries + added.len() as u64,
+        mirror: base.mirror.clone(),
+    })
+}
+
+/// Seconds since `since`, as text.
+fn seconds(duration: Duration) -> String {
+    format!("{:.1}", duration.as_secs_f64())
+}
+
+/// Whether every image of `card`'s manifest is complete (an image that failed is an error).
+fn all_complete(card: &TestAgent) -> Result<bool> {
+    let status = card.cli_json(&["manifest", "status", "--json"])?;
+    let images = status["images"]
+        .as_array()
+        .context("manifest status lists images")?;
+    ensure!(!images.is_empty(), "no manifest in force: {status}");
+    for image in images {
+        if image["state"] == "failed" {
+            bail!("{} failed: {}", image["reference"], image["error"]);
+        }
+    }
+    Ok(images.iter().all(|image| image["state"] == "complete"))
+}
+
+fn bench() -> Result<()> {
+    let data = bench_data_dir();
+    let base = rootfs_layer(&data)?;
+    let work = tempfile::Builder::new()
+        .prefix("cluster-prefetch-")
+        .tempdir_in(&data)?;
+    let registry = Registry::start();
+    let at_registry = |tag: &str| format!("{}/{REPOSITORY}:{tag}", registry.host());
+    let started = Instant::now();
+    for variant in &VARIANTS {
+        let layer = variant_layer(&base, work.path(), variant)?;
+        let layout = work.path().join(variant.tag);
+        let original = format!("{}-tgz", variant.tag);
+        write_layout(&layout, &layer, &original)?;
+        registry.push(&layout, &original, &format!("{REPOSITORY}:{original}"));
+        succeeded(
+            output_within(
+                Command::new(agent_binary()).args([
+                    "image",
+                    "convert",
+                    &at_registry(&original),
+                    &at_registry(variant.tag),
+                ]),
+                CONVERT_TIMEOUT,
+                || {},
+            )?,
+            "gantry-agent image convert",
+        )?;
+        std::fs::remove_dir_all(&layout)?;
+    }
+    let prepare_time = started.elapsed();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let shaping = Shaping::link(LINK_MBIT, LINK_ROUND_TRIP);
+    let proxy = runtime.block_on(ShapingProxy::start(
+        format!("127.0.0.1:{}", registry.port).parse()?,
+        shaping,
+    ))?;
+    let through_proxy = |tag: &str| format!("{}/{REPOSITORY}:{tag}", proxy.host());
+    let mut image_bytes = 0;
+    for variant in VARIANTS.iter().filter(|v| v.priority.is_some()) {
+        image_bytes += image_layers(&at_registry(variant.tag))?
+            .iter()
+            .map(|layer| layer.size)
+            .sum::<u64>();
+    }
+
+    // The cards: the first with a guest, the others without (a guest changes nothing in how a
+    // card prefetches).
+    let guest_card = TestAgent::start_with(&[TestVm::new(VM, 80).memory(GUEST_MIB)], SETTINGS)?;
+    guest_card.wait_guest_info(VM, BOOT_TIMEOUT)?;
+    let mut cards = vec![guest_card];
+    for _ in 1..CARDS {
+        cards.push(TestAgent::start_with(&[], SETTINGS)?);
+    }
+    let cold_run = |tag: &str| {
+        measured_run(
+            &cards[0],
+            &proxy,
+            &runtime,
+            &["--pull-mode", "lazy"],
+            &through_proxy(tag),
+            &COMMAND,
+        )
+    };
+
+    // 1. The yardstick: a cold start on the idle card.
+    let idle = cold_run("probe-idle")?;
+
+    // 2. The manifest, given to every card at once.
+    let manifest = work.path().join("cluster.toml");
+    let mut text = String::from("version = 1\n");
+    for variant in &VARIANTS {
+        if let Some(priority) = variant.priority {
+            text += &format!(
+                "\n[[image]]\nref = \"{}\"\npriority = {priority}\nprefetch = \"all\"\n",
+                through_proxy(variant.tag)
+            );
+        }
+    }
+    std::fs::write(&manifest, &text)?;
+    let bytes_before = proxy.bytes_down();
+    let applied = Instant::now();
+    for card in &cards {
+        succeeded(
+            card.cli_within(
+                &[
+                    "manifest",
+                    "apply",
+                    manifest.to_str().context("utf-8 path")?,
+                ],
+                RUN_TIMEOUT,
+            ),
+            "manifest apply",
+        )?;
+    }
+    let apply_time = applied.elapsed();
+
+    // 3. A cold start of an image the manifest does not name, while the cards prefetch.
+    let busy = cold_run("probe-busy")?;
+    let busy_still_prefetching = !all_complete(&cards[0])?;
+
+    // 4. Until every card holds every image.
+    let mut complete_after = [None; CARDS];
+    while complete_after.iter().any(Option::is_none) {
+        ensure!(
+            applied.elapsed() < PREFETCH_TIMEOUT,
+            "the prefetch did not complete within {PREFETCH_TIMEOUT:?}"
+        );
+        for (card, done) in cards.iter().zip(complete_after.iter_mut()) {
+            if done.is_none() && all_complete(card)? {
+                *done = Some(applied.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let prefetch_bytes = proxy.bytes_down() - bytes_before - busy.proxy_bytes;
+    let all_done = complete_after
+        .iter()
+        .flatten()
+        .max()
+        .copied()
+        .unwrap_or_default();
+
+    // 5. A cold start of a prefetched image.
+    let prefetched = cold_run("python")?;
+
+    for (name, run) in [
+        ("idle", &idle),
+        ("busy", &busy),
+        ("prefetched", &prefetched),
+    ] {
+        ensure!(
+            run.stdout == "1\n",
+            "{name}: the container printed {:?}",
+            run.stdout
+        );
+    }
+    let first = |run: &RunFigures| run.first_output.unwrap_or(run.exit);
+    let (idle_ms, busy_ms, prefetched_ms) =
+        (ms(first(&idle)), ms(first(&busy)), ms(first(&prefetched)));
+
+    println!(
+        "cluster manifest (issue 13): {CARDS} cards (agents on loopback sharing only the \
+         registry), one manifest of 3 images, prefetch = \"all\""
+    );
+    println!(
+        "input: debootstrap --variant=minbase --include={PACKAGES} {SUITE} from {} (tar {:.1} MB, \
+         kept in {}); per image a marker file appended, `web` +24 MiB and `worker` +12 MiB of \
+         app data; converted with `gantry-agent image convert` ({} s for all 5, not timed below)",
+        base.mirror,
+        mb(base.tar_size),
+        base.path.display(),
+        seconds(prepare_time)
+    );
+    println!("registry: docker-registry on loopback behind one shaping proxy: {shaping}");
+    println!();
+    println!(
+        "manifest → every card holds every image: {} s (per card: {}; applying took {} s)",
+        seconds(all_done),
+        complete_after
+            .iter()
+            .flatten()
+            .map(|d| seconds(*d))
+            .collect::<Vec<_>>()
+            .join(", "),
+        seconds(apply_time)
+    );
+    println!(
+        "registry bytes for the prefetch: {:.1} MB = {:.2} × ({CARDS} cards × {:.1} MB of \
+         images)",
+        mb(prefetch_bytes),
+        prefetch_bytes as f64 / (CARDS as u64 * image_bytes).max(1) as f64,
+        mb(image_bytes)
+    );
+    println!();
+    println!(
+        "{:<48} {:>14} {:>18}",
+        "cold start of `python3 -c 'print(1)'`", "first out ms", "registry bytes"
+    );
+    for (what, run, figure) in [
+        ("not prefetched, idle card", &idle, idle_ms),
+        ("not prefetched, card prefetching", &busy, busy_ms),
+        ("prefetched by the manifest", &prefetched, prefetched_ms),
+    ] {
+        println!("{what:<48} {figure:>14.0} {:>18}", run.proxy_bytes);
+    }
+    println!();
+    let busy_ratio = busy_ms / idle_ms.max(1.0);
+    println!(
+        "while prefetching: {busy_ratio:.2} × idle (goal ≤ {GOAL_BUSY} ×): {}{}",
+        if busy_ratio <= GOAL_BUSY {
+            "PASS"
+        } else {
+            "MISS"
+        },
+        if busy_still_prefetching {
+            ""
+        } else {
+            " (the prefetch had ended by the first output: the figure says little)"
+        }
+    );
+    println!(
+        "prefetched: {:.2} × the cold start of an image not prefetched ({:.1} × faster)",
+        prefetched_ms / idle_ms.max(1.0),
+        idle_ms / prefetched_ms.max(1.0)
+    );
+    Ok(())
+}
