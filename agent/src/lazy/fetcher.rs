@@ -219,6 +219,7 @@ impl Fetcher {
             running_foreground: 0,
             running_background: 0,
             background_allowed_at: Instant::now(),
+            fill_quiet_until: Instant::now(),
             registry_limits: HashMap::new(),
             fills_per_registry: HashMap::new(),
         };
@@ -297,6 +298,9 @@ struct Scheduler {
     running_background: usize,
     /// The background bandwidth limit: no background fetch starts before this.
     background_allowed_at: Instant,
+    /// No fill fetch starts before this (a guest's fetch was running until `fill_yield_ms`
+    /// ago).
+    fill_quiet_until: Instant,
     /// Fill fetches allowed in flight per registry.
     registry_limits: HashMap<String, usize>,
     /// Fill fetches in flight per limited registry.
@@ -311,10 +315,11 @@ impl Scheduler {
     ) {
         loop {
             self.dispatch();
-            let background_waiting = self.has_background_work()
-                && self.running_background < self.background_slots()
-                && self.running() < self.config.connections.max(1);
-            let wake_for_background = tokio::time::sleep_until(self.background_allowed_at.into());
+            // Only a fill waits for time (the bandwidth limit, a guest's fetch); anything
+            // else waiting waits for a fetch to finish, which sends a message.
+            let fill_wake = self.fill_wake();
+            let wake_for_background =
+                tokio::time::sleep_until(fill_wake.unwrap_or_else(Instant::now).into());
             tokio::select! {
                 biased;
                 want = wants.recv() => match want {
@@ -325,7 +330,7 @@ impl Scheduler {
                     Some(ControlMessage(message)) => self.handle(message),
                     None => return,
                 },
-                () = wake_for_background, if background_waiting => {}
+                () = wake_for_background, if fill_wake.is_some() => {}
             }
         }
     }
@@ -341,8 +346,21 @@ impl Scheduler {
             .max(1)
     }
 
-    fn has_background_work(&self) -> bool {
-        !self.prefetch.is_empty() || !self.background.is_empty() || !self.fills.is_empty()
+    /// When a fill that could start but for time may start: `None` if no fill waits for time.
+    fn fill_wake(&self) -> Option<Instant> {
+        let at = self.background_allowed_at.max(self.fill_quiet_until);
+        (!self.fills.is_empty()
+            && self.running_foreground == 0
+            && at > Instant::now()
+            && self.running_background < self.background_slots()
+            && self.running() < self.config.connections.max(1))
+        .then_some(at)
+    }
+
+    /// A guest's fetch starts or ends: fills keep quiet for `fill_yield_ms` from now.
+    fn yield_fills(&mut self) {
+        let quiet = Instant::now() + Duration::from_millis(self.config.fill_yield_ms);
+        self.fill_quiet_until = self.fill_quiet_until.max(quiet);
     }
 
     fn handle(&mut self, message: Control) {
@@ -390,7 +408,10 @@ impl Scheduler {
                     }
                 }
                 match priority {
-                    Priority::Foreground => self.running_foreground -= 1,
+                    Priority::Foreground => {
+                        self.running_foreground -= 1;
+                        self.yield_fills();
+                    }
                     Priority::Background => self.running_background -= 1,
                 }
             }
@@ -470,7 +491,11 @@ impl Scheduler {
         if let Some(job) = Self::next_queued(&mut self.background, free) {
             return Some(job);
         }
-        if Instant::now() < self.background_allowed_at {
+        // A guest's fetch in flight, or one a moment ago: the fill waits (DESIGN §5:
+        // foreground always wins, the link included).
+        if self.running_foreground > 0
+            || Instant::now() < self.background_allowed_at.max(self.fill_quiet_until)
+        {
             return None;
         }
         // Each fill is looked at once at most: those whose registry is at its limit wait
@@ -582,6 +607,7 @@ impl Scheduler {
         match job.priority {
             Priority::Foreground => {
                 self.running_foreground += 1;
+                self.yield_fills();
                 let sequential = job.chunks.start.checked_sub(1).is_some_and(|before| {
                     job.layer.is_present(before) || self.in_flight.contains(&(id, before))
                 });

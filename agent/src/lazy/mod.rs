@@ -50,6 +50,9 @@ pub struct LazyConfig {
     pub read_ahead_chunks: usize,
     /// Bandwidth of background fetching in bytes per second; 0 means unlimited.
     pub background_bytes_per_sec: u64,
+    /// After a guest's fetch starts or ends, no fill fetch starts for this long: a cold start
+    /// gets the link to itself (trace prefetch and read-ahead go on: they serve the start).
+    pub fill_yield_ms: u64,
     /// Extra rounds over a layer's origins before a fetch gives up.
     pub retries: u32,
     /// How long a cold start's reads are recorded as the image's startup trace; 0 disables
@@ -71,6 +74,7 @@ impl Default for LazyConfig {
             coalesce_bytes: 4 << 20,
             read_ahead_chunks: 2,
             background_bytes_per_sec: 0,
+            fill_yield_ms: 500,
             retries: 2,
             trace_seconds: 10.0,
             remote_traces: true,
@@ -96,6 +100,9 @@ impl LazyConfig {
         }
         if !(0.0..=600.0).contains(&self.trace_seconds) {
             return Err("lazy.trace_seconds must be in [0, 600]".into());
+        }
+        if self.fill_yield_ms > 60_000 {
+            return Err("lazy.fill_yield_ms must be at most 60000".into());
         }
         if self.foreground_reserved >= self.connections {
             return Err("lazy.foreground_reserved must be less than lazy.connections".into());

@@ -71,6 +71,8 @@ struct TestOrigin {
     blob: Vec<u8>,
     fault: Mutex<Fault>,
     requests: Mutex<Vec<Range<u64>>>,
+    /// When each request came, in order.
+    arrivals: Mutex<Vec<Instant>>,
     corrupted: AtomicBool,
     ignoring: AtomicBool,
     streams: AtomicUsize,
@@ -84,6 +86,7 @@ impl TestOrigin {
             blob,
             fault: Mutex::new(fault),
             requests: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(Vec::new()),
             corrupted: AtomicBool::new(false),
             ignoring: AtomicBool::new(false),
             streams: AtomicUsize::new(0),
@@ -110,6 +113,7 @@ impl TestOrigin {
 impl BlobOrigin for TestOrigin {
     fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, OriginError>> {
         lock(&self.requests).push(range.clone());
+        lock(&self.arrivals).push(Instant::now());
         let fault = *lock(&self.fault);
         Box::pin(async move {
             if fault == Fault::Hang {
@@ -675,4 +679,41 @@ async fn a_registry_limit_bounds_the_fill_fetches_in_flight_to_it() {
         "without a limit the fill uses its slots: {unlimited}"
     );
     assert!((1..=2).contains(&limited), "{limited}");
+}
+
+/// A guest's read of the last chunk, then a fill: how long after the read returned the fill's
+/// first fetch came.
+async fn fill_after_a_read(fill_yield_ms: u64) -> Duration {
+    let fixture = fixture(8).await;
+    let lazy = LazyLayers::new(LazyConfig {
+        coalesce_bytes: 1,
+        fill_yield_ms,
+        ..config()
+    });
+    let layer = lazy.open(&fixture.cache, &fixture.record).unwrap();
+    let origin = TestOrigin::new(fixture.blob.clone(), Fault::Slow);
+    layer.add_origin(origin.clone());
+    let last = chunk_range(7);
+    read(&layer, last.start as u64, 100, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let read_done = Instant::now();
+    lazy.fill(Arc::clone(&layer));
+    tokio::time::timeout(Duration::from_secs(20), layer.wait_complete())
+        .await
+        .expect("the fill completes");
+    let arrivals = lock(&origin.arrivals).clone();
+    assert!(arrivals.len() >= 2, "{arrivals:?}");
+    arrivals[1].saturating_duration_since(read_done)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_keeps_quiet_while_a_guest_reads() {
+    let yielding = fill_after_a_read(400).await;
+    let eager = fill_after_a_read(0).await;
+    println!(
+        "the fill's first fetch came {yielding:?} after a read (yield 400 ms), {eager:?} without"
+    );
+    assert!(yielding >= Duration::from_millis(350), "{yielding:?}");
+    assert!(eager < Duration::from_millis(300), "{eager:?}");
 }
