@@ -357,3 +357,46 @@ fn what_a_cache_cannot_vouch_for_is_not_exported() {
         text(&output.stderr)
     );
 }
+
+#[test]
+fn a_cluster_manifest_names_what_to_export() {
+    let setup = setup();
+    let manifest = setup.work.join("cluster.toml");
+    std::fs::write(
+        &manifest,
+        format!("version = 1\n[[image]]\nref = \"{LAZY}\"\nprefetch = \"all\"\n"),
+    )
+    .unwrap();
+    let bundle = setup.work.join("bundle");
+    let exported = json_of(
+        on_cache(
+            &setup.card_a,
+            &[
+                "cache",
+                "export",
+                "--json",
+                "--manifest",
+                manifest.to_str().unwrap(),
+                bundle.to_str().unwrap(),
+            ],
+        ),
+        "cache export --manifest",
+    );
+    assert_eq!(exported[0]["name"], LAZY, "{exported}");
+    assert_eq!(exported.as_array().unwrap().len(), 1, "{exported}");
+    // Named as cached and as the manifest's reference normalizes, so a card finds it by either.
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("index.json")).unwrap()).unwrap();
+    let names: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|entry| entry["annotations"]["org.opencontainers.image.ref.name"].as_str())
+        .collect();
+    assert_eq!(names, [LAZY, "docker.io/library/lazy:latest"], "{index}");
+    let output = on_cache(
+        &setup.card_a,
+        &["cache", "export", bundle.to_str().unwrap()],
+    );
+    assert!(!output.status.success(), "nothing named: refused");
+}

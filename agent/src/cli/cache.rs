@@ -171,12 +171,12 @@ pub async fn run_export(args: &ExportArgs) -> anyhow::Result<()> {
             .map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
         // A tag is exported under the name its prefetch resolved it to and under the tag
         // itself, so a card without the registry finds it by either.
-        wanted.extend(manifest.images.iter().map(|entry| {
-            (
-                record_name(&entry.reference),
-                vec![record_name(&entry.reference)],
-            )
-        }));
+        wanted.extend(
+            manifest
+                .images
+                .iter()
+                .map(|entry| (entry.reference.clone(), vec![record_name(&entry.reference)])),
+        );
     }
     if wanted.is_empty() {
         anyhow::bail!("name the images to export, or a cluster manifest with --manifest");
