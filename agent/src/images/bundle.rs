@@ -42,6 +42,7 @@ use crate::cache::trace::{
 use crate::cache::{Cache, CacheError, LayerRecord};
 use crate::lazy::layer::{LazyLayer, StoreError};
 use crate::lazy::origin::{BlobOrigin, FileOrigin};
+use crate::lazy::{self, LazyError};
 use gantry_oci::Digest;
 use gantry_oci::chunked::{
     ChunkedError, ChunkedLayerOptions, erofs_layer_kind, layer_diff_id, write_chunked_layer,
@@ -116,6 +117,9 @@ pub enum BundleError {
         /// What is wrong.
         reason: String,
     },
+    /// A layer of the cache could not be opened to store chunks into.
+    #[error(transparent)]
+    Lazy(#[from] LazyError),
     /// Pulling the image from the bundle failed.
     #[error(transparent)]
     Pull(#[from] PullError),
@@ -503,12 +507,12 @@ async fn import_image(
     platform: &Platform,
     progress: Progress<'_>,
 ) -> Result<ImportedImage, BundleError> {
-    let manifest_digest = {
+    {
         let (layout, name, platform) = (layout.clone(), name.to_string(), platform.clone());
         tokio::task::spawn_blocking(move || verify_image(&layout, &name, &platform))
             .await
-            .map_err(|error| BundleError::Task(error.to_string()))??
-    };
+            .map_err(|error| BundleError::Task(error.to_string()))??;
+    }
     let existed = cache.image(name)?.is_some();
     let mut source = OciLayoutSource::new(layout, name);
     source.platform = platform.clone();
@@ -523,7 +527,9 @@ async fn import_image(
     let result = async {
         let mut chunks_stored = 0;
         for layer in record.layers.iter().filter(|layer| layer.lazy) {
-            let opened = open_for_import(cache, layer)?;
+            // No guest reads through this handle: nothing listens for its wants.
+            let (wants, _) = tokio::sync::mpsc::unbounded_channel();
+            let opened = lazy::open_cached(cache, layer, Duration::ZERO, wants)?;
             let blob = layout.blob_path(&layer.blob_digest);
             let image = name.to_string();
             chunks_stored += tokio::task::spawn_blocking(move || {
@@ -540,7 +546,7 @@ async fn import_image(
     drop(pins);
     match result {
         Ok((chunks_stored, trace)) => {
-            info!(image = name, manifest = %manifest_digest, chunks_stored, trace, "imported");
+            info!(image = name, manifest = %record.manifest_digest, chunks_stored, trace, "imported");
             Ok(ImportedImage {
                 name: name.to_string(),
                 manifest_digest: record.manifest_digest,
@@ -597,12 +603,8 @@ impl ImageSource for Named<'_> {
 }
 
 /// Checks every blob the image `name` of `layout` needs (for `platform`) against its digest
-/// and size, reading each whole; returns the image manifest's digest.
-fn verify_image(
-    layout: &OciLayout,
-    name: &str,
-    platform: &Platform,
-) -> Result<Digest, BundleError> {
+/// and size, reading each whole.
+fn verify_image(layout: &OciLayout, name: &str, platform: &Platform) -> Result<(), BundleError> {
     let bad = |blob: &Digest, reason: String| BundleError::BadBlob {
         image: name.to_string(),
         blob: blob.clone(),
@@ -635,12 +637,11 @@ fn verify_image(
             }
         }
     };
-    let manifest_digest = Digest::of(&fetched.bytes);
     for descriptor in std::iter::once(&manifest.config).chain(&manifest.layers) {
         verify_blob(&layout.blob_path(&descriptor.digest), descriptor)
             .map_err(|reason| bad(&descriptor.digest, reason))?;
     }
-    Ok(manifest_digest)
+    Ok(())
 }
 
 /// Reads the file `path` whole, checking it is the blob `descriptor` names.
@@ -660,29 +661,6 @@ fn verify_blob(path: &Path, descriptor: &Descriptor) -> Result<(), String> {
         offset += n as u64;
     }
     verifier.finish().map_err(|error| error.to_string())
-}
-
-/// A layer of the cache opened to store chunks into (no guest reads it through this handle,
-/// so nothing listens for its wants).
-fn open_for_import(cache: &Cache, layer: &LayerRecord) -> Result<Arc<LazyLayer>, BundleError> {
-    let index = cache.lazy_index(&layer.blob_digest)?;
-    let pin = cache.pin(layer)?;
-    let blob = cache.lazy_blob_path(&layer.blob_digest)?;
-    let (wants, _) = tokio::sync::mpsc::unbounded_channel();
-    LazyLayer::open(
-        layer.blob_digest.clone(),
-        index,
-        &layer.erofs_path,
-        &layer.bitmap_path,
-        blob.as_deref(),
-        pin,
-        Duration::ZERO,
-        wants,
-    )
-    .map_err(|source| BundleError::Store {
-        image: layer.blob_digest.to_string(),
-        source,
-    })
 }
 
 /// Stores every missing chunk of `layer` from the blob file `blob` (blocking), a span of

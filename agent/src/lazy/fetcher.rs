@@ -357,7 +357,8 @@ impl Scheduler {
         .then_some(at)
     }
 
-    /// A guest's fetch starts or ends: fills keep quiet for `fill_yield_ms` from now.
+    /// A guest's fetch ended: fills keep quiet for `fill_yield_ms` from now (while one runs,
+    /// they wait anyway).
     fn yield_fills(&mut self) {
         let quiet = Instant::now() + Duration::from_millis(self.config.fill_yield_ms);
         self.fill_quiet_until = self.fill_quiet_until.max(quiet);
@@ -607,7 +608,6 @@ impl Scheduler {
         match job.priority {
             Priority::Foreground => {
                 self.running_foreground += 1;
-                self.yield_fills();
                 let sequential = job.chunks.start.checked_sub(1).is_some_and(|before| {
                     job.layer.is_present(before) || self.in_flight.contains(&(id, before))
                 });

@@ -50,7 +50,7 @@ pub struct LazyConfig {
     pub read_ahead_chunks: usize,
     /// Bandwidth of background fetching in bytes per second; 0 means unlimited.
     pub background_bytes_per_sec: u64,
-    /// After a guest's fetch starts or ends, no fill fetch starts for this long: a cold start
+    /// While a guest's fetch runs, and for this long after it ends, no fill fetch starts: a cold start
     /// gets the link to itself (trace prefetch and read-ahead go on: they serve the start).
     pub fill_yield_ms: u64,
     /// Extra rounds over a layer's origins before a fetch gives up.
@@ -122,6 +122,29 @@ pub enum LazyError {
     Store(#[from] StoreError),
 }
 
+/// Opens the lazy layer `record` names from the cache, pinned: its verified chunk index, its
+/// image, bitmap and blob copy. Its reads' wants go to `wants`.
+pub fn open_cached(
+    cache: &Cache,
+    record: &LayerRecord,
+    failure_hold: Duration,
+    wants: tokio::sync::mpsc::UnboundedSender<layer::Want>,
+) -> Result<Arc<LazyLayer>, LazyError> {
+    let index = cache.lazy_index(&record.blob_digest)?;
+    let pin = cache.pin(record)?;
+    let blob = cache.lazy_blob_path(&record.blob_digest)?;
+    Ok(LazyLayer::open(
+        record.blob_digest.clone(),
+        index,
+        &record.erofs_path,
+        &record.bitmap_path,
+        blob.as_deref(),
+        pin,
+        failure_hold,
+        wants,
+    )?)
+}
+
 /// The agent's open lazy layers and their fetcher.
 #[derive(Debug)]
 pub struct LazyLayers {
@@ -153,16 +176,9 @@ impl LazyLayers {
         if let Some(layer) = open.get(&record.blob_digest).and_then(Weak::upgrade) {
             return Ok(layer);
         }
-        let index = cache.lazy_index(&record.blob_digest)?;
-        let pin = cache.pin(record)?;
-        let blob = cache.lazy_blob_path(&record.blob_digest)?;
-        let layer = LazyLayer::open(
-            record.blob_digest.clone(),
-            index,
-            &record.erofs_path,
-            &record.bitmap_path,
-            blob.as_deref(),
-            pin,
+        let layer = open_cached(
+            cache,
+            record,
             Duration::from_millis(self.config.failure_hold_ms),
             self.fetcher.wants(),
         )?;
