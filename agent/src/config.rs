@@ -65,6 +65,19 @@ pub struct AgentConfig {
     /// Lazy loading: the default pull mode, timeouts, connections, bandwidth.
     #[serde(default)]
     pub lazy: LazyConfig,
+    /// Where this agent serves its cache to peer agents (`10.0.0.1:7420`); unset: it does not.
+    #[serde(default)]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// How peers reach this agent (`http://10.0.0.1:7420`), as the peer lists name it; default
+    /// `http://` and `peer_listen` when that names one address.
+    #[serde(default)]
+    pub peer_url: Option<String>,
+    /// A file holding the token agents present to each other (needed to serve or ask peers).
+    #[serde(default)]
+    pub peer_token_file: Option<PathBuf>,
+    /// Peer agents asked for chunks before the registries (a cluster manifest adds more).
+    #[serde(rename = "peer", default)]
+    pub peers: Vec<crate::manifest::document::PeerEntry>,
     /// The VMs this agent is the device for.
     #[serde(rename = "vm", default)]
     pub vms: Vec<VmConfig>,

@@ -12,6 +12,10 @@ use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::config::{AgentConfig, LaunchConfig, VmConfig};
 use crate::images::ImageService;
 use crate::manifest::{ClusterManifest, ManifestScheduler};
+use crate::peer::client::PeerClient;
+use crate::peer::routes::PeerSet;
+use crate::peer::server::PeerEndpoint;
+use crate::peer::{PeerError, PeerSettings};
 use crate::qemu::{LayerStoreDisk, QemuConfig};
 use crate::state::Agent;
 use crate::vm::{Vm, VmError};
@@ -37,6 +41,18 @@ pub enum DaemonError {
     /// The cluster manifest given at start cannot be put in force.
     #[error("cluster manifest: {0}")]
     Manifest(String),
+    /// The peer settings are unusable, or the peer endpoint cannot listen.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+}
+
+/// A task stopped when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The QEMU recipe for a VM the agent launches itself.
@@ -70,6 +86,17 @@ pub async fn run(
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
 
+    let peer_urls: Vec<String> = config.peers.iter().map(|peer| peer.url.clone()).collect();
+    let peering = PeerSettings::new(
+        config.peer_listen,
+        config.peer_url.as_deref(),
+        config.peer_token_file.as_deref(),
+        &peer_urls,
+    )?;
+    let peer_listener = match peering.listen {
+        Some(addr) => Some(crate::peer::server::bind(addr).await?),
+        None => None,
+    };
     let access = ApiAccess::new(config.api_group.as_deref()).map_err(ApiServerError::from)?;
     let listener = server::bind(&config.api_socket, access)?;
     let cache = Cache::open(
@@ -118,16 +145,39 @@ pub async fn run(
         info!(vm = %name, "VM attached");
         vms.insert(name, vm);
     }
+    let peers = Arc::new(PeerSet::new(
+        peering.own_url.clone(),
+        peering.peers.clone(),
+        PeerClient::new(peering.token.clone())?,
+    ));
+    images.lazy.fetcher().set_peers(peers.clone());
     let agent = Arc::new(Agent {
         vms,
         images: Arc::new(images),
         enable_baseline: config.enable_baseline,
         manifest: ManifestScheduler::default(),
+        peers,
     });
+    // Dropped (and so stopped) when the daemon returns.
+    let _peer_endpoint = match (peer_listener, peering.token) {
+        (Some(listener), Some(token)) => {
+            let endpoint = Arc::new(PeerEndpoint::new(
+                agent.images.clone(),
+                agent.peers.clone(),
+                token,
+            ));
+            Some(AbortOnDrop(tokio::spawn(crate::peer::server::serve(
+                listener, endpoint,
+            ))))
+        }
+        _ => None,
+    };
     agent.manifest.start(Arc::downgrade(&agent.images));
     if let Some((manifest, client)) = manifest {
+        let peers = crate::state::manifest_peer_urls(&manifest);
         let generation =
             crate::manifest::put_in_force_with(&agent.images, &agent.manifest, manifest, client);
+        agent.peers.set_manifest_peers(&peers);
         info!(generation, "cluster manifest in force");
     }
     info!(socket = %config.api_socket.display(), "operator API listening");

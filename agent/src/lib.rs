@@ -23,6 +23,7 @@ pub mod fuzzing;
 pub mod images;
 pub mod lazy;
 pub mod manifest;
+pub mod peer;
 pub mod qemu;
 pub mod session;
 pub mod state;

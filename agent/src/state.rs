@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::images::ImageService;
-use crate::manifest::ManifestScheduler;
+use crate::manifest::{ClusterManifest, ManifestScheduler};
+use crate::peer::routes::PeerSet;
 use crate::vm::Vm;
 
 /// Everything the agent serves: its VMs and the card's images.
@@ -19,4 +20,32 @@ pub struct Agent {
     pub enable_baseline: bool,
     /// The cluster manifest in force and its prefetch.
     pub manifest: ManifestScheduler,
+    /// The peer agents asked for chunks (`agent.toml`'s and the manifest's).
+    pub peers: Arc<PeerSet>,
+}
+
+impl Agent {
+    /// Puts a checked manifest in force ([`crate::manifest::put_in_force`]) and its peers
+    /// beside `agent.toml`'s. Returns the new generation.
+    pub fn apply_manifest(&self, manifest: ClusterManifest) -> Result<u64, String> {
+        let peers = manifest_peer_urls(&manifest);
+        let generation = crate::manifest::put_in_force(&self.images, &self.manifest, manifest)?;
+        self.peers.set_manifest_peers(&peers);
+        Ok(generation)
+    }
+}
+
+/// The manifest's peer URLs, normalized; one that is not a scheme and a host is left out.
+pub fn manifest_peer_urls(manifest: &ClusterManifest) -> Vec<String> {
+    manifest
+        .peers
+        .iter()
+        .filter_map(|peer| match crate::peer::normalize_url(&peer.url) {
+            Ok(url) => Some(url),
+            Err(reason) => {
+                tracing::warn!(%reason, "cluster manifest: peer left out");
+                None
+            }
+        })
+        .collect()
 }

@@ -353,6 +353,41 @@ pub struct LazyStats {
     pub origins: Vec<OriginStats>,
     /// The lazy layers open now.
     pub layers: Vec<LazyLayerStats>,
+    /// The peer agents this agent asks, and what it served them.
+    #[serde(default)]
+    pub peers: PeerStats,
+}
+
+/// The peer cache, as `GET /v1/lazy` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStats {
+    /// The peers asked for chunks, with their health.
+    pub peers: Vec<PeerHealth>,
+    /// Requests this agent's peer endpoint answered with bytes.
+    pub served_requests: u64,
+    /// Bytes it sent.
+    pub served_bytes: u64,
+    /// Requests it answered 404 (not held durably here).
+    pub not_held: u64,
+    /// Requests it refused 401 (no or a wrong token).
+    pub unauthorized: u64,
+}
+
+/// One peer agent, as this agent sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHealth {
+    /// Its base URL.
+    pub url: String,
+    /// Whether it is asked now (not on backoff).
+    pub live: bool,
+    /// Range requests sent to it.
+    pub requests: u64,
+    /// Of those, answered 404 (it did not hold the bytes).
+    pub not_held: u64,
+    /// Requests that failed (connect, timeout, stall, error status).
+    pub failures: u64,
+    /// Responses whose bytes failed verification.
+    pub bad_bytes: u64,
 }
 
 /// Chunks one origin delivered.

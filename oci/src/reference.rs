@@ -326,7 +326,8 @@ fn validate_host(host: &str) -> Result<(), ReferenceError> {
     Ok(())
 }
 
-fn validate_repository(repository: &str) -> Result<(), ReferenceError> {
+/// Checks a repository name (`library/busybox`) against the distribution spec's grammar.
+pub fn validate_repository(repository: &str) -> Result<(), ReferenceError> {
     if repository.len() > MAX_NAME_LEN {
         return Err(ReferenceError::NameTooLong);
     }

@@ -22,13 +22,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use gantry_e2e::{TestAgent, TestVm, agent_binary, image_layers, output_within};
-use gantry_oci::Digest;
-use gantry_testkit::{Registry, Shaping, ShapingProxy, noise};
+use gantry_e2e::{TestAgent, TestVm, image_layers};
+use gantry_testkit::{Registry, Shaping, ShapingProxy};
 
 use common::*;
 
@@ -40,7 +39,6 @@ const COMMAND: [&str; 3] = ["python3", "-c", "print(1)"];
 const REPOSITORY: &str = "bench/cluster";
 const LINK_MBIT: u64 = 400;
 const LINK_ROUND_TRIP: Duration = Duration::from_millis(20);
-const CONVERT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const PREFETCH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Goal: a cold start while the prefetch runs, against the same on an idle agent.
@@ -97,53 +95,6 @@ const VARIANTS: [Variant; 7] = [
 
 fn main() -> ExitCode {
     run_bench("cluster_prefetch", bench)
-}
-
-/// The root file system with `./etc/gantry-variant` (and `./srv/app/data.bin`) appended, as
-/// one tar+gzip layer in `work`.
-fn variant_layer(base: &RootfsLayer, work: &Path, variant: &Variant) -> Result<RootfsLayer> {
-    let extra = work.join(format!("{}-extra", variant.tag));
-    std::fs::create_dir_all(extra.join("etc"))?;
-    std::fs::write(
-        extra.join("etc/gantry-variant"),
-        format!("{}\n", variant.tag),
-    )?;
-    let mut added = vec!["./etc/gantry-variant"];
-    if variant.app_bytes > 0 {
-        std::fs::create_dir_all(extra.join("srv/app"))?;
-        let seed = variant.tag.bytes().map(u64::from).sum();
-        std::fs::write(
-            extra.join("srv/app/data.bin"),
-            noise(variant.app_bytes, seed),
-        )?;
-        added.push("./srv/app");
-    }
-    let tar = work.join(format!("{}.tar", variant.tag));
-    let gzipped = work.join(format!("{}.tar.gz", variant.tag));
-    let script = format!(
-        "gzip -dc '{base}' > '{tar}' && tar --append --numeric-owner --owner=0 --group=0 \
-         -f '{tar}' -C '{extra}' {added} && gzip -n -6 -c '{tar}' > '{gzipped}'",
-        base = base.path.display(),
-        tar = tar.display(),
-        extra = extra.display(),
-        added = added.join(" "),
-        gzipped = gzipped.display(),
-    );
-    let status = Command::new("sh").arg("-c").arg(&script).status()?;
-    ensure!(status.success(), "making the {} layer failed", variant.tag);
-    let tar_bytes = std::fs::read(&tar)?;
-    let gzip_bytes = std::fs::read(&gzipped)?;
-    std::fs::remove_file(&tar)?;
-    std::fs::remove_dir_all(&extra)?;
-    Ok(RootfsLayer {
-        path: gzipped,
-        digest: Digest::of(&gzip_bytes),
-        size: gzip_bytes.len() as u64,
-        diff_id: Digest::of(&tar_bytes),
-        tar_size: tar_bytes.len() as u64,
-        entries: base.entries + added.len() as u64,
-        mirror: base.mirror.clone(),
-    })
 }
 
 /// Seconds since `since`, as text.
@@ -210,25 +161,14 @@ fn bench() -> Result<()> {
     let at_registry = |tag: &str| format!("{}/{REPOSITORY}:{tag}", registry.host());
     let started = Instant::now();
     for variant in &VARIANTS {
-        let layer = variant_layer(&base, work.path(), variant)?;
-        let layout = work.path().join(variant.tag);
-        let original = format!("{}-tgz", variant.tag);
-        write_layout(&layout, &layer, &original)?;
-        registry.push(&layout, &original, &format!("{REPOSITORY}:{original}"));
-        succeeded(
-            output_within(
-                Command::new(agent_binary()).args([
-                    "image",
-                    "convert",
-                    &at_registry(&original),
-                    &at_registry(variant.tag),
-                ]),
-                CONVERT_TIMEOUT,
-                || {},
-            )?,
-            "gantry-agent image convert",
+        push_converted_variant(
+            &registry,
+            REPOSITORY,
+            &base,
+            work.path(),
+            variant.tag,
+            variant.app_bytes,
         )?;
-        std::fs::remove_dir_all(&layout)?;
     }
     let prepare_time = started.elapsed();
 

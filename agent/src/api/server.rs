@@ -806,7 +806,7 @@ async fn apply_manifest(
 ) -> Result<Json<gantry_api::ManifestStatus>, ApiError> {
     let manifest = crate::manifest::ClusterManifest::from_json(&body)
         .map_err(|err| ApiError(StatusCode::BAD_REQUEST, err.to_string()))?;
-    crate::manifest::put_in_force(&agent.images, &agent.manifest, manifest).map_err(|reason| {
+    agent.apply_manifest(manifest).map_err(|reason| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("cluster manifest: {reason}"),
@@ -845,7 +845,9 @@ async fn manifest_status(
 }
 
 async fn lazy_stats(State(agent): State<AgentState>) -> Json<gantry_api::LazyStats> {
-    Json(agent.images.lazy.stats())
+    let mut stats = agent.images.lazy.stats();
+    stats.peers = agent.peers.stats();
+    Json(stats)
 }
 
 /// `Op::Exec`, or `Op::ExecTty` when the exec asks for a terminal.

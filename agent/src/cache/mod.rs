@@ -180,6 +180,17 @@ pub struct LazyLayerMeta {
     pub keeps_blob: bool,
 }
 
+/// Where a lazy layer's kept blob and its bitmap are ([`Cache::lazy_blob_files`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LazyBlobFiles {
+    /// The sparse blob copy: a chunk's frame is valid once its bit is set.
+    pub blob: PathBuf,
+    /// The chunk bitmap.
+    pub bitmap: PathBuf,
+    /// The blob's size.
+    pub blob_size: u64,
+}
+
 /// A layer in the cache, as an image record lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerRecord {
@@ -645,6 +656,23 @@ impl Cache {
             .lazy
             .filter(|lazy| lazy.keeps_blob)
             .map(|_| self.layer_dir(digest).join(BLOB_FILE)))
+    }
+
+    /// The files of a lazy layer that keeps its blob, for serving ranges of it to peers: the
+    /// sparse blob copy and the chunk bitmap (`None`: not cached, not lazy, or no blob kept).
+    pub fn lazy_blob_files(&self, digest: &Digest) -> Result<Option<LazyBlobFiles>, CacheError> {
+        let Some(meta) = self.layer(digest)? else {
+            return Ok(None);
+        };
+        let dir = self.layer_dir(digest);
+        Ok(meta
+            .lazy
+            .filter(|lazy| lazy.keeps_blob)
+            .map(|_| LazyBlobFiles {
+                blob: dir.join(BLOB_FILE),
+                bitmap: dir.join(BITMAP_FILE),
+                blob_size: meta.blob_size,
+            }))
     }
 
     fn document_path(&self, digest: &Digest) -> PathBuf {

@@ -16,6 +16,12 @@
 //!   background priority, under the agent's background bandwidth limit.
 //! - **Verification and durability** are the layer's ([`LazyLayer::store_chunks`]): nothing
 //!   unverified is written, and a bit is set only over synced data.
+//! - **Peers** (DESIGN §6): every fetch asks the live peer agents first, the one that owns
+//!   the fetch's first chunk by rendezvous hashing of its checksum first, then the layer's own
+//!   origins. A transfer that fails part way resumes from the next source at the byte it
+//!   reached. A fill fetches first the chunks this agent owns, then waits
+//!   [`PEER_WAIT_PASSES`] passes for the peers to bring theirs before it asks the registry
+//!   for what is still missing (the owner may be down, or not prefetching this image).
 //! - **Failure**: each origin is tried in order, `retries` extra rounds; a foreground fetch
 //!   gives up after `park_timeout` at the latest. The layer then fails the waiting reads.
 
@@ -32,7 +38,7 @@ use gantry_api::{LazyStats, OriginStats};
 
 use super::LazyConfig;
 use super::layer::{LazyLayer, StoreError, Want};
-use super::origin::{BlobOrigin, StreamReceiver};
+use super::origin::{BlobOrigin, OriginError, PeerRoutes, StreamReceiver};
 use crate::sync::lock;
 
 /// Counters of the fetcher, for the operator.
@@ -90,6 +96,7 @@ impl FetchCounters {
                 .collect(),
             origins: lock(&self.per_origin).values().cloned().collect(),
             layers: Vec::new(),
+            peers: Default::default(),
         }
     }
 
@@ -133,6 +140,10 @@ struct Job {
     limited: bool,
     /// The registry a fill job counts against (a registry with a limit only).
     registry: Option<String>,
+    /// The peers to ask first (set when the job starts).
+    peers: Option<Arc<dyn PeerRoutes>>,
+    /// Ask only the peers (a fill waiting for the owners of these chunks to bring them).
+    peers_only: bool,
 }
 
 impl Job {
@@ -144,6 +155,8 @@ impl Job {
             since: None,
             limited,
             registry: None,
+            peers: None,
+            peers_only: false,
         }
     }
 }
@@ -169,9 +182,14 @@ enum Control {
     SetRegistryLimits(HashMap<String, usize>),
 }
 
+/// The peer agents, set from outside at any time and read by the scheduler as it starts jobs
+/// (a message could arrive after the first wants).
+type SharedPeers = Arc<Mutex<Option<Arc<dyn PeerRoutes>>>>;
+
 /// A handle to the fetcher task.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
+    peers: SharedPeers,
     wants: mpsc::UnboundedSender<Want>,
     control: mpsc::UnboundedSender<ControlMessage>,
     counters: Arc<FetchCounters>,
@@ -207,6 +225,7 @@ impl Fetcher {
         let (wants, want_rx) = mpsc::unbounded_channel();
         let (control, control_rx) = mpsc::unbounded_channel();
         let counters = Arc::new(FetchCounters::default());
+        let peers = SharedPeers::default();
         let scheduler = Scheduler {
             config,
             counters: Arc::clone(&counters),
@@ -222,9 +241,11 @@ impl Fetcher {
             fill_quiet_until: Instant::now(),
             registry_limits: HashMap::new(),
             fills_per_registry: HashMap::new(),
+            peers: Arc::clone(&peers),
         };
         tokio::spawn(scheduler.run(want_rx, control_rx));
         Fetcher {
+            peers,
             wants,
             control,
             counters,
@@ -265,6 +286,11 @@ impl Fetcher {
             .send(ControlMessage(Control::SetRegistryLimits(limits)));
     }
 
+    /// Asks `peers` before each layer's own origins from now on.
+    pub fn set_peers(&self, peers: Arc<dyn PeerRoutes>) {
+        *lock(&self.peers) = Some(peers);
+    }
+
     /// The fetcher's counters.
     pub fn counters(&self) -> &FetchCounters {
         &self.counters
@@ -282,6 +308,36 @@ struct FillCursor {
 const FILL_PASSES: u32 = 5;
 /// Pause between fill passes (a failing origin is not hammered).
 const FILL_PASS_PAUSE: Duration = Duration::from_secs(10);
+/// With peers, the fill passes before [`FILL_PASSES`] more over any source: the first takes
+/// the chunks this agent owns, the others also ask peers (only) for the rest.
+pub const PEER_WAIT_PASSES: u32 = 6;
+/// Pause between those passes: about the time an owner needs to bring its share.
+const PEER_WAIT_PAUSE: Duration = Duration::from_secs(3);
+
+/// What a fill pass does with a missing chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FillTake {
+    /// Leave it to its owner for now.
+    Skip,
+    /// Ask the peers only.
+    PeersOnly,
+    /// Fetch it from any source.
+    Any,
+}
+
+/// The key rendezvous hashing places a chunk by: its checksum (the same on every card), or,
+/// in an index without checksums, the layer and the chunk's number.
+fn chunk_key(layer: &LazyLayer, chunk: usize) -> Vec<u8> {
+    match layer
+        .index()
+        .entries()
+        .get(chunk)
+        .and_then(|entry| entry.checksum)
+    {
+        Some(checksum) => checksum.to_vec(),
+        None => format!("{}#{chunk}", layer.digest()).into_bytes(),
+    }
+}
 
 struct Scheduler {
     config: LazyConfig,
@@ -305,6 +361,8 @@ struct Scheduler {
     registry_limits: HashMap<String, usize>,
     /// Fill fetches in flight per limited registry.
     fills_per_registry: HashMap<String, usize>,
+    /// The peer agents, if any are configured.
+    peers: SharedPeers,
 }
 
 impl Scheduler {
@@ -457,6 +515,33 @@ impl Scheduler {
         chunk_is_free(&self.in_flight, layer, chunk)
     }
 
+    /// The peers, when any are configured.
+    fn peers(&self) -> Option<Arc<dyn PeerRoutes>> {
+        lock(&self.peers).clone().filter(|peers| !peers.is_empty())
+    }
+
+    fn peers_configured(&self) -> bool {
+        self.peers().is_some()
+    }
+
+    /// The live peer that fetches `chunk` from the registry (`None`: this agent, or no peers).
+    fn owner(&self, layer: &LazyLayer, chunk: usize) -> Option<String> {
+        self.peers()
+            .and_then(|peers| peers.owner(&chunk_key(layer, chunk)))
+    }
+
+    /// What fill pass `pass` does with missing `chunk` (the prefetch split of DESIGN §6).
+    fn fill_take(&self, layer: &LazyLayer, chunk: usize, pass: u32) -> FillTake {
+        if !self.peers_configured() || pass >= PEER_WAIT_PASSES {
+            return FillTake::Any;
+        }
+        match (self.owner(layer, chunk), pass) {
+            (None, _) => FillTake::Any,
+            (Some(_), 0) => FillTake::Skip,
+            (Some(_), _) => FillTake::PeersOnly,
+        }
+    }
+
     fn next_foreground(&mut self) -> Option<Job> {
         while let Some(want) = self.foreground.pop_front() {
             let layer = want.layer;
@@ -477,6 +562,8 @@ impl Scheduler {
                 since: Some(want.since),
                 limited: false,
                 registry: None,
+                peers: None,
+                peers_only: false,
             });
         }
         None
@@ -517,17 +604,31 @@ impl Scheduler {
                 continue;
             }
             let chunks = fill.layer.index().len();
-            while fill.next < chunks && !self.is_free(&fill.layer, fill.next) {
+            while fill.next < chunks
+                && (!self.is_free(&fill.layer, fill.next)
+                    || self.fill_take(&fill.layer, fill.next, fill.pass) == FillTake::Skip)
+            {
                 fill.next += 1;
             }
             if fill.next >= chunks {
                 // Chunks still in flight finish on their own; failed ones get another pass.
-                debug!(layer = %fill.layer.digest(), "background fill pass queued every chunk");
-                if fill.pass + 1 < FILL_PASSES {
+                debug!(layer = %fill.layer.digest(), pass = fill.pass, "background fill pass queued every chunk");
+                let waiting_for_peers = self.peers_configured() && fill.pass < PEER_WAIT_PASSES;
+                let passes = if self.peers_configured() {
+                    PEER_WAIT_PASSES + FILL_PASSES
+                } else {
+                    FILL_PASSES
+                };
+                if fill.pass + 1 < passes {
                     let control = self.control.clone();
                     let (layer, pass) = (fill.layer, fill.pass + 1);
+                    let pause = if waiting_for_peers {
+                        PEER_WAIT_PAUSE
+                    } else {
+                        FILL_PASS_PAUSE
+                    };
                     tokio::spawn(async move {
-                        tokio::time::sleep(FILL_PASS_PAUSE).await;
+                        tokio::time::sleep(pause).await;
                         if !layer.is_complete() {
                             let _ = control.send(ControlMessage(Control::Refill { layer, pass }));
                         }
@@ -536,13 +637,27 @@ impl Scheduler {
                 continue;
             }
             let start = fill.next;
-            let end = self.extend(&fill.layer, start, |_, _| true);
+            let take = self.fill_take(&fill.layer, start, fill.pass);
+            let owner = self.owner(&fill.layer, start);
+            // With peers, one fetch holds chunks of one owner only: a peer asked for a span
+            // holds all of it or answers 404.
+            let peers = self.peers_configured();
+            let end = self.extend(&fill.layer, start, |layer, chunk| {
+                !peers
+                    || (self.fill_take(layer, chunk, fill.pass) == take
+                        && self.owner(layer, chunk) == owner)
+            });
             fill.next = end;
             let layer = Arc::clone(&fill.layer);
             // Round robin between the layers being filled.
             self.fills.push_back(fill);
             let mut job = Job::background(layer, start..end, true);
-            job.registry = registry;
+            if take == FillTake::PeersOnly {
+                // Nothing goes to the registry: its limit does not apply.
+                job.peers_only = true;
+            } else {
+                job.registry = registry;
+            }
             return Some(job);
         }
         None
@@ -600,7 +715,8 @@ impl Scheduler {
         end
     }
 
-    fn start(&mut self, job: Job) {
+    fn start(&mut self, mut job: Job) {
+        job.peers = self.peers();
         let id = layer_id(&job.layer);
         for chunk in job.chunks.clone() {
             self.in_flight.insert((id, chunk));
@@ -652,13 +768,70 @@ impl Scheduler {
     }
 }
 
-/// Fetches one job's chunks from the layer's origins and stores them, or fails them.
+/// The sources of a job, in the order asked: the live peers (the first chunk's owner first),
+/// then the layer's own origins (none for a fill that waits for peers).
+fn job_sources(job: &Job) -> Vec<Arc<dyn BlobOrigin>> {
+    let mut sources = match &job.peers {
+        Some(peers) => peers.origins(job.layer.digest(), &chunk_key(&job.layer, job.chunks.start)),
+        None => Vec::new(),
+    };
+    if !job.peers_only {
+        sources.extend(job.layer.origins());
+    }
+    sources
+}
+
+/// The bytes of a job's span received so far, and which source sent which part.
+#[derive(Default)]
+struct Received {
+    bytes: Vec<u8>,
+    /// Each source's first byte (an offset into `bytes`), in order.
+    parts: Vec<(usize, Arc<dyn BlobOrigin>)>,
+}
+
+impl Received {
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.parts.clear();
+    }
+
+    /// The sources that sent any of the span's bytes `range` (offsets into `bytes`).
+    fn senders(&self, range: Range<usize>) -> Vec<Arc<dyn BlobOrigin>> {
+        let total = self.bytes.len();
+        self.parts
+            .iter()
+            .enumerate()
+            .filter(|(i, (start, _))| {
+                let end = self.parts.get(i + 1).map_or(total, |(next, _)| *next);
+                *start < range.end && range.start < end
+            })
+            .map(|(_, (_, origin))| Arc::clone(origin))
+            .collect()
+    }
+
+    /// Bytes each source sent.
+    fn sent(&self) -> Vec<(String, u64)> {
+        let total = self.bytes.len();
+        self.parts
+            .iter()
+            .enumerate()
+            .map(|(i, (start, origin))| {
+                let end = self.parts.get(i + 1).map_or(total, |(next, _)| *next);
+                (origin.describe(), (end - start) as u64)
+            })
+            .collect()
+    }
+}
+
+/// Fetches one job's chunks from its sources and stores them, or fails them.
 async fn run_job(job: Job, config: &LazyConfig, counters: &FetchCounters) {
     let layer = &job.layer;
     let span = layer.blob_span(job.chunks.clone());
     let deadline = Instant::now() + config.park_timeout();
     let mut last_error = String::from("no origin is known for this layer");
-    for round in 0..=config.retries {
+    // A fill waiting for peers asks them once a pass: the next pass asks again.
+    let rounds = if job.peers_only { 0 } else { config.retries };
+    for round in 0..=rounds {
         if round > 0 {
             let backoff = Duration::from_millis(200 << round.min(5));
             if Instant::now() + backoff >= deadline && job.priority == Priority::Foreground {
@@ -666,8 +839,10 @@ async fn run_job(job: Job, config: &LazyConfig, counters: &FetchCounters) {
             }
             tokio::time::sleep(backoff).await;
         }
-        for origin in layer.origins() {
+        let mut received = Received::default();
+        for origin in job_sources(&job) {
             if origin.ignores_ranges() {
+                received.clear();
                 match stream_job(&job, origin.as_ref(), counters).await {
                     Ok(()) => return,
                     Err(error) => {
@@ -676,50 +851,74 @@ async fn run_job(job: Job, config: &LazyConfig, counters: &FetchCounters) {
                     }
                 }
             }
-            let attempt = origin.read_range(span.clone());
+            // Resume at the byte the previous source reached.
+            let from = span.start + received.bytes.len() as u64;
+            let before = received.bytes.len();
+            received.parts.push((before, Arc::clone(&origin)));
+            let attempt = origin.read_range_into(from..span.end, &mut received.bytes);
             // A background attempt gets as long as a foreground fetch in all: a hung origin
             // must not hold a connection slot forever.
             let attempt_deadline = match job.priority {
                 Priority::Foreground => deadline,
                 Priority::Background => Instant::now() + config.park_timeout(),
             };
-            let Ok(result) = tokio::time::timeout_at(attempt_deadline.into(), attempt).await else {
-                last_error = format!(
-                    "{} did not deliver within {:?}",
-                    origin.describe(),
-                    config.park_timeout()
-                );
-                if job.priority == Priority::Foreground {
-                    give_up(&job, counters, &last_error);
-                    return;
-                }
-                continue;
-            };
+            let outcome = tokio::time::timeout_at(attempt_deadline.into(), attempt).await;
             counters.requests.fetch_add(1, Ordering::Relaxed);
-            let bytes = match result {
-                Ok(bytes) => bytes,
-                Err(error) => {
-                    last_error = format!("{}: {error}", origin.describe());
-                    debug!(layer = %layer.digest(), error = %last_error, "range read failed");
-                    continue;
-                }
-            };
             counters
                 .bytes
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            let received = bytes.len() as u64;
-            let origin_name = origin.describe();
+                .fetch_add((received.bytes.len() - before) as u64, Ordering::Relaxed);
+            match outcome {
+                Err(_) => {
+                    last_error = format!(
+                        "{} did not deliver within {:?}",
+                        origin.describe(),
+                        config.park_timeout()
+                    );
+                    if job.priority == Priority::Foreground {
+                        give_up(&job, counters, &last_error);
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Err(error @ OriginError::NotHeld(_))) => {
+                    // Nothing arrived: the next source starts where this one would have.
+                    received.parts.pop();
+                    debug!(layer = %layer.digest(), %error, "peer miss");
+                    last_error = error.to_string();
+                    continue;
+                }
+                Ok(Err(error)) => {
+                    last_error = format!("{}: {error}", origin.describe());
+                    debug!(layer = %layer.digest(), error = %last_error, "range read failed");
+                    if received.bytes.len() == before {
+                        received.parts.pop();
+                    }
+                    continue;
+                }
+                Ok(Ok(())) => {}
+            }
+            let sent = received.sent();
+            let bytes = std::mem::take(&mut received.bytes);
             let store_layer = Arc::clone(layer);
             let chunks = job.chunks.clone();
-            let stored =
-                tokio::task::spawn_blocking(move || store_layer.store_chunks(chunks, &bytes)).await;
+            let stored = tokio::task::spawn_blocking(move || {
+                let stored = store_layer.store_chunks(chunks, &bytes);
+                (stored, bytes)
+            })
+            .await;
             match stored {
-                Ok(Ok(())) => {
+                Ok((Ok(()), _)) => {
                     let count = job.chunks.len() as u64;
-                    counters.per_origin(&origin_name, |stats| {
-                        stats.chunks += count;
-                        stats.bytes += received;
-                    });
+                    // The chunks count for the source that completed them.
+                    let last = sent.len().saturating_sub(1);
+                    for (i, (name, bytes)) in sent.into_iter().enumerate() {
+                        counters.per_origin(&name, |stats| {
+                            if i == last {
+                                stats.chunks += count;
+                            }
+                            stats.bytes += bytes;
+                        });
+                    }
                     counters.count_stored(job.priority, count);
                     if let Some(since) = job.since {
                         counters.record_park(since.elapsed());
@@ -729,18 +928,36 @@ async fn run_job(job: Job, config: &LazyConfig, counters: &FetchCounters) {
                     }
                     return;
                 }
-                Ok(Err(error @ StoreError::Verify { .. })) => {
+                Ok((Err(error @ StoreError::Verify { .. }), bytes)) => {
                     counters
                         .verification_failures
                         .fetch_add(1, Ordering::Relaxed);
-                    counters.per_origin(&origin_name, |stats| {
-                        stats.bytes += received;
-                        stats.verification_failures += 1;
-                    });
-                    warn!(origin = %origin.describe(), %error, "bytes failed verification; discarded");
+                    received.bytes = bytes;
+                    // Blame whoever sent the bad chunk's bytes (a peer goes on backoff).
+                    let bad = match &error {
+                        StoreError::Verify { chunk, .. } if *chunk < layer.index().len() => {
+                            let range = layer.index().blob_range(*chunk);
+                            let offset = |at: u64| {
+                                usize::try_from(at.saturating_sub(span.start)).unwrap_or(usize::MAX)
+                            };
+                            received.senders(offset(range.start)..offset(range.end))
+                        }
+                        _ => received.parts.iter().map(|(_, o)| Arc::clone(o)).collect(),
+                    };
+                    for (name, bytes) in sent {
+                        counters.per_origin(&name, |stats| stats.bytes += bytes);
+                    }
+                    for sender in &bad {
+                        counters.per_origin(&sender.describe(), |stats| {
+                            stats.verification_failures += 1;
+                        });
+                        sender.delivered_bad_bytes();
+                        warn!(origin = %sender.describe(), %error, "bytes failed verification; discarded");
+                    }
                     last_error = format!("{error} (from {})", origin.describe());
+                    received.clear();
                 }
-                Ok(Err(error)) => {
+                Ok((Err(error), _)) => {
                     // The card's own disk failed: another origin would not help.
                     give_up(&job, counters, &error.to_string());
                     return;
@@ -754,6 +971,10 @@ async fn run_job(job: Job, config: &LazyConfig, counters: &FetchCounters) {
         if job.priority == Priority::Foreground && Instant::now() >= deadline {
             break;
         }
+    }
+    if job.peers_only {
+        debug!(layer = %layer.digest(), chunks = ?job.chunks, reason = %last_error, "no peer holds these chunks yet");
+        return;
     }
     give_up(&job, counters, &last_error);
 }

@@ -234,4 +234,4 @@ impl LazyLayers {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,6 +1,6 @@
 //! Where a lazy layer's bytes come from: a [`BlobOrigin`] reads byte ranges of one layer blob.
-//! The fetcher asks a layer's origins in order (DESIGN §5: peers first, when the peer issue
-//! lands, then the registry with its mirrors); the bytes are unverified until the fetcher
+//! The fetcher asks peers first ([`PeerRoutes`], DESIGN §5), then the layer's own origins in
+//! order (the registry with its mirrors, a file); the bytes are unverified until the fetcher
 //! checks them against the chunk index.
 
 use std::fmt;
@@ -39,6 +39,17 @@ pub enum OriginError {
     /// The origin cannot stream whole blobs.
     #[error("{0} cannot stream the whole blob")]
     NoStreaming(String),
+    /// A peer does not hold the bytes (yet): not a failure of the peer.
+    #[error("{0} does not hold these bytes")]
+    NotHeld(String),
+    /// A peer failed (refused, timed out, stalled, answered wrongly).
+    #[error("{origin}: {reason}")]
+    Peer {
+        /// The peer.
+        origin: String,
+        /// What happened.
+        reason: String,
+    },
 }
 
 /// Receives a whole blob, in order from its first byte, while it downloads.
@@ -53,6 +64,29 @@ pub trait StreamReceiver: Send {
 pub trait BlobOrigin: Send + Sync + fmt::Debug {
     /// Reads exactly `range` of the blob (unverified).
     fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, OriginError>>;
+
+    /// Reads `range` of the blob, appending to `into` as bytes arrive. On failure what arrived
+    /// stays in `into`, so the next origin resumes at the byte this one reached (and a future
+    /// dropped by a timeout keeps what it appended).
+    fn read_range_into<'a>(
+        &'a self,
+        range: Range<u64>,
+        into: &'a mut Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), OriginError>> {
+        Box::pin(async move {
+            let bytes = self.read_range(range).await?;
+            into.extend_from_slice(&bytes);
+            Ok(())
+        })
+    }
+
+    /// Bytes this origin sent failed verification: a peer goes on backoff and is counted.
+    fn delivered_bad_bytes(&self) {}
+
+    /// Whether this is a peer agent (a fill may wait for peers rather than ask the registry).
+    fn is_peer(&self) -> bool {
+        false
+    }
 
     /// A name for logs and errors (`registry.example/app@sha256:…`, a file path).
     fn describe(&self) -> String;
@@ -78,6 +112,20 @@ pub trait BlobOrigin: Send + Sync + fmt::Debug {
         let _ = receiver;
         Box::pin(async move { Err(OriginError::NoStreaming(self.describe())) })
     }
+}
+
+/// The peer agents, as the fetcher sees them (implemented by the `peer` module).
+pub trait PeerRoutes: Send + Sync + fmt::Debug {
+    /// Origins reading blob `blob` from the live peers, in the order to ask them for bytes whose
+    /// first chunk has `key` (its checksum): the peer owning `key` by rendezvous hashing first.
+    fn origins(&self, blob: &gantry_oci::Digest, key: &[u8]) -> Vec<Arc<dyn BlobOrigin>>;
+
+    /// Who fetches `key` from the registry: this agent (`None`), or the live peer that owns it
+    /// (its URL).
+    fn owner(&self, key: &[u8]) -> Option<String>;
+
+    /// Whether any peer is configured at all.
+    fn is_empty(&self) -> bool;
 }
 
 /// A [`StreamReceiver`] as the registry client's blob sink.

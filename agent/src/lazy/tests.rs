@@ -190,8 +190,13 @@ impl Wake for NotifyWake {
 }
 
 /// Reads `len` bytes at `offset` the way the device does: poll, park on `Pending`, poll again
-/// when woken. Fails the test if a read stays parked for `limit`.
-async fn read(layer: &LazyLayer, offset: u64, len: usize, limit: Duration) -> io::Result<Vec<u8>> {
+/// when woken. Fails the test if a read stays parked for `limit`. (The peer tests use it too.)
+pub(crate) async fn read(
+    layer: &LazyLayer,
+    offset: u64,
+    len: usize,
+    limit: Duration,
+) -> io::Result<Vec<u8>> {
     let notify = Arc::new(Notify::new());
     let waker = Waker::from(Arc::new(NotifyWake(Arc::clone(&notify))));
     let mut buf = vec![0u8; len];

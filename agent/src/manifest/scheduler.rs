@@ -175,11 +175,8 @@ impl ManifestScheduler {
         let applied = lock(&self.applied);
         let mut images: Vec<&Tracked> = applied.images.iter().collect();
         images.sort_by_key(|tracked| std::cmp::Reverse(tracked.entry.priority));
-        // Sections checked but not acted on yet.
-        let not_applied = match &applied.manifest {
-            Some(manifest) if !manifest.peers.is_empty() => vec!["peer".to_string()],
-            _ => Vec::new(),
-        };
+        // Every section is acted on (peers by the agent, beside this scheduler).
+        let not_applied = Vec::new();
         ManifestStatus {
             generation: applied.generation,
             applied_unix_ms: applied.applied_unix_ms,

@@ -14,7 +14,7 @@ use gantry_e2e::{TestAgent, output_within, workspace_root};
 use gantry_oci::Digest;
 use gantry_oci::layout::LayoutWriter;
 use gantry_oci::manifest::{Descriptor, OCI_CONFIG, OCI_MANIFEST};
-use gantry_testkit::ShapingProxy;
+use gantry_testkit::{ShapingProxy, noise};
 use serde_json::json;
 
 pub const SUITE: &str = "bookworm";
@@ -23,6 +23,8 @@ pub const PACKAGES: &str = "python3-minimal";
 pub const VM: &str = "bench";
 pub const DEBOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long converting one variant of the root file system may take.
+pub const CONVERT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 /// A benchmark's `main`: runs `bench`, or nothing when `cargo test --benches` asks for a list
 /// (`cargo bench` passes `--bench`).
@@ -392,4 +394,84 @@ pub fn succeeded(output: Output, what: &str) -> Result<Output> {
         text(&output.stderr)
     );
     Ok(output)
+}
+
+/// The root file system with `./etc/gantry-variant` (and `./srv/app/data.bin`) appended, as
+/// one tar+gzip layer in `work`.
+pub fn variant_layer(
+    base: &RootfsLayer,
+    work: &Path,
+    tag: &str,
+    app_bytes: usize,
+) -> Result<RootfsLayer> {
+    let extra = work.join(format!("{}-extra", tag));
+    std::fs::create_dir_all(extra.join("etc"))?;
+    std::fs::write(extra.join("etc/gantry-variant"), format!("{}\n", tag))?;
+    let mut added = vec!["./etc/gantry-variant"];
+    if app_bytes > 0 {
+        std::fs::create_dir_all(extra.join("srv/app"))?;
+        let seed = tag.bytes().map(u64::from).sum();
+        std::fs::write(extra.join("srv/app/data.bin"), noise(app_bytes, seed))?;
+        added.push("./srv/app");
+    }
+    let tar = work.join(format!("{}.tar", tag));
+    let gzipped = work.join(format!("{}.tar.gz", tag));
+    let script = format!(
+        "gzip -dc '{base}' > '{tar}' && tar --append --numeric-owner --owner=0 --group=0 \
+         -f '{tar}' -C '{extra}' {added} && gzip -n -6 -c '{tar}' > '{gzipped}'",
+        base = base.path.display(),
+        tar = tar.display(),
+        extra = extra.display(),
+        added = added.join(" "),
+        gzipped = gzipped.display(),
+    );
+    let status = Command::new("sh").arg("-c").arg(&script).status()?;
+    ensure!(status.success(), "making the {} layer failed", tag);
+    let tar_bytes = std::fs::read(&tar)?;
+    let gzip_bytes = std::fs::read(&gzipped)?;
+    std::fs::remove_file(&tar)?;
+    std::fs::remove_dir_all(&extra)?;
+    Ok(RootfsLayer {
+        path: gzipped,
+        digest: Digest::of(&gzip_bytes),
+        size: gzip_bytes.len() as u64,
+        diff_id: Digest::of(&tar_bytes),
+        tar_size: tar_bytes.len() as u64,
+        entries: base.entries + added.len() as u64,
+        mirror: base.mirror.clone(),
+    })
+}
+
+/// Pushes `base` with `tag`'s marker (and `app_bytes` of app data) as `REPOSITORY:TAG-tgz` to
+/// `registry`, and converts it with `gantry-agent image convert` to `REPOSITORY:TAG`.
+pub fn push_converted_variant(
+    registry: &gantry_testkit::Registry,
+    repository: &str,
+    base: &RootfsLayer,
+    work: &Path,
+    tag: &str,
+    app_bytes: usize,
+) -> Result<()> {
+    let layer = variant_layer(base, work, tag, app_bytes)?;
+    let layout = work.join(tag);
+    let original = format!("{tag}-tgz");
+    write_layout(&layout, &layer, &original)?;
+    registry.push(&layout, &original, &format!("{repository}:{original}"));
+    let at_registry = |tag: &str| format!("{}/{repository}:{tag}", registry.host());
+    succeeded(
+        output_within(
+            Command::new(gantry_e2e::agent_binary()).args([
+                "image",
+                "convert",
+                &at_registry(&original),
+                &at_registry(tag),
+            ]),
+            CONVERT_TIMEOUT,
+            || {},
+        )?,
+        "gantry-agent image convert",
+    )?;
+    std::fs::remove_dir_all(&layout)?;
+    std::fs::remove_file(&layer.path)?;
+    Ok(())
 }
