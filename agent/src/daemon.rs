@@ -44,6 +44,9 @@ pub enum DaemonError {
     /// The peer settings are unusable, or the peer endpoint cannot listen.
     #[error(transparent)]
     Peer(#[from] PeerError),
+    /// `serve --check` found a part of the config the agent could not start with.
+    #[error("{0}")]
+    Check(String),
 }
 
 /// A task stopped when this is dropped.
@@ -77,6 +80,134 @@ pub fn qemu_config(vm: &VmConfig, launch: &LaunchConfig) -> QemuConfig {
     config
 }
 
+/// `agent.toml`'s peer settings, checked (the token file read).
+fn peer_settings(config: &AgentConfig) -> Result<PeerSettings, PeerError> {
+    let peer_urls: Vec<String> = config.peers.iter().map(|peer| peer.url.clone()).collect();
+    PeerSettings::new(
+        config.peer_listen,
+        config.peer_url.as_deref(),
+        config.peer_token_file.as_deref(),
+        &peer_urls,
+    )
+}
+
+/// What `serve --check` found: a config the agent would start with.
+#[derive(Debug)]
+pub struct CheckReport {
+    /// One line per part checked, for the operator.
+    pub lines: Vec<String>,
+    /// Things that do not stop a start but will fail something later.
+    pub warnings: Vec<String>,
+}
+
+/// Checks `config` (parsed and validated already) and `manifest` as `run` would use them,
+/// without binding, creating or starting anything: the peer token, the API group, the
+/// registries' CA and credentials files (the manifest's added), and for each VM the agent
+/// launches, its kernel, initrd and QEMU binary.
+pub fn check(
+    config: &AgentConfig,
+    manifest: Option<&ClusterManifest>,
+) -> Result<CheckReport, DaemonError> {
+    let mut report = CheckReport {
+        lines: Vec::new(),
+        warnings: Vec::new(),
+    };
+    ApiAccess::new(config.api_group.as_deref()).map_err(ApiServerError::from)?;
+    report.lines.push(format!(
+        "api socket {} ({})",
+        config.api_socket.display(),
+        match &config.api_group {
+            Some(group) => format!("root and group {group}"),
+            None => "root only".to_string(),
+        }
+    ));
+    let peering = peer_settings(config)?;
+    report
+        .lines
+        .push(match (&peering.listen, &peering.own_url) {
+            (Some(listen), Some(url)) => format!(
+                "peer endpoint {listen} (as {url}), {} peer(s) in agent.toml",
+                peering.peers.len()
+            ),
+            _ => format!(
+                "no peer endpoint, {} peer(s) in agent.toml",
+                peering.peers.len()
+            ),
+        });
+    crate::images::service::registry_client_for(&config.registry, &[])
+        .map_err(|reason| DaemonError::Check(format!("[registry]: {reason}")))?;
+    if let Some(manifest) = manifest {
+        crate::images::service::registry_client_for(&config.registry, &manifest.registries)
+            .map_err(|reason| DaemonError::Check(format!("cluster manifest: {reason}")))?;
+        report.lines.push(format!(
+            "cluster manifest: {} image(s), {} registr(y/ies), {} peer(s)",
+            manifest.images.len(),
+            manifest.registries.len(),
+            manifest.peers.len()
+        ));
+    }
+    for vm in &config.vms {
+        let Some(launch) = &vm.launch else {
+            report.lines.push(format!(
+                "VM {} (cid {}): attached by its VMM at {} and {}",
+                vm.name,
+                vm.guest_cid,
+                vm.vsock_socket.display(),
+                vm.layer_socket.display()
+            ));
+            continue;
+        };
+        for (what, path) in [("kernel", &launch.kernel), ("initrd", &launch.initrd)] {
+            std::fs::File::open(path).map_err(|error| {
+                DaemonError::Check(format!(
+                    "VM {}: {what} {}: {error}",
+                    vm.name,
+                    path.display()
+                ))
+            })?;
+        }
+        let qemu = find_program(&launch.qemu).ok_or_else(|| {
+            DaemonError::Check(format!(
+                "VM {}: QEMU binary {} not found",
+                vm.name,
+                launch.qemu.display()
+            ))
+        })?;
+        report.lines.push(format!(
+            "VM {} (cid {}): launched with {} ({} MiB, {:?})",
+            vm.name,
+            vm.guest_cid,
+            qemu.display(),
+            launch.memory_mib,
+            launch.accel
+        ));
+    }
+    if !config.busybox.is_file() {
+        report.warnings.push(format!(
+            "busybox {} is missing: the default image cannot be built",
+            config.busybox.display()
+        ));
+    }
+    Ok(report)
+}
+
+/// `program` as the OS would run it: a path, or a name looked up in `PATH`.
+fn find_program(program: &std::path::Path) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |path: &std::path::Path| {
+        path.metadata()
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    };
+    if program.components().count() > 1 {
+        return runnable(program).then(|| program.to_owned());
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|path| runnable(path))
+}
+
 /// Runs the agent until SIGINT or SIGTERM, with `manifest` (checked already) in force.
 pub async fn run(
     config: AgentConfig,
@@ -86,13 +217,7 @@ pub async fn run(
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
 
-    let peer_urls: Vec<String> = config.peers.iter().map(|peer| peer.url.clone()).collect();
-    let peering = PeerSettings::new(
-        config.peer_listen,
-        config.peer_url.as_deref(),
-        config.peer_token_file.as_deref(),
-        &peer_urls,
-    )?;
+    let peering = peer_settings(&config)?;
     let peer_listener = match peering.listen {
         Some(addr) => Some(crate::peer::server::bind(addr).await?),
         None => None,

@@ -58,6 +58,10 @@ pub enum Command {
         /// A cluster manifest to put in force at start (TOML; refused whole if malformed).
         #[arg(long)]
         manifest: Option<PathBuf>,
+        /// Check the config (and manifest) as a start would, say what it found, and exit:
+        /// nothing is bound, created or started.
+        #[arg(long)]
+        check: bool,
     },
     /// Show what the shim in a VM reports about its guest.
     GuestInfo {
@@ -214,12 +218,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .unwrap_or(DEFAULT_API_SOCKET.as_ref()),
     );
     match cli.command {
-        Command::Serve { config, manifest } => {
-            let mut config = AgentConfig::load(&config)?;
+        Command::Serve {
+            config: path,
+            manifest,
+            check,
+        } => {
+            let mut config = AgentConfig::load(&path)?;
             if let Some(socket) = cli.api_socket {
                 config.api_socket = socket;
             }
             let manifest = manifest.map(|path| manifest::load(&path)).transpose()?;
+            if check {
+                let report = crate::daemon::check(&config, manifest.as_ref())?;
+                println!("{}: the agent would start with it", path.display());
+                for line in report.lines {
+                    println!("  {line}");
+                }
+                for warning in report.warnings {
+                    println!("  warning: {warning}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             crate::daemon::run(config, manifest).await?;
         }
         Command::Manifest(ManifestCommand::Apply { file }) => {

@@ -150,36 +150,7 @@ impl ImageService {
     /// next), insecure flag, CA file and credentials. Nothing changes until
     /// [`ImageService::use_registry`]; an unusable CA or credentials file is an error here.
     pub fn registry_for(&self, registries: &[RegistryEntry]) -> Result<RegistryClient, String> {
-        let mut config = self.base_registry.clone();
-        for entry in registries {
-            if !entry.mirrors.is_empty() {
-                config
-                    .mirrors
-                    .insert(entry.host.clone(), entry.mirrors.clone());
-            }
-            if entry.insecure && !config.insecure_registries.contains(&entry.host) {
-                config.insecure_registries.push(entry.host.clone());
-            }
-            if let Some(ca) = &entry.ca {
-                config.ca_files.push(ca.clone());
-            }
-        }
-        let client = RegistryClient::new(config).map_err(|error| error.to_string())?;
-        let mut credentials = client.credentials().clone();
-        for entry in registries {
-            if let Some(path) = &entry.credentials {
-                let store = CredentialStore::load(path).map_err(|error| error.to_string())?;
-                let credential = store.get(&entry.host).ok_or_else(|| {
-                    format!(
-                        "registry {}: {} has no credentials for it",
-                        entry.host,
-                        path.display()
-                    )
-                })?;
-                credentials.insert(&entry.host, credential.clone());
-            }
-        }
-        Ok(client.with_credentials(credentials))
+        registry_client_for(&self.base_registry, registries)
     }
 
     /// Makes `client` the one later pulls use.
@@ -375,6 +346,44 @@ fn layout_origin(
     move |descriptor: &Descriptor| {
         Arc::new(FileOrigin::new(layout.blob_path(&descriptor.digest))) as Arc<dyn BlobOrigin>
     }
+}
+
+/// A client for `base` with a cluster manifest's `registries` added (see
+/// [`ImageService::registry_for`]); also what `serve --check` builds to check them.
+pub fn registry_client_for(
+    base: &RegistryConfig,
+    registries: &[RegistryEntry],
+) -> Result<RegistryClient, String> {
+    let mut config = base.clone();
+    for entry in registries {
+        if !entry.mirrors.is_empty() {
+            config
+                .mirrors
+                .insert(entry.host.clone(), entry.mirrors.clone());
+        }
+        if entry.insecure && !config.insecure_registries.contains(&entry.host) {
+            config.insecure_registries.push(entry.host.clone());
+        }
+        if let Some(ca) = &entry.ca {
+            config.ca_files.push(ca.clone());
+        }
+    }
+    let client = RegistryClient::new(config).map_err(|error| error.to_string())?;
+    let mut credentials = client.credentials().clone();
+    for entry in registries {
+        if let Some(path) = &entry.credentials {
+            let store = CredentialStore::load(path).map_err(|error| error.to_string())?;
+            let credential = store.get(&entry.host).ok_or_else(|| {
+                format!(
+                    "registry {}: {} has no credentials for it",
+                    entry.host,
+                    path.display()
+                )
+            })?;
+            credentials.insert(&entry.host, credential.clone());
+        }
+    }
+    Ok(client.with_credentials(credentials))
 }
 
 #[cfg(test)]
