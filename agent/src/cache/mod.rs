@@ -652,27 +652,28 @@ impl Cache {
         let meta = self
             .layer(digest)?
             .ok_or_else(|| CacheError::LayerMissing(digest.clone()))?;
-        Ok(meta
-            .lazy
-            .filter(|lazy| lazy.keeps_blob)
-            .map(|_| self.layer_dir(digest).join(BLOB_FILE)))
+        Ok(self.kept_blob(digest, &meta).map(|files| files.blob))
     }
 
     /// The files of a lazy layer that keeps its blob, for serving ranges of it to peers: the
     /// sparse blob copy and the chunk bitmap (`None`: not cached, not lazy, or no blob kept).
     pub fn lazy_blob_files(&self, digest: &Digest) -> Result<Option<LazyBlobFiles>, CacheError> {
-        let Some(meta) = self.layer(digest)? else {
-            return Ok(None);
-        };
+        Ok(self
+            .layer(digest)?
+            .and_then(|meta| self.kept_blob(digest, &meta)))
+    }
+
+    /// The kept blob's files of layer `digest` whose metadata is `meta`, if it keeps one.
+    fn kept_blob(&self, digest: &Digest, meta: &LayerMeta) -> Option<LazyBlobFiles> {
         let dir = self.layer_dir(digest);
-        Ok(meta
-            .lazy
+        meta.lazy
+            .as_ref()
             .filter(|lazy| lazy.keeps_blob)
             .map(|_| LazyBlobFiles {
                 blob: dir.join(BLOB_FILE),
                 bitmap: dir.join(BITMAP_FILE),
                 blob_size: meta.blob_size,
-            }))
+            })
     }
 
     fn document_path(&self, digest: &Digest) -> PathBuf {

@@ -339,6 +339,28 @@ fn chunk_key(layer: &LazyLayer, chunk: usize) -> Vec<u8> {
     }
 }
 
+/// What fill pass `pass` does with missing `chunk` (the prefetch split of DESIGN §6), and
+/// the chunk's owner: the live peer that fetches it from the registry (`None`: this agent,
+/// or no peers).
+fn fill_plan(
+    peers: Option<&dyn PeerRoutes>,
+    layer: &LazyLayer,
+    chunk: usize,
+    pass: u32,
+) -> (FillTake, Option<String>) {
+    let Some(peers) = peers else {
+        return (FillTake::Any, None);
+    };
+    let owner = peers.owner(&chunk_key(layer, chunk));
+    let take = match (&owner, pass) {
+        (_, pass) if pass >= PEER_WAIT_PASSES => FillTake::Any,
+        (None, _) => FillTake::Any,
+        (Some(_), 0) => FillTake::Skip,
+        (Some(_), _) => FillTake::PeersOnly,
+    };
+    (take, owner)
+}
+
 struct Scheduler {
     config: LazyConfig,
     counters: Arc<FetchCounters>,
@@ -520,28 +542,6 @@ impl Scheduler {
         lock(&self.peers).clone().filter(|peers| !peers.is_empty())
     }
 
-    fn peers_configured(&self) -> bool {
-        self.peers().is_some()
-    }
-
-    /// The live peer that fetches `chunk` from the registry (`None`: this agent, or no peers).
-    fn owner(&self, layer: &LazyLayer, chunk: usize) -> Option<String> {
-        self.peers()
-            .and_then(|peers| peers.owner(&chunk_key(layer, chunk)))
-    }
-
-    /// What fill pass `pass` does with missing `chunk` (the prefetch split of DESIGN §6).
-    fn fill_take(&self, layer: &LazyLayer, chunk: usize, pass: u32) -> FillTake {
-        if !self.peers_configured() || pass >= PEER_WAIT_PASSES {
-            return FillTake::Any;
-        }
-        match (self.owner(layer, chunk), pass) {
-            (None, _) => FillTake::Any,
-            (Some(_), 0) => FillTake::Skip,
-            (Some(_), _) => FillTake::PeersOnly,
-        }
-    }
-
     fn next_foreground(&mut self) -> Option<Job> {
         while let Some(want) = self.foreground.pop_front() {
             let layer = want.layer;
@@ -603,18 +603,21 @@ impl Scheduler {
                 self.fills.push_back(fill);
                 continue;
             }
+            let peers = self.peers();
+            let plan =
+                |layer: &LazyLayer, chunk| fill_plan(peers.as_deref(), layer, chunk, fill.pass);
             let chunks = fill.layer.index().len();
             while fill.next < chunks
                 && (!self.is_free(&fill.layer, fill.next)
-                    || self.fill_take(&fill.layer, fill.next, fill.pass) == FillTake::Skip)
+                    || plan(&fill.layer, fill.next).0 == FillTake::Skip)
             {
                 fill.next += 1;
             }
             if fill.next >= chunks {
                 // Chunks still in flight finish on their own; failed ones get another pass.
                 debug!(layer = %fill.layer.digest(), pass = fill.pass, "background fill pass queued every chunk");
-                let waiting_for_peers = self.peers_configured() && fill.pass < PEER_WAIT_PASSES;
-                let passes = if self.peers_configured() {
+                let waiting_for_peers = peers.is_some() && fill.pass < PEER_WAIT_PASSES;
+                let passes = if peers.is_some() {
                     PEER_WAIT_PASSES + FILL_PASSES
                 } else {
                     FILL_PASSES
@@ -637,15 +640,15 @@ impl Scheduler {
                 continue;
             }
             let start = fill.next;
-            let take = self.fill_take(&fill.layer, start, fill.pass);
-            let owner = self.owner(&fill.layer, start);
+            let (take, owner) = plan(&fill.layer, start);
             // With peers, one fetch holds chunks of one owner only: a peer asked for a span
             // holds all of it or answers 404.
-            let peers = self.peers_configured();
             let end = self.extend(&fill.layer, start, |layer, chunk| {
-                !peers
-                    || (self.fill_take(layer, chunk, fill.pass) == take
-                        && self.owner(layer, chunk) == owner)
+                if peers.is_none() {
+                    return true;
+                }
+                let (chunk_take, chunk_owner) = plan(layer, chunk);
+                chunk_take == take && chunk_owner == owner
             });
             fill.next = end;
             let layer = Arc::clone(&fill.layer);

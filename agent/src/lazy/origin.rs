@@ -83,11 +83,6 @@ pub trait BlobOrigin: Send + Sync + fmt::Debug {
     /// Bytes this origin sent failed verification: a peer goes on backoff and is counted.
     fn delivered_bad_bytes(&self) {}
 
-    /// Whether this is a peer agent (a fill may wait for peers rather than ask the registry).
-    fn is_peer(&self) -> bool {
-        false
-    }
-
     /// A name for logs and errors (`registry.example/app@sha256:…`, a file path).
     fn describe(&self) -> String;
 

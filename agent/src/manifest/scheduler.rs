@@ -175,12 +175,11 @@ impl ManifestScheduler {
         let applied = lock(&self.applied);
         let mut images: Vec<&Tracked> = applied.images.iter().collect();
         images.sort_by_key(|tracked| std::cmp::Reverse(tracked.entry.priority));
-        // Every section is acted on (peers by the agent, beside this scheduler).
-        let not_applied = Vec::new();
         ManifestStatus {
             generation: applied.generation,
             applied_unix_ms: applied.applied_unix_ms,
-            not_applied,
+            // Every section is acted on (peers by the agent, beside this scheduler).
+            not_applied: Vec::new(),
             images: images
                 .into_iter()
                 .map(|tracked| ManifestImageStatus {

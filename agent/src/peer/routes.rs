@@ -302,10 +302,6 @@ impl BlobOrigin for PeerOrigin {
     fn delivered_bad_bytes(&self) {
         self.peer.sent_bad_bytes();
     }
-
-    fn is_peer(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]
