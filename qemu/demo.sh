@@ -31,7 +31,8 @@ TOML
 
 "$agent" serve --config "$work/agent.toml" 2> "$work/agent.log" &
 agent_pid=$!
-trap 'kill $agent_pid 2>/dev/null; wait $agent_pid 2>/dev/null; echo "logs kept in $work"' EXIT
+# VMs outlive the agent (an upgrade or crash does not stop them): stop the guest, then the agent.
+trap '"$agent" --api-socket "$work/agent.sock" vm stop demo >/dev/null 2>&1; kill $agent_pid 2>/dev/null; wait $agent_pid 2>/dev/null; echo "logs kept in $work"' EXIT
 for _ in $(seq 200); do [[ -S "$work/agent.sock" ]] && break; sleep 0.05; done
 
 export GANTRY_API_SOCKET="$work/agent.sock"

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use gantry_oci::registry::{RegistryClient, RegistryError};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::api::access::ApiAccess;
 use crate::api::server::{self, ApiServerError};
@@ -257,16 +257,9 @@ pub async fn run(
             .as_ref()
             .map(|launch| qemu_config(&vm_config, launch));
         let name = vm_config.name.clone();
-        let vm = match Vm::start(vm_config, qemu, &config.state_dir, config.logs) {
-            Ok(vm) => vm,
-            Err(err) => {
-                // Leave nothing running behind a failed start.
-                for (_, vm) in vms {
-                    Vm::shutdown(vm);
-                }
-                return Err(err.into());
-            }
-        };
+        // A VM that fails to start stops the agent; VMs already attached keep running (their
+        // guests are the workload), and the next start adopts them.
+        let vm = Vm::start(vm_config, qemu, &config.state_dir, config.logs, &images).await?;
         info!(vm = %name, "VM attached");
         vms.insert(name, vm);
     }
@@ -315,14 +308,8 @@ pub async fn run(
     };
     let served = server::serve(listener, agent.clone(), shutdown).await;
     let _ = std::fs::remove_file(&config.api_socket);
-    match Arc::try_unwrap(agent) {
-        Ok(agent) => {
-            for (_, vm) in agent.vms {
-                vm.shutdown();
-            }
-        }
-        // Requests still in flight hold VMs; QEMU processes die with their handles anyway.
-        Err(_) => warn!("VMs still referenced at shutdown"),
-    }
+    // The VMs are left running: their keepers hold the vsock devices and QEMU, the layer
+    // stores' frontends reconnect to the next agent, which adopts them. `vm stop` stops one.
+    info!(vms = agent.vms.len(), "exiting; the VMs keep running");
     Ok(served?)
 }

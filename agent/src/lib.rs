@@ -6,7 +6,9 @@
 //! Devices: [`blk`] (the layer store), [`vsock`] (the control channel), [`vhost_user`] (what the
 //! two share). Images: [`cache`] (content-addressed layers), [`images`] (image service, pull,
 //! default image), [`lazy`] (layers fetched chunk by chunk while mapped). Containers: [`containers`] (run, logs, specs), [`session`] (one shim session),
-//! [`vm`] (one attached VM), [`qemu`] (the launch recipe). The daemon: [`config`], [`state`],
+//! [`vm`] (one attached VM), [`keeper`] (the per-VM process that outlives the agent: vsock device,
+//! QEMU's parent), [`mapped`] (a VM's mapped layers as recorded for the next agent), [`qemu`] (the
+//! launch recipe). The daemon: [`config`], [`state`],
 //! [`daemon`], [`api`] (the server). The operator: [`cli`]. Formats, the registry client and the
 //! API types are the `gantry-erofs`, `gantry-oci` and `gantry-api` crates.
 
@@ -21,8 +23,10 @@ mod fuzz_input;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod images;
+pub mod keeper;
 pub mod lazy;
 pub mod manifest;
+pub mod mapped;
 pub mod peer;
 pub mod qemu;
 pub mod session;

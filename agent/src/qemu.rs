@@ -271,10 +271,12 @@ impl QemuConfig {
         ]);
         push(&["-device", "vhost-user-vsock-pci,chardev=vsock0"]);
         if let Some(layer_store) = &self.layer_store {
+            // reconnect=1: when the agent restarts, QEMU reconnects to the next one within a
+            // second (the vsock chardev cannot: its device lives in the VM's keeper instead).
             push(&[
                 "-chardev",
                 &format!(
-                    "socket,id=layers0,path={}",
+                    "socket,id=layers0,path={},reconnect=1",
                     qemu_option_value(&layer_store.socket)
                 ),
             ]);
@@ -515,7 +517,7 @@ mod tests {
             values_of(&args, "-chardev"),
             [
                 "socket,id=vsock0,path=/run/vm1/vsock.sock",
-                "socket,id=layers0,path=/run/vm1/blk.sock"
+                "socket,id=layers0,path=/run/vm1/blk.sock,reconnect=1"
             ]
         );
         assert_eq!(

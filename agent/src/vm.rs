@@ -1,5 +1,10 @@
-//! One VM attached to the agent: its devices, optionally its QEMU process, and a keeper task that
-//! holds a session with the guest's shim open, reconnecting whenever it drops.
+//! One VM attached to the agent: its layer store, its keeper (the vsock device and, for a VM the
+//! agent launches, QEMU's parent; see [`crate::keeper`]), and a task that holds a session with
+//! the guest's shim open, reconnecting whenever it drops.
+//!
+//! A VM outlives the agent: a restarted agent adopts the running keeper (and so the guest),
+//! puts the layers back where the guest has them mounted (`layers.json`), and resumes the
+//! block requests that were in flight (`blk-inflight`). Only [`Vm::stop`] stops the VM.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,10 +26,13 @@ use crate::cache::{LayerRecord, PinGuard};
 use crate::config::VmConfig;
 use crate::containers::ContainerTable;
 use crate::containers::logs::LogLimits;
-use crate::qemu::{QemuConfig, QemuError, QemuProcess};
+use crate::images::ImageService;
+use crate::keeper::client::Start;
+use crate::keeper::{KeeperClient, KeeperConfig, KeeperError, QemuCommand};
+use crate::mapped::{MappedEntry, MappedRecord};
+use crate::qemu::{QemuConfig, QemuError};
 use crate::session::{SessionError, ShimSession};
 use crate::sync::lock;
-use crate::vsock::{VsockConnector, VsockDevice, VsockDeviceConfig, VsockError};
 
 /// The agent's software version, sent in its `Hello`.
 pub const AGENT_SOFTWARE_VERSION: &str = concat!("gantry-agent ", env!("CARGO_PKG_VERSION"));
@@ -57,13 +65,21 @@ pub enum VmError {
         /// Why.
         source: std::io::Error,
     },
-    /// Its vsock device failed to start.
-    #[error("VM {vm}: vsock device: {source}")]
-    Device {
+    /// Its keeper (vsock device, QEMU's parent) failed.
+    #[error("VM {vm}: {source}")]
+    Keeper {
         /// The VM.
         vm: String,
         /// Why.
-        source: VsockError,
+        source: KeeperError,
+    },
+    /// Its state directory could not be prepared.
+    #[error("VM {vm}: state directory: {source}")]
+    State {
+        /// The VM.
+        vm: String,
+        /// Why.
+        source: std::io::Error,
     },
     /// Its layer-store device failed to start.
     #[error("VM {vm}: layer-store device: {source}")]
@@ -146,54 +162,99 @@ struct Progress {
 #[derive(Debug)]
 pub struct Vm {
     config: VmConfig,
-    device: VsockDevice,
+    keeper: KeeperClient,
+    keeper_config: KeeperConfig,
+    agent_binary: std::path::PathBuf,
     layer_device: LayerStoreDevice,
     /// Layers mapped into this VM's layer store, by EROFS digest; each keeps its cache pin.
-    mapped_layers: Mutex<HashMap<String, (LayerExtent, PinGuard)>>,
+    /// Recorded in `record_path` whenever it changes.
+    mapped_layers: Mutex<HashMap<String, (MappedEntry, PinGuard)>>,
+    mapped_record: std::path::PathBuf,
     containers: Arc<ContainerTable>,
     qemu_config: Option<QemuConfig>,
-    qemu: Mutex<Option<QemuProcess>>,
     session: watch::Receiver<Option<Arc<ShimSession>>>,
     progress: Arc<Mutex<Progress>>,
-    keeper: tokio::task::JoinHandle<()>,
+    /// Keeps the shim session up.
+    keeper_task: tokio::task::JoinHandle<()>,
     /// Sends the output credit the event thread records.
     credit_task: tokio::task::JoinHandle<()>,
 }
 
 impl Vm {
-    /// Starts the VM's devices, launches QEMU if configured, and starts keeping a shim session.
-    /// Container logs go under `state_dir`.
-    pub fn start(
+    /// Attaches the VM: adopts its running keeper (putting back the layers the guest has
+    /// mapped) or starts one (and with it QEMU, if configured), serves its layer store, and
+    /// starts keeping a shim session. Container logs and the VM's records go under `state_dir`.
+    pub async fn start(
         config: VmConfig,
         qemu_config: Option<QemuConfig>,
         state_dir: &Path,
         log_limits: LogLimits,
+        images: &ImageService,
     ) -> Result<Self, VmError> {
-        let device = VsockDevice::start(VsockDeviceConfig::new(
-            config.vsock_socket.clone(),
-            config.guest_cid,
-        ))
-        .map_err(|source| VmError::Device {
+        let vm_dir = state_dir.join("vms").join(&config.name);
+        std::fs::create_dir_all(&vm_dir).map_err(|source| VmError::State {
             vm: config.name.clone(),
             source,
         })?;
+        let keeper_config = KeeperConfig {
+            vm: config.name.clone(),
+            vsock_socket: config.vsock_socket.clone(),
+            guest_cid: config.guest_cid,
+            qemu: qemu_config.as_ref().map(|qemu| QemuCommand {
+                binary: qemu.qemu_binary.clone(),
+                args: qemu.args(),
+            }),
+        };
+        let keeper = KeeperClient::new(&vm_dir);
+        let adopting = keeper
+            .status()
+            .await
+            .is_ok_and(|status| status.config == keeper_config && status.qemu_exit.is_none());
+        let mapped_record = vm_dir.join("layers.json");
+        let inflight_record = vm_dir.join("blk-inflight");
+        if !adopting {
+            // A new guest has nothing mapped and nothing in flight.
+            let _ = std::fs::remove_file(&mapped_record);
+            let _ = std::fs::remove_file(&inflight_record);
+        }
+        let store = crate::blk::LayerStore::new(crate::blk::layer_store::DEFAULT_CAPACITY)
+            .map_err(|err| VmError::LayerDevice {
+                vm: config.name.clone(),
+                source: err.into(),
+            })?;
+        // Before the device listens: the guest's first read after QEMU reconnects must find
+        // its layers where it mounted them.
+        let mapped = restore_layers(&config.name, &mapped_record, &store, images).await;
         let mut layer_config = LayerStoreConfig::new(config.layer_socket.clone());
         layer_config.num_queues = config.layer_queues;
-        let layer_device =
-            LayerStoreDevice::start(layer_config).map_err(|source| VmError::LayerDevice {
+        layer_config.inflight_record = Some(inflight_record);
+        let layer_device = LayerStoreDevice::start_on(layer_config, store).map_err(|source| {
+            VmError::LayerDevice {
                 vm: config.name.clone(),
                 source,
-            })?;
-        let containers = Arc::new(ContainerTable::new(
-            &state_dir.join("vms").join(&config.name).join("containers"),
-            log_limits,
-        ));
+            }
+        })?;
+        let agent_binary = std::env::current_exe().map_err(|source| VmError::State {
+            vm: config.name.clone(),
+            source,
+        })?;
+        let (keeper, started) =
+            KeeperClient::start_or_adopt(&vm_dir, &keeper_config, &agent_binary)
+                .await
+                .map_err(|source| VmError::Keeper {
+                    vm: config.name.clone(),
+                    source,
+                })?;
+        let containers = Arc::new(ContainerTable::new(&vm_dir.join("containers"), log_limits));
         let progress = Arc::new(Mutex::new(Progress::default()));
+        if started == Start::Started && qemu_config.is_some() {
+            lock(&progress).boot_started = Some(Instant::now());
+        }
         let (session_tx, session) = watch::channel(None);
         let (events_tx, events_rx) = mpsc::channel(EVENT_BACKLOG);
-        let keeper = tokio::spawn(keep_session(
+        let session_keeper = tokio::spawn(keep_session(
             config.name.clone(),
-            device.connector(),
+            keeper.clone(),
             session_tx,
             progress.clone(),
             events_tx,
@@ -214,20 +275,20 @@ impl Vm {
         let credit_task = tokio::spawn(give_credit(ledger, session.clone()));
         let vm = Self {
             config,
-            device,
+            keeper,
+            keeper_config,
+            agent_binary,
             layer_device,
-            mapped_layers: Mutex::default(),
+            mapped_layers: Mutex::new(mapped),
+            mapped_record,
             containers,
             qemu_config,
-            qemu: Mutex::new(None),
             session,
             progress,
-            keeper,
+            keeper_task: session_keeper,
             credit_task,
         };
-        if vm.qemu_config.is_some() {
-            vm.launch()?;
-        }
+        vm.save_mapped();
         Ok(vm)
     }
 
@@ -236,33 +297,48 @@ impl Vm {
         &self.config.name
     }
 
-    fn launch(&self) -> Result<(), VmError> {
-        let Some(qemu_config) = &self.qemu_config else {
-            return Err(VmError::NotLaunched(self.config.name.clone()));
-        };
-        let process = QemuProcess::spawn(qemu_config).map_err(|source| VmError::Qemu {
-            vm: self.config.name.clone(),
-            source,
-        })?;
-        info!(vm = %self.config.name, pid = process.pid(), "QEMU started");
-        lock(&self.progress).boot_started = Some(process.spawned_at());
-        *lock(&self.qemu) = Some(process);
-        Ok(())
-    }
-
-    /// Kills the VM's QEMU and boots it again (only for a VM the agent launched).
-    pub fn restart(&self) -> Result<(), VmError> {
+    /// Stops the VM's QEMU and boots it again (only for a VM the agent launched): a new keeper
+    /// with a new QEMU; nothing of the old guest is mapped or in flight any more.
+    pub async fn restart(&self) -> Result<(), VmError> {
         if self.qemu_config.is_none() {
             return Err(VmError::NotLaunched(self.config.name.clone()));
         }
-        if let Some(mut old) = lock(&self.qemu).take() {
-            let status = old.kill().map_err(|source| VmError::Qemu {
-                vm: self.config.name.clone(),
-                source,
-            })?;
-            info!(vm = %self.config.name, %status, "QEMU stopped for a restart");
+        let keeper_error = |source| VmError::Keeper {
+            vm: self.config.name.clone(),
+            source,
+        };
+        self.keeper.stop().await.map_err(keeper_error)?;
+        info!(vm = %self.config.name, "QEMU stopped for a restart");
+        self.unmap_all();
+        KeeperClient::start_or_adopt(&self.keeper.dir(), &self.keeper_config, &self.agent_binary)
+            .await
+            .map_err(keeper_error)?;
+        lock(&self.progress).boot_started = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Unmaps every layer (their pins go with them) and forgets the record.
+    fn unmap_all(&self) {
+        let store = self.layer_device.extents();
+        for (_, (entry, _pin)) in lock(&self.mapped_layers).drain() {
+            let _ = store.unmap_layer(entry.offset);
         }
-        self.launch()
+        self.save_mapped();
+    }
+
+    /// Writes `layers.json`: what the next agent maps back. A failure is logged: the VM runs on,
+    /// only a restart of the agent would then lose the mappings.
+    fn save_mapped(&self) {
+        let mapped = lock(&self.mapped_layers);
+        let (next_offset, generation) = self.layer_device.extents().position();
+        let record = MappedRecord {
+            next_offset,
+            generation,
+            layers: mapped.values().map(|(entry, _)| entry.clone()).collect(),
+        };
+        if let Err(err) = record.save(&self.mapped_record) {
+            warn!(vm = %self.config.name, %err, "cannot record the mapped layers");
+        }
     }
 
     /// The operator's view of the VM.
@@ -291,27 +367,43 @@ impl Vm {
 
     /// The current shim session, waiting up to `wait` for one to come up.
     pub async fn session(&self, wait: Duration) -> Result<Arc<ShimSession>, VmError> {
-        let mut session = self.session.clone();
-        let ready = tokio::time::timeout(
-            wait,
-            session.wait_for(|s| s.as_ref().is_some_and(|s| !s.is_closed())),
-        )
-        .await;
-        match ready {
-            Ok(Ok(session)) => session.clone().ok_or_else(|| self.not_connected()),
-            _ => Err(self.not_connected()),
+        let mut watch = self.session.clone();
+        // The watch's borrow is not `Send`: it ends before anything else is awaited.
+        let session = {
+            let ready = tokio::time::timeout(
+                wait,
+                watch.wait_for(|s| s.as_ref().is_some_and(|s| !s.is_closed())),
+            )
+            .await;
+            match ready {
+                Ok(Ok(session)) => session.clone(),
+                _ => None,
+            }
+        };
+        match session {
+            Some(session) => Ok(session),
+            None => Err(self.not_connected().await),
         }
     }
 
     /// Why there is no session: a QEMU the agent launched that has exited is dead, not booting.
-    fn not_connected(&self) -> VmError {
-        if let Some(qemu) = lock(&self.qemu).as_mut()
-            && let Ok(Some(status)) = qemu.try_wait()
-        {
-            return VmError::QemuExited {
-                vm: self.config.name.clone(),
-                status: status.to_string(),
+    async fn not_connected(&self) -> VmError {
+        if self.qemu_config.is_some() {
+            let exited = match self.keeper.status().await {
+                Ok(status) => status.qemu_exit,
+                Err(KeeperError::Gone { .. }) => Some(
+                    self.keeper
+                        .qemu_exit()
+                        .unwrap_or_else(|| "its keeper is gone".to_owned()),
+                ),
+                Err(_) => None,
             };
+            if let Some(status) = exited {
+                return VmError::QemuExited {
+                    vm: self.config.name.clone(),
+                    status,
+                };
+            }
         }
         VmError::NotConnected(self.config.name.clone())
     }
@@ -368,16 +460,19 @@ impl Vm {
 
     /// Maps a cached layer into this VM's layer store (once per VM: later containers share it)
     /// and returns where the guest finds it. The pin keeps the layer in the cache while mapped.
+    /// `image` is what the operator asked for, recorded so that a restarted agent finds the
+    /// layer's source again.
     pub fn map_layer(
         &self,
+        image: &str,
         layer: &LayerRecord,
         source: Arc<dyn BlockSource>,
         pin: PinGuard,
     ) -> Result<LayerExtent, VmError> {
         let digest = layer.erofs_digest.to_string();
         let mut mapped = lock(&self.mapped_layers);
-        if let Some((extent, _)) = mapped.get(&digest) {
-            return Ok(extent.clone());
+        if let Some((entry, _)) = mapped.get(&digest) {
+            return Ok(entry.extent());
         }
         let map_error = |reason: String| VmError::MapLayer {
             vm: self.config.name.clone(),
@@ -394,7 +489,15 @@ impl Vm {
             offset: extent.offset,
             length: extent.length,
         };
-        mapped.insert(digest, (extent.clone(), pin));
+        let entry = MappedEntry {
+            digest: digest.clone(),
+            offset: extent.offset,
+            length: extent.length,
+            image: image.to_owned(),
+        };
+        mapped.insert(digest, (entry, pin));
+        drop(mapped);
+        self.save_mapped();
         Ok(extent)
     }
 
@@ -433,8 +536,7 @@ impl Vm {
             reason,
         };
         let stream = self
-            .device
-            .connector()
+            .keeper
             .connect(SHIM_VSOCK_PORT)
             .await
             .map_err(|err| probe_error(format!("connecting: {err}")))?;
@@ -465,17 +567,28 @@ impl Vm {
         }
     }
 
-    /// Stops the VM: QEMU (if launched), the keeper, the devices.
-    pub fn shutdown(self) {
-        self.keeper.abort();
-        self.credit_task.abort();
-        if let Some(mut qemu) = lock(&self.qemu).take()
-            && let Err(err) = qemu.kill()
-        {
-            warn!(vm = %self.config.name, %err, "stopping QEMU");
+    /// Stops the VM's QEMU (if the agent launched it) and its keeper; the layer store stays
+    /// served (an externally launched QEMU may still be attached) until the agent exits.
+    pub async fn stop(&self) -> Result<(), VmError> {
+        if self.qemu_config.is_none() {
+            return Err(VmError::NotLaunched(self.config.name.clone()));
         }
-        self.device.shutdown();
-        self.layer_device.shutdown();
+        self.keeper.stop().await.map_err(|source| VmError::Keeper {
+            vm: self.config.name.clone(),
+            source,
+        })?;
+        self.unmap_all();
+        info!(vm = %self.config.name, "VM stopped");
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    /// The agent lets go of the VM (it exits, or detaches it): its tasks end; the guest, its
+    /// keeper and its records stay for the next agent.
+    fn drop(&mut self) {
+        self.keeper_task.abort();
+        self.credit_task.abort();
     }
 }
 
@@ -581,7 +694,7 @@ async fn establish(
 /// Keeps a session with the shim open for as long as the agent runs.
 async fn keep_session(
     vm: String,
-    connector: VsockConnector,
+    connector: KeeperClient,
     session_tx: watch::Sender<Option<Arc<ShimSession>>>,
     progress: Arc<Mutex<Progress>>,
     events: mpsc::Sender<Event>,
@@ -628,4 +741,68 @@ async fn keep_session(
             }
         }
     }
+}
+
+/// Puts back the layers a previous agent recorded in `record` (for an adopted guest): each at
+/// its offset, from its image's source, pinned. A layer that cannot be found again stays
+/// unmapped (the guest's reads of it fail) and is logged; the others are served.
+async fn restore_layers(
+    vm: &str,
+    record: &Path,
+    store: &crate::blk::LayerStore,
+    images: &ImageService,
+) -> HashMap<String, (MappedEntry, PinGuard)> {
+    let mut restored = HashMap::new();
+    let record = match MappedRecord::load(record) {
+        Ok(Some(record)) => record,
+        Ok(None) => return restored,
+        Err(err) => {
+            warn!(%vm, %err, "the mapped-layer record is unreadable; nothing restored");
+            return restored;
+        }
+    };
+    store.restore_position(record.next_offset, record.generation);
+    let mut by_image: HashMap<String, Vec<MappedEntry>> = HashMap::new();
+    for entry in record.layers {
+        by_image.entry(entry.image.clone()).or_default().push(entry);
+    }
+    for (image, entries) in by_image {
+        let pulled = match images
+            .pull(&image, Some(gantry_api::PullMode::Lazy), &|_| {})
+            .await
+        {
+            Ok(pulled) => pulled,
+            Err(err) => {
+                warn!(%vm, %image, %err, "cannot open a mapped image again; its layers stay unmapped");
+                continue;
+            }
+        };
+        let mut layers: Vec<_> = pulled
+            .record
+            .layers
+            .iter()
+            .map(|layer| layer.erofs_digest.to_string())
+            .zip(pulled.sources)
+            .zip(pulled.pins.into_iter().map(Some))
+            .collect();
+        for entry in entries {
+            let found = layers
+                .iter_mut()
+                .find(|((digest, _), pin)| *digest == entry.digest && pin.is_some());
+            let Some(((_, source), pin)) = found else {
+                warn!(%vm, %image, digest = %entry.digest, "the image no longer has a mapped layer");
+                continue;
+            };
+            match store.restore_layer(&entry.digest, entry.offset, Arc::clone(source)) {
+                Ok(_) => {
+                    if let Some(pin) = pin.take() {
+                        info!(%vm, digest = %entry.digest, offset = entry.offset, "layer mapped again");
+                        restored.insert(entry.digest.clone(), (entry, pin));
+                    }
+                }
+                Err(err) => warn!(%vm, digest = %entry.digest, %err, "cannot map a layer again"),
+            }
+        }
+    }
+    restored
 }

@@ -330,3 +330,49 @@ fn stopping_a_queue_fails_its_parked_requests() {
     drop(frontend);
     device.shutdown();
 }
+
+#[test]
+fn an_agent_leaving_keeps_its_requests_in_flight_and_a_shutdown_clears_them() {
+    use gantry_agent::blk::inflight::InflightFile;
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("blk-inflight");
+    let in_flight_after = |shutdown: bool| {
+        let socket = dir.path().join("blk.sock");
+        let mut config = LayerStoreConfig::new(&socket);
+        config.num_queues = 1;
+        config.inflight_record = Some(record.clone());
+        let device = LayerStoreDevice::start(config).expect("start device");
+        let source = DelayedSource::new(pattern(1 << 20, 7), Some((0, 1 << 20)));
+        let extent = device.extents().map_layer("sha256:held", source).unwrap();
+        let mut frontend = BlkFrontend::connect(&socket, 1, 64, 2, 1 << 20).unwrap();
+        let queue = frontend.queue(0);
+        queue.submit(0, T_IN, extent.offset / 512, 4096).unwrap();
+        queue.kick().unwrap();
+        assert!(
+            !queue.wait_timeout(Duration::from_millis(300)).unwrap(),
+            "must park"
+        );
+        if shutdown {
+            device.shutdown();
+        } else {
+            drop(device); // the agent exits (an upgrade) with its VM running
+        }
+        drop(frontend);
+        InflightFile::open(&record, 1)
+            .unwrap()
+            .queue(0)
+            .unwrap()
+            .in_flight()
+            .len()
+    };
+    assert_eq!(
+        in_flight_after(false),
+        1,
+        "the parked read waits for the next agent"
+    );
+    assert_eq!(
+        in_flight_after(true),
+        0,
+        "a device shut down for good leaves nothing"
+    );
+}

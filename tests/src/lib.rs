@@ -179,6 +179,20 @@ pub fn installed_debian_kernel_release() -> Result<String> {
         .to_owned())
 }
 
+/// Converts image `src` to the lazy format at `dst` with `gantry-agent image convert`, failing
+/// the test with its message if it fails.
+pub fn convert_image(src: &str, dst: &str) {
+    let convert = Command::new(agent_binary())
+        .args(["image", "convert", src, dst])
+        .output()
+        .expect("image convert runs");
+    assert!(
+        convert.status.success(),
+        "image convert {src} {dst}: {}",
+        String::from_utf8_lossy(&convert.stderr)
+    );
+}
+
 /// One VM in a test agent's configuration.
 #[derive(Debug, Clone)]
 pub struct TestVm {
@@ -214,6 +228,9 @@ pub struct TestAgent {
     /// `sh` waiting for its stdin, held open by this process only, to close; then it stops the
     /// agent. That happens when the test process exits, however it exits.
     watchdog: Child,
+    /// The same for the VM keepers, which outlive the agent: kills them (and so their QEMUs)
+    /// when the test process exits, however it exits.
+    keeper_watchdog: Child,
     dir: tempfile::TempDir,
     api_socket: PathBuf,
 }
@@ -253,9 +270,11 @@ impl TestAgent {
         let config_path = dir.path().join("agent.toml");
         std::fs::write(&config_path, config)?;
         let (child, watchdog) = Self::spawn(dir.path())?;
+        let keeper_watchdog = keeper_watchdog(&dir.path().join("state"))?;
         let mut agent = Self {
             child,
             watchdog,
+            keeper_watchdog,
             dir,
             api_socket,
         };
@@ -300,6 +319,28 @@ impl TestAgent {
         self.wait_for_socket()
     }
 
+    /// Stops the agent as an upgrade does (SIGTERM, waiting for it to exit) and starts the
+    /// binary again on the same config and state directory; waits for its API socket.
+    pub fn upgrade(&mut self) -> Result<()> {
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait()?.is_none() {
+            ensure!(
+                Instant::now() < deadline,
+                "the agent did not exit within 20 s of SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (child, watchdog) = Self::spawn(self.dir.path())?;
+        self.child = child;
+        self.watchdog = watchdog;
+        self.wait_for_socket()
+    }
+
     fn wait_for_socket(&mut self) -> Result<()> {
         let agent = self;
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -315,6 +356,34 @@ impl TestAgent {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// The pids of the VM keepers the agent started (from their pid files).
+    pub fn keeper_pids(&self) -> Vec<nix::unistd::Pid> {
+        let Ok(vms) = std::fs::read_dir(self.state_dir().join("vms")) else {
+            return Vec::new();
+        };
+        vms.flatten()
+            .filter_map(|vm| std::fs::read_to_string(vm.path().join("keeper.pid")).ok())
+            .filter_map(|pid| pid.trim().parse().ok())
+            .map(nix::unistd::Pid::from_raw)
+            .collect()
+    }
+
+    /// Stops every VM keeper (SIGTERM, SIGKILL after 5 s) and so every guest.
+    fn stop_keepers(&self) {
+        use nix::sys::signal::{Signal, kill};
+        let keepers = self.keeper_pids();
+        for pid in &keepers {
+            let _ = kill(*pid, Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for pid in keepers {
+            while kill(pid, None).is_ok() && !is_zombie(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = kill(pid, Signal::SIGKILL);
+        }
     }
 
     /// The agent's API socket.
@@ -449,17 +518,48 @@ impl Drop for TestAgent {
         // The agent is stopped here: the watchdog must not signal its pid once it is free.
         let _ = self.watchdog.kill();
         let _ = self.watchdog.wait();
-        // SIGTERM lets the agent stop its QEMUs and remove its sockets; SIGKILL if it hangs.
+        // SIGTERM lets the agent remove its sockets; SIGKILL if it hangs.
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // VMs outlive the agent (their keepers hold QEMU): stop them too. A keeper's QEMU
+        // dies with it (parent-death signal).
+        self.stop_keepers();
+        let _ = self.keeper_watchdog.kill();
+        let _ = self.keeper_watchdog.wait();
     }
+}
+
+/// Whether `pid` has exited but not been reaped.
+fn is_zombie(pid: nix::unistd::Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(") ")
+                .map(|(_, rest)| rest.starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// A `sh` that kills every VM keeper under `state_dir` once its stdin closes (see
+/// [`gantry_testkit::watchdog`]).
+fn keeper_watchdog(state_dir: &Path) -> Result<Child> {
+    let pattern = state_dir.join("vms").join("*").join("keeper.pid");
+    let script = format!(
+        "read _; for f in {}; do [ -f \"$f\" ] && kill -KILL \"$(cat \"$f\")\" 2>/dev/null; done",
+        pattern.display()
+    );
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the keepers' watchdog")
 }

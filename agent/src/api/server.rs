@@ -60,6 +60,7 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/vms/{vm}/guest-info", get(guest_info))
         .route("/v1/vms/{vm}/ping", post(ping))
         .route("/v1/vms/{vm}/restart", post(restart))
+        .route("/v1/vms/{vm}/stop", post(stop_vm))
         .route("/v1/vms/{vm}/resources", get(resources))
         .route("/v1/vms/{vm}/probe", post(probe))
         .route("/v1/vms/{vm}/baseline", post(baseline))
@@ -254,7 +255,8 @@ impl From<VmError> for ApiError {
             VmError::UnexpectedReply(_) | VmError::Probe { .. } => StatusCode::BAD_GATEWAY,
             VmError::NotLaunched(_) => StatusCode::CONFLICT,
             VmError::ShimTooOld { .. } => StatusCode::NOT_IMPLEMENTED,
-            VmError::Device { .. }
+            VmError::Keeper { .. }
+            | VmError::State { .. }
             | VmError::Thread { .. }
             | VmError::LayerDevice { .. }
             | VmError::MapLayer { .. }
@@ -366,11 +368,15 @@ async fn restart(
     State(agent): State<AgentState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    find(&agent, &name)?;
-    // Killing and reaping QEMU blocks; keep it off the async workers.
-    tokio::task::spawn_blocking(move || find(&agent, &name)?.restart().map_err(ApiError::from))
-        .await
-        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))??;
+    find(&agent, &name)?.restart().await?;
+    Ok(done())
+}
+
+async fn stop_vm(
+    State(agent): State<AgentState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    find(&agent, &name)?.stop().await?;
     Ok(done())
 }
 

@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use thiserror::Error;
 use tracing::info;
@@ -19,6 +20,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use super::inflight::{InflightError, InflightFile};
 use super::layer_store::{DEFAULT_CAPACITY, LayerStore, LayerStoreError};
 use super::offload::DEFAULT_OFFLOAD_THREADS;
 use super::vhu_blk::{BlkBackend, wake_event};
@@ -49,6 +51,9 @@ pub enum LayerStoreDeviceError {
         /// Cause.
         source: io::Error,
     },
+    /// The inflight record could not be opened.
+    #[error(transparent)]
+    Inflight(#[from] InflightError),
     /// A system call failed.
     #[error("layer store I/O error: {0}")]
     Io(#[from] io::Error),
@@ -69,6 +74,9 @@ pub struct LayerStoreConfig {
     /// Helper threads per queue copying reads of at least 128 KiB (0: none, every read is
     /// copied by its queue's thread).
     pub large_read_threads: usize,
+    /// Where requests in flight are recorded, so that the next agent resumes them after a
+    /// crash or an upgrade (see `inflight`); `None`: not recorded.
+    pub inflight_record: Option<PathBuf>,
 }
 
 impl LayerStoreConfig {
@@ -81,6 +89,7 @@ impl LayerStoreConfig {
             capacity: DEFAULT_CAPACITY,
             block_size: DEFAULT_BLOCK_SIZE,
             large_read_threads: DEFAULT_OFFLOAD_THREADS,
+            inflight_record: None,
         }
     }
 
@@ -105,11 +114,17 @@ impl LayerStoreConfig {
 }
 
 /// One VM's layer-store device (vhost-user-blk backend).
+///
+/// Dropping it is leaving: the frontend is disconnected but nothing in flight is failed and the
+/// inflight record is kept, so that the next agent's device resumes it (an upgrade, or the agent
+/// exiting while its VMs run on). [`LayerStoreDevice::shutdown`] is the end of the VM's device.
 #[derive(Debug)]
 pub struct LayerStoreDevice {
     config: LayerStoreConfig,
     store: LayerStore,
     frontends: FrontendLoop,
+    /// Set when the agent leaves: the session's end then fails and clears nothing.
+    leaving: Arc<AtomicBool>,
 }
 
 impl LayerStoreDevice {
@@ -117,22 +132,44 @@ impl LayerStoreDevice {
     /// returns), then serves frontends on background threads. When a frontend disconnects, it
     /// goes back to listening for the next one, with the same extent table.
     pub fn start(config: LayerStoreConfig) -> Result<LayerStoreDevice, LayerStoreDeviceError> {
-        config.validate()?;
         let store = LayerStore::new(config.capacity)?;
+        Self::start_on(config, store)
+    }
+
+    /// The same, serving `store` (already holding the layers a previous agent mapped). Its
+    /// capacity wins over the config's.
+    pub fn start_on(
+        mut config: LayerStoreConfig,
+        store: LayerStore,
+    ) -> Result<LayerStoreDevice, LayerStoreDeviceError> {
+        config.capacity = store.capacity();
+        config.validate()?;
+        let inflight = match &config.inflight_record {
+            Some(path) => Some(Arc::new(InflightFile::open(path, config.num_queues)?)),
+            None => None,
+        };
         let path = config.socket_path.clone();
         let listener = vhost_user::bind(&path).map_err(|e| LayerStoreDeviceError::Bind {
             path: e.path,
             source: e.source,
         })?;
         let (session_config, session_store) = (config.clone(), store.clone());
+        let leaving = Arc::new(AtomicBool::new(false));
+        let session_leaving = Arc::clone(&leaving);
         let frontends = FrontendLoop::start(listener, &path, "layer-store".into(), move || {
-            new_session(&session_config, &session_store)
+            new_session(
+                &session_config,
+                &session_store,
+                inflight.clone(),
+                Arc::clone(&session_leaving),
+            )
         })?;
         info!(path = %path.display(), queues = config.num_queues, "layer store: device listening");
         Ok(LayerStoreDevice {
             config,
             store,
             frontends,
+            leaving,
         })
     }
 
@@ -146,26 +183,37 @@ impl LayerStoreDevice {
         &self.config
     }
 
-    /// Stops the threads (the attached frontend, if any, is disconnected) and removes the
-    /// socket file.
+    /// Stops the threads (the attached frontend, if any, is disconnected, its parked requests
+    /// failed and the inflight record cleared) and removes the socket file.
     pub fn shutdown(mut self) {
         self.frontends.stop();
     }
 }
 
-/// Builds one session's daemon: a fresh backend over the device's table, with each queue's
-/// wake eventfd registered in that queue's worker thread. Parked requests fail when the
-/// frontend goes.
+impl Drop for LayerStoreDevice {
+    fn drop(&mut self) {
+        // After `shutdown` the frontends are stopped already and this changes nothing.
+        self.leaving.store(true, Ordering::SeqCst);
+        self.frontends.stop();
+    }
+}
+
+/// Builds one session's daemon: a fresh backend over the device's table and inflight record,
+/// with each queue's wake eventfd registered in that queue's worker thread. Parked requests
+/// fail (and the record is cleared) when the frontend goes: its guest is gone.
 fn new_session(
     config: &LayerStoreConfig,
     store: &LayerStore,
+    inflight: Option<Arc<InflightFile>>,
+    leaving: Arc<AtomicBool>,
 ) -> Result<Session<Arc<BlkBackend>>, SetupError> {
     let retry = SetupError::Retry;
-    let backend = BlkBackend::new(
+    let backend = BlkBackend::with_record(
         store.clone(),
         config.num_queues,
         config.block_size,
         config.large_read_threads,
+        inflight,
     )
     .map_err(|e| retry(format!("cannot create backend: {e}")))?;
     let backend = Arc::new(backend);
@@ -185,6 +233,11 @@ fn new_session(
     Ok(Session {
         daemon,
         on_attach: Box::new(|| {}),
-        on_detach: Box::new(move || backend.fail_all_parked()),
+        on_detach: Box::new(move || {
+            // The frontend went (its guest is gone) unless the agent itself is leaving.
+            if !leaving.load(Ordering::SeqCst) {
+                backend.fail_all_parked();
+            }
+        }),
     })
 }

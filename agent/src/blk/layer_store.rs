@@ -96,6 +96,9 @@ pub enum LayerStoreError {
     /// No layer is mapped at this offset.
     #[error("no layer mapped at offset {0}")]
     NotMapped(u64),
+    /// A recorded mapping cannot be put back: its offset is unaligned, taken, or out of range.
+    #[error("cannot restore a layer at offset {0:#x}: unaligned, taken or out of range")]
+    NotRestorable(u64),
 }
 
 /// Where a layer is mapped on the device.
@@ -380,15 +383,7 @@ impl LayerStore {
         digest: &str,
         source: Arc<dyn BlockSource>,
     ) -> Result<Extent, LayerStoreError> {
-        if digest.is_empty() || digest.len() > MAX_DIGEST_LEN {
-            return Err(LayerStoreError::InvalidDigest);
-        }
-        let length = source.len();
-        if length == 0 {
-            return Err(LayerStoreError::EmptyLayer {
-                digest: digest.to_owned(),
-            });
-        }
+        let length = check_new_layer(digest, source.as_ref())?;
         let mut state = self.state();
         if state.layers.len() >= MAX_MAPPED_LAYERS {
             return Err(LayerStoreError::TooManyLayers);
@@ -402,6 +397,68 @@ impl LayerStore {
             .ok_or(LayerStoreError::AddressSpaceExhausted)?;
         state.next_offset = next_offset;
         state.generation += 1;
+        self.publish_layer(&mut state, offset, digest, source);
+        tracing::debug!(digest, offset, length, "layer store: layer mapped");
+        Ok(Extent { offset, length })
+    }
+
+    /// Where the next layer goes and the table's generation: what a restarted agent needs
+    /// beside the mappings to keep offsets unique ([`LayerStore::restore_position`]).
+    pub fn position(&self) -> (u64, u64) {
+        let state = self.state();
+        (state.next_offset, state.generation)
+    }
+
+    /// Maps `source` at exactly `offset`, where a previous agent mapped it and the guest has it
+    /// mounted. The offset must be aligned, free and inside the usable range; the next fresh
+    /// offset moves past it.
+    pub fn restore_layer(
+        &self,
+        digest: &str,
+        offset: u64,
+        source: Arc<dyn BlockSource>,
+    ) -> Result<Extent, LayerStoreError> {
+        let length = check_new_layer(digest, source.as_ref())?;
+        let mut state = self.state();
+        if state.layers.len() >= MAX_MAPPED_LAYERS {
+            return Err(LayerStoreError::TooManyLayers);
+        }
+        let usable_end = self.inner.capacity - TAIL_ZERO_SIZE;
+        let end = offset
+            .checked_add(length)
+            .and_then(|end| end.checked_next_multiple_of(LAYER_ALIGNMENT))
+            .filter(|end| {
+                offset >= HEADER_REGION_SIZE
+                    && offset.is_multiple_of(LAYER_ALIGNMENT)
+                    && *end <= usable_end
+            })
+            .ok_or(LayerStoreError::NotRestorable(offset))?;
+        let before_overlaps = state
+            .layers
+            .range(..offset)
+            .next_back()
+            .is_some_and(|(start, entry)| start + entry.length > offset);
+        let after_overlaps = state.layers.range(offset..end).next().is_some();
+        if before_overlaps || after_overlaps {
+            return Err(LayerStoreError::NotRestorable(offset));
+        }
+        state.next_offset = state.next_offset.max(end);
+        // The generation is the previous agent's ([`LayerStore::restore_position`]): putting
+        // back what the guest already sees is no change to it.
+        self.publish_layer(&mut state, offset, digest, source);
+        tracing::debug!(digest, offset, length, "layer store: layer restored");
+        Ok(Extent { offset, length })
+    }
+
+    /// Adds a checked layer at `offset` and publishes the new snapshot.
+    fn publish_layer(
+        &self,
+        state: &mut State,
+        offset: u64,
+        digest: &str,
+        source: Arc<dyn BlockSource>,
+    ) {
+        let length = source.len();
         state.layers.insert(
             offset,
             Entry {
@@ -412,9 +469,19 @@ impl LayerStore {
         );
         self.inner
             .snapshot
+            .store(Arc::new(build_snapshot(self.inner.capacity, state)));
+    }
+
+    /// Moves the next fresh offset and the generation at least to a previous agent's, so
+    /// that no offset it ever handed out is reused (the guest may cache its blocks).
+    pub fn restore_position(&self, next_offset: u64, generation: u64) {
+        let mut state = self.state();
+        let usable_end = self.inner.capacity - TAIL_ZERO_SIZE;
+        state.next_offset = state.next_offset.max(next_offset.min(usable_end));
+        state.generation = state.generation.max(generation);
+        self.inner
+            .snapshot
             .store(Arc::new(build_snapshot(self.inner.capacity, &state)));
-        tracing::debug!(digest, offset, length, "layer store: layer mapped");
-        Ok(Extent { offset, length })
     }
 
     /// Unmaps the layer at `offset`. From now on, new reads of its range fail; the range is
@@ -462,6 +529,19 @@ impl LayerStore {
     /// The current snapshot, for the queue threads.
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.inner.snapshot.load()
+    }
+}
+
+/// Checks a layer about to be mapped; returns its length.
+fn check_new_layer(digest: &str, source: &dyn BlockSource) -> Result<u64, LayerStoreError> {
+    if digest.is_empty() || digest.len() > MAX_DIGEST_LEN {
+        return Err(LayerStoreError::InvalidDigest);
+    }
+    match source.len() {
+        0 => Err(LayerStoreError::EmptyLayer {
+            digest: digest.to_owned(),
+        }),
+        length => Ok(length),
     }
 }
 

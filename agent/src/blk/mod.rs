@@ -19,7 +19,9 @@
 //! - A [`BlockSource`] may answer "not yet": the request is parked on its queue and completed
 //!   (out of order) when the source wakes it; other requests go on meanwhile. Stopping a queue
 //!   (guest reset, frontend gone) fails its parked requests with `IOERR`.
-//! - When the frontend disconnects, the device listens again with the same table.
+//! - When the frontend disconnects, the device listens again with the same table. With an inflight
+//!   record, the next agent's device resumes exactly the requests in flight when the previous one
+//!   stopped (see `inflight`).
 //!
 //! Modules, one concern each:
 //! - `virtio_blk`: wire constants, config space, `Request::parse` (parsing only);
@@ -29,12 +31,16 @@
 //!   independent of the transport;
 //! - `vhu_blk`: the vhost-user transport: features, config, queue threads, parking;
 //! - `offload`: each queue's helper threads for large reads;
+//! - `inflight`: requests in flight, recorded for the next agent (restarts);
+//! - `chain`: a descriptor chain read again by its head (resubmission after a restart);
 //! - `device`: the listening socket and the frontend reconnect loop.
 
+mod chain;
 mod device;
 mod execute;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod inflight;
 pub mod layer_store;
 mod offload;
 pub mod source;

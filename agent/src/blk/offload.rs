@@ -22,6 +22,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::GuestAddressSpace;
 
 use super::execute::{Memory, Parked, execute, finish};
+use super::inflight::{QueueRecord, complete};
 use super::layer_store::LayerStore;
 use super::virtio_blk::Request;
 
@@ -38,6 +39,8 @@ pub(super) struct Job {
     pub(super) store: LayerStore,
     pub(super) waker: Waker,
     pub(super) vring: VringRwLock,
+    /// The queue's inflight record, if the device keeps one.
+    pub(super) record: Option<QueueRecord>,
 }
 
 #[derive(Debug, Default)]
@@ -155,7 +158,7 @@ fn helper(receiver: &Mutex<Receiver<Job>>, shared: &Shared) {
             Poll::Ready(completion) => {
                 let used_len = finish(&*mem, job.request.status, completion);
                 let mut state = job.vring.get_mut();
-                if let Err(e) = state.add_used(job.head, used_len) {
+                if let Err(e) = complete(&mut state, job.record.as_ref(), job.head, used_len) {
                     warn!(error = %e, "layer store: cannot return a large read");
                 }
                 if state.needs_notification().unwrap_or(true) {

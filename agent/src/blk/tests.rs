@@ -22,6 +22,7 @@ use vm_memory::{
 use vmm_sys_util::epoll::EventSet;
 
 use super::fuzzing::{DriverRing, pattern};
+use super::inflight::InflightFile;
 use super::layer_store::{
     DEFAULT_CAPACITY, HEADER_OFFSET, HEADER_REGION_SIZE, LAYER_ALIGNMENT, LayerStore,
     LayerStoreError, TAIL_ZERO_SIZE,
@@ -131,18 +132,17 @@ impl Driver {
 
     fn with_features(store: LayerStore, event_idx: bool) -> Driver {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let atomic = GuestMemoryAtomic::new(mem.clone());
-        let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
-        vring.set_queue_size(QUEUE_SIZE);
-        vring
-            .set_queue_info(DESC_TABLE, AVAIL_RING, USED_RING)
-            .unwrap();
-        vring.set_queue_event_idx(event_idx);
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        let backend = BlkBackend::new(store.clone(), 1, 4096, 2).unwrap();
-        backend.update_memory(atomic).unwrap();
-        backend.set_event_idx(event_idx);
+        Driver::on_memory(mem, store, event_idx, None)
+    }
+
+    /// A driver on `mem` whose backend records requests in flight in `record`.
+    fn on_memory(
+        mem: GuestMemoryMmap,
+        store: LayerStore,
+        event_idx: bool,
+        record: Option<Arc<InflightFile>>,
+    ) -> Driver {
+        let (vring, backend) = attach(&mem, &store, event_idx, record);
         Driver {
             mem,
             vring,
@@ -280,6 +280,29 @@ impl Driver {
         self.settle(head);
         (self.status(status), self.bytes(data, len as usize))
     }
+}
+
+/// What a frontend does when it (re)attaches: a backend over `store`, and the queue set up on
+/// the driver's rings in `mem`.
+fn attach(
+    mem: &GuestMemoryMmap,
+    store: &LayerStore,
+    event_idx: bool,
+    record: Option<Arc<InflightFile>>,
+) -> (VringRwLock, BlkBackend) {
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+    vring.set_queue_size(QUEUE_SIZE);
+    vring
+        .set_queue_info(DESC_TABLE, AVAIL_RING, USED_RING)
+        .unwrap();
+    vring.set_queue_event_idx(event_idx);
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    let backend = BlkBackend::with_record(store.clone(), 1, 4096, 2, record).unwrap();
+    backend.update_memory(atomic).unwrap();
+    backend.set_event_idx(event_idx);
+    (vring, backend)
 }
 
 fn store() -> LayerStore {
@@ -1201,4 +1224,177 @@ fn an_available_index_out_of_range_does_not_spin_the_queue() {
     driver.avail_idx = 0;
     let (status, data) = driver.read(0, 512);
     assert_eq!((status, data), (STATUS_OK, vec![0; 512]));
+}
+
+/// Guest memory backed by a file, as QEMU's memfd backs it (the inflight record knows a guest by
+/// that file).
+fn file_backed_memory() -> (GuestMemoryMmap, tempfile::NamedTempFile) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(MEM_SIZE as u64).unwrap();
+    let backing = vm_memory::FileOffset::new(file.reopen().unwrap(), 0);
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestAddress(0),
+        MEM_SIZE,
+        Some(backing),
+    )])
+    .unwrap();
+    (mem, file)
+}
+
+#[test]
+fn a_restarted_backend_resumes_what_was_in_flight_once_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let record_path = dir.path().join("inflight");
+    let layer = pattern(4 << 20, 7);
+    let source = TestSource::new(layer.clone());
+    source.hold(1 << 20, 2 << 20);
+    let (mem, _backing) = file_backed_memory();
+    let store = store();
+    let extent = store.map_layer("sha256:lazy", source.clone()).unwrap();
+    let sector = |offset: u64| (extent.offset + offset) / 512;
+    let record = Arc::new(InflightFile::open(&record_path, 1).unwrap());
+    let mut driver = Driver::on_memory(mem.clone(), store.clone(), true, Some(record));
+
+    // Parks (its chunk is missing), completes, then a large read (a helper copies it) parks too.
+    let (slow, slow_data, slow_status) = driver.queue_read(sector(1 << 20), 8192);
+    let (fast, fast_data, _) = driver.queue_read(sector(0), 4096);
+    let (large, large_data, large_status) = driver.queue_read(sector((1 << 20) + 65536), 256 << 10);
+    driver.kick();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while driver.backend.parked_requests(0) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the large read never parked"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        driver.wake();
+    }
+    assert_eq!(driver.used(), vec![(fast, 4097)]);
+    // Published after the last kick: never popped by this backend.
+    let (late, late_data, late_status) = driver.queue_read(sector(8192), 4096);
+
+    // The agent dies: no stop, nothing failed, the record keeps what it has.
+    let used_at_crash = driver.ring().used_idx();
+    driver.backend = BlkBackend::new(store.clone(), 1, 4096, 0).unwrap();
+
+    // A new agent opens the record; the frontend re-attaches and, having lost the backend's
+    // position, restarts the queue at the used index (QEMU 7.2's restore); the chunk arrived.
+    source.release();
+    let record = Arc::new(InflightFile::open(&record_path, 1).unwrap());
+    let (vring, backend) = attach(&mem, &store, true, Some(record.clone()));
+    vring.set_queue_next_avail(used_at_crash);
+    vring.set_queue_next_used(used_at_crash);
+    driver.vring = vring;
+    driver.backend = backend;
+    driver.kick();
+    driver.settle(slow);
+    driver.settle(large);
+    driver.settle(late);
+
+    let used = driver.used();
+    for head in [slow, fast, large, late] {
+        assert_eq!(
+            used.iter().filter(|(id, _)| *id == head).count(),
+            1,
+            "head {head} used exactly once: {used:?}"
+        );
+    }
+    assert_eq!(used.len(), 4);
+    for (status, data, offset, len) in [
+        (slow_status, slow_data, 1 << 20, 8192),
+        (large_status, large_data, (1 << 20) + 65536, 256 << 10),
+        (late_status, late_data, 8192, 4096),
+    ] {
+        assert_eq!(driver.status(status), STATUS_OK);
+        assert_eq!(driver.bytes(data, len), &layer[offset..offset + len]);
+    }
+    assert_eq!(driver.bytes(fast_data, 4096), &layer[..4096]);
+    assert!(record.queue(0).unwrap().in_flight().is_empty());
+}
+
+#[test]
+fn a_clean_stop_or_another_guest_resumes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let record_path = dir.path().join("inflight");
+    let layer = pattern(2 << 20, 9);
+    let source = TestSource::new(layer);
+    source.hold(0, 2 << 20);
+    let (mem, _backing) = file_backed_memory();
+    let store = store();
+    let extent = store.map_layer("sha256:lazy", source.clone()).unwrap();
+    let record = Arc::new(InflightFile::open(&record_path, 1).unwrap());
+    let mut driver = Driver::on_memory(mem.clone(), store.clone(), false, Some(record.clone()));
+    let (slow, _, slow_status) = driver.queue_read(extent.offset / 512, 4096);
+    driver.kick();
+    assert_eq!(record.queue(0).unwrap().in_flight(), vec![slow]);
+
+    // The frontend stops the queue (a guest reset): the parked read fails, the record empties.
+    driver.backend.stop_vring(0).unwrap();
+    assert_eq!(driver.status(slow_status), STATUS_IOERR);
+    assert!(record.queue(0).unwrap().in_flight().is_empty());
+
+    // Another guest (another memory file) on the same record starts afresh.
+    let (slow, _, _) = driver.queue_read(extent.offset / 512, 4096);
+    driver.kick();
+    assert_eq!(record.queue(0).unwrap().in_flight(), vec![slow]);
+    let (other_mem, _other_backing) = file_backed_memory();
+    let (vring, backend) = attach(&other_mem, &store, false, Some(record.clone()));
+    backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+        .unwrap();
+    assert!(
+        record.queue(0).unwrap().in_flight().is_empty(),
+        "nothing of the first guest is resubmitted into the second"
+    );
+}
+
+#[test]
+fn restored_layers_keep_their_offsets_and_fresh_ones_go_past_them() {
+    let first = store();
+    let a = TestSource::new(pattern(3 << 20, 1));
+    let b = TestSource::new(pattern(1 << 20, 2));
+    let at_a = first.map_layer("sha256:a", a.clone()).unwrap();
+    let at_b = first.map_layer("sha256:b", b.clone()).unwrap();
+    let (next, generation) = first.position();
+
+    // A new agent puts both back where they were, and continues after them.
+    let second = store();
+    second.restore_position(next, generation);
+    assert_eq!(
+        second
+            .restore_layer("sha256:b", at_b.offset, b.clone())
+            .unwrap(),
+        at_b
+    );
+    assert_eq!(
+        second
+            .restore_layer("sha256:a", at_a.offset, a.clone())
+            .unwrap(),
+        at_a
+    );
+    assert_eq!(
+        second.header(),
+        first.header(),
+        "the guest reads the same header"
+    );
+    let c = second
+        .map_layer("sha256:c", TestSource::new(pattern(4096, 3)))
+        .unwrap();
+    assert!(c.offset >= next, "a fresh layer never reuses an offset");
+
+    for bad in [
+        at_a.offset,
+        at_a.offset + (1 << 20),
+        at_a.offset + 4096,
+        0,
+        DEFAULT_CAPACITY,
+    ] {
+        assert!(
+            matches!(
+                second.restore_layer("sha256:x", bad, b.clone()),
+                Err(LayerStoreError::NotRestorable(_))
+            ),
+            "offset {bad:#x} must be refused"
+        );
+    }
 }

@@ -10,6 +10,12 @@
 //! A request whose data a source cannot give yet ([`Poll::Pending`]) is parked on its queue; the
 //! source wakes the queue's wake eventfd (registered as [`WAKE_EVENT`] in that queue's thread)
 //! and the worker polls its parked requests again, completing them out of order.
+//!
+//! With an inflight record (see `inflight`), every popped head is marked there and unmarked as
+//! it is used, so a restarted agent executes again exactly the requests that were in flight: on
+//! a queue's first event after a frontend attaches, the worker asks the record whether this is
+//! the ring it tracked, and if so resubmits those heads (read again from the descriptor table)
+//! and moves the queue's next available index past them.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,13 +33,15 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
+use super::chain::descriptors_at;
 use super::execute::{Completion, Memory, Parked, execute, finish};
+use super::inflight::{InflightFile, QueueRecord, Resume, RingKey, complete};
 use super::layer_store::LayerStore;
 use super::offload::{Job, OFFLOAD_THRESHOLD, OffloadPool};
 use super::virtio_blk::{BlkConfig, Request, RequestType, SEG_MAX, STATUS_IOERR};
@@ -41,8 +49,7 @@ use super::virtio_blk::{BlkConfig, Request, RequestType, SEG_MAX, STATUS_IOERR};
 /// How long stopping a queue waits for large reads being copied.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Largest queue the frontend may configure.
-pub const MAX_QUEUE_SIZE: usize = 1024;
+pub use super::virtio_blk::MAX_QUEUE_SIZE;
 
 /// The virtio features the device offers.
 pub const DEVICE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
@@ -88,6 +95,10 @@ struct QueueWorker {
     vring: Option<VringRwLock>,
     /// Helpers for large reads.
     offload: OffloadPool,
+    /// Where popped heads are recorded until used, if the device keeps a record.
+    record: Option<QueueRecord>,
+    /// Whether this frontend session's first event has consulted the record yet.
+    resumed: bool,
 }
 
 impl std::fmt::Debug for QueueWorker {
@@ -120,6 +131,18 @@ impl BlkBackend {
         blk_size: u32,
         offload_threads: usize,
     ) -> io::Result<BlkBackend> {
+        Self::with_record(store, num_queues, blk_size, offload_threads, None)
+    }
+
+    /// The same, recording requests in flight in `inflight` (which must have `num_queues`
+    /// queues) so that a backend of a later agent can resume them.
+    pub fn with_record(
+        store: LayerStore,
+        num_queues: u16,
+        blk_size: u32,
+        offload_threads: usize,
+        inflight: Option<Arc<InflightFile>>,
+    ) -> io::Result<BlkBackend> {
         let config = BlkConfig {
             capacity_sectors: store.capacity() >> super::virtio_blk::SECTOR_SHIFT,
             seg_max: SEG_MAX,
@@ -138,6 +161,10 @@ impl BlkBackend {
                 waker: Waker::from(Arc::new(QueueWake { notifier })),
                 vring: None,
                 offload: OffloadPool::new(offload_threads, index)?,
+                record: inflight
+                    .clone()
+                    .and_then(|file| QueueRecord::new(file, index)),
+                resumed: false,
             }));
             wake_consumers.push(consumer);
         }
@@ -170,11 +197,13 @@ impl BlkBackend {
         self.queue(index).map_or(0, |worker| worker.parked.len())
     }
 
-    /// Fails every parked request of every queue (the session ends or the device resets).
+    /// Fails every parked request of every queue (the session ends or the device resets); the
+    /// record then holds nothing to resume.
     pub(crate) fn fail_all_parked(&self) {
         for index in 0..self.queues.len() {
             if let Some(mut worker) = self.queue(index) {
                 worker.fail_parked();
+                worker.forget();
             }
         }
     }
@@ -253,6 +282,7 @@ impl VhostUserBackend for BlkBackend {
             worker.offload.wait_idle(STOP_TIMEOUT);
             worker.collect_offloaded();
             worker.fail_parked();
+            worker.forget();
         }
         Ok(())
     }
@@ -271,6 +301,7 @@ impl VhostUserBackend for BlkBackend {
         if worker.vring.is_none() {
             worker.vring = Some(vring.clone());
         }
+        worker.resume(vring, &self.store);
         if device_event == wake_event(self.queues.len()) {
             if let Some(consumer) = self.wake_consumers.get(thread_id) {
                 // Non-blocking: EAGAIN only means another wake already drained it.
@@ -309,40 +340,14 @@ impl QueueWorker {
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
                 popped = true;
                 let head = chain.head_index();
-                let completion = match Request::parse(chain, &*mem, capacity) {
-                    Ok(request) if is_large_read(&request) => {
-                        let job = Job {
-                            head,
-                            request,
-                            mem: atomic.clone(),
-                            store: store.clone(),
-                            waker: self.waker.clone(),
-                            vring: vring.clone(),
-                        };
-                        match self.offload.submit(job) {
-                            Ok(()) => continue,
-                            Err(job) => match self.execute_here(job.head, job.request, &mem, store)
-                            {
-                                Some(used_len) => used_len,
-                                None => continue,
-                            },
-                        }
-                    }
-                    Ok(request) => match self.execute_here(head, request, &mem, store) {
-                        Some(used_len) => used_len,
-                        None => continue,
-                    },
-                    Err(rejected) => {
-                        debug!(head, error = %rejected.error, "layer store: malformed request");
-                        match rejected.status {
-                            Some(status) => {
-                                finish(&*mem, status, Completion::status_only(STATUS_IOERR))
-                            }
-                            None => 0,
-                        }
-                    }
+                if let Some(record) = &self.record {
+                    record.get().begin(head);
+                }
+                let parsed = Request::parse(chain, &*mem, capacity);
+                let Some(used_len) = self.serve(head, parsed, &atomic, vring, store) else {
+                    continue;
                 };
-                if let Err(e) = state.add_used(head, completion) {
+                if let Err(e) = complete(&mut state, self.record.as_ref(), head, used_len) {
                     warn!(error = %e, "layer store: cannot return a request");
                 }
                 used_any = true;
@@ -370,6 +375,126 @@ impl QueueWorker {
         if used_any && state.needs_notification().unwrap_or(true) {
             let _ = state.signal_used_queue();
         }
+    }
+
+    /// Serves one popped (or resubmitted) request: returns its used length to complete now, or
+    /// `None` when it was parked or handed to a helper (which completes it).
+    fn serve(
+        &mut self,
+        head: u16,
+        parsed: Result<Request, super::virtio_blk::Rejected>,
+        atomic: &Memory,
+        vring: &VringRwLock,
+        store: &LayerStore,
+    ) -> Option<u32> {
+        let mem = atomic.memory();
+        match parsed {
+            Ok(request) if is_large_read(&request) => {
+                let job = Job {
+                    head,
+                    request,
+                    mem: atomic.clone(),
+                    store: store.clone(),
+                    waker: self.waker.clone(),
+                    vring: vring.clone(),
+                    record: self.record.clone(),
+                };
+                match self.offload.submit(job) {
+                    Ok(()) => None,
+                    Err(job) => self.execute_here(job.head, job.request, &mem, store),
+                }
+            }
+            Ok(request) => self.execute_here(head, request, &mem, store),
+            Err(rejected) => {
+                debug!(head, error = %rejected.error, "layer store: malformed request");
+                Some(match rejected.status {
+                    Some(status) => finish(&*mem, status, Completion::status_only(STATUS_IOERR)),
+                    None => 0,
+                })
+            }
+        }
+    }
+
+    /// On the first event of a frontend session: asks the record whether this ring is the one
+    /// a previous agent served, and if so executes again what was in flight then.
+    fn resume(&mut self, vring: &VringRwLock, store: &LayerStore) {
+        if self.resumed {
+            return;
+        }
+        let Some(atomic) = self.mem.clone() else {
+            return;
+        };
+        let mem = atomic.memory();
+        let mut state = vring.get_mut();
+        let queue = state.get_queue();
+        if !queue.ready() || !state.is_enabled() {
+            return;
+        }
+        self.resumed = true;
+        let Some(record) = self.record.clone() else {
+            return;
+        };
+        let Some(memory) = memory_identity(&mem) else {
+            // Anonymous guest memory: no later session could prove it is the same guest.
+            record.get().clear();
+            return;
+        };
+        let key = RingKey {
+            memory,
+            rings: (queue.desc_table(), queue.avail_ring(), queue.used_ring()),
+            size: queue.size(),
+        };
+        let Ok(ring_used) = queue.used_idx(&*mem, std::sync::atomic::Ordering::Acquire) else {
+            record.get().clear();
+            return;
+        };
+        let Resume::Resubmit { heads, next_avail } = record.get().resume(key, ring_used.0) else {
+            return;
+        };
+        tracing::info!(
+            heads = heads.len(),
+            used = ring_used.0,
+            "layer store: resuming the requests in flight before the restart"
+        );
+        state.get_queue_mut().set_next_avail(next_avail);
+        state.get_queue_mut().set_next_used(ring_used.0);
+        let (desc_table, size) = (GuestAddress(key.rings.0), key.size);
+        let capacity = store.capacity();
+        let mut used_any = false;
+        for head in heads {
+            let parsed = match descriptors_at(&*mem, desc_table, size, head) {
+                Some(chain) => Request::parse(chain, &*mem, capacity),
+                None => {
+                    // The table no longer holds a chain there: nothing to answer it with, so it
+                    // is returned unused, as a malformed chain is.
+                    warn!(head, "layer store: a resubmitted head has no valid chain");
+                    Err(super::virtio_blk::Rejected {
+                        error: super::virtio_blk::ParseError::Empty,
+                        status: None,
+                    })
+                }
+            };
+            drop(state);
+            let served = self.serve(head, parsed, &atomic, vring, store);
+            state = vring.get_mut();
+            if let Some(used_len) = served {
+                if let Err(e) = complete(&mut state, Some(&record), head, used_len) {
+                    warn!(error = %e, "layer store: cannot return a resubmitted request");
+                }
+                used_any = true;
+            }
+        }
+        if used_any && state.needs_notification().unwrap_or(true) {
+            let _ = state.signal_used_queue();
+        }
+    }
+
+    /// The record holds nothing to resume any more; the next session decides afresh.
+    fn forget(&mut self) {
+        if let Some(record) = &self.record {
+            record.get().clear();
+        }
+        self.resumed = false;
     }
 
     /// Executes a request on the queue thread: returns the used length, or `None` if it was
@@ -465,7 +590,9 @@ impl QueueWorker {
                 Poll::Ready(completion) => {
                     let parked = self.parked.swap_remove(index);
                     let used_len = finish(&*mem, parked.request.status, completion);
-                    if let Err(e) = state.add_used(parked.head, used_len) {
+                    if let Err(e) =
+                        complete(&mut state, self.record.as_ref(), parked.head, used_len)
+                    {
                         warn!(error = %e, "layer store: cannot return a parked request");
                     }
                     used_any = true;
@@ -499,7 +626,7 @@ impl QueueWorker {
                 request.request.status,
                 Completion::status_only(STATUS_IOERR),
             );
-            if let Err(e) = state.add_used(request.head, used_len) {
+            if let Err(e) = complete(&mut state, self.record.as_ref(), request.head, used_len) {
                 debug!(error = %e, "layer store: cannot fail a parked request");
             }
         }
@@ -510,4 +637,13 @@ impl QueueWorker {
 /// Whether a request is a read large enough for the helpers.
 fn is_large_read(request: &Request) -> bool {
     request.request_type == RequestType::In && request.data_len >= OFFLOAD_THRESHOLD
+}
+
+/// Device and inode of the file behind the guest memory's first region (QEMU's memfd): what
+/// tells one QEMU's guest from another's.
+fn memory_identity(mem: &GuestMemoryMmap) -> Option<(u64, u64)> {
+    use vm_memory::GuestMemoryBackend;
+    let region = mem.iter().next()?;
+    let file = region.file_offset()?.file();
+    RingKey::memory_of(file).ok()
 }

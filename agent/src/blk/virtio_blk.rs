@@ -27,6 +27,9 @@ pub const HEADER_SIZE: usize = 16;
 /// (128) minus the header and status descriptors, so a driver that does not use indirect
 /// descriptors can still fit its largest request in the ring.
 pub const SEG_MAX: u32 = 126;
+/// Largest queue the frontend may configure.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
 /// Most descriptors in one chain: `SEG_MAX` data segments, plus header and status.
 pub const MAX_CHAIN_DESCRIPTORS: usize = SEG_MAX as usize + 2;
 /// The device id returned by `VIRTIO_BLK_T_GET_ID` (the guest's `/sys/block/vdX/serial`).

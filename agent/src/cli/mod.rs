@@ -88,6 +88,14 @@ pub enum Command {
     /// Manage VMs.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// A VM's keeper (started by the agent, one per VM): its vsock device and its QEMU's
+    /// parent, outliving agent restarts.
+    #[command(hide = true)]
+    VmKeeper {
+        /// The keeper's `keeper.json`.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Run a container: pull and convert the image, map its layers, create, start, stream the
     /// output, and exit with the container's code.
     Run(containers::RunArgs),
@@ -198,6 +206,11 @@ pub enum VmCommand {
         /// The VM's name.
         vm: String,
     },
+    /// Stop a VM the agent launched (VMs keep running when the agent exits or restarts).
+    Stop {
+        /// The VM's name.
+        vm: String,
+    },
     /// What the guest holds for containers: layer mounts, loop devices, overlays, cgroups.
     Resources {
         /// The VM's name.
@@ -254,6 +267,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::GuestInfo { vm, wait, json } => vms::guest_info(&client, &vm, wait, json).await?,
         Command::Ping { vm, count, size } => vms::ping(&client, &vm, count, size).await?,
         Command::Vm(command) => vms::run(&client, command).await?,
+        Command::VmKeeper { config } => crate::keeper::serve::run(&config).await?,
         Command::Run(args) => return containers::run(&client, args).await,
         Command::Ps(args) => return containers::ps(&client, args).await,
         Command::Logs(args) => return containers::logs(&client, args).await,

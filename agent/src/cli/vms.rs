@@ -87,6 +87,10 @@ pub async fn run(client: &ApiClient, command: VmCommand) -> anyhow::Result<()> {
             let _: serde_json::Value = client.post(&format!("/v1/vms/{vm}/restart")).await?;
             println!("{vm}: restarting");
         }
+        VmCommand::Stop { vm } => {
+            let _: serde_json::Value = client.post(&format!("/v1/vms/{vm}/stop")).await?;
+            println!("{vm}: stopped");
+        }
         VmCommand::Resources { vm } => {
             let resources: serde_json::Value =
                 client.get(&format!("/v1/vms/{vm}/resources")).await?;

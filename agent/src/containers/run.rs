@@ -124,7 +124,7 @@ pub async fn run_container(
         ..
     } = pulled;
     for ((layer, pin), source) in record.layers.iter().zip(pins).zip(sources) {
-        let extent = vm.map_layer(layer, source, pin)?;
+        let extent = vm.map_layer(&options.image, layer, source, pin)?;
         progress(RunUpdate::Progress(format!(
             "layer {} mapped at {:#x} ({} bytes)",
             layer.erofs_digest, extent.offset, extent.length
