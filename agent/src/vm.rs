@@ -209,7 +209,7 @@ impl Vm {
         let adopting = keeper
             .status()
             .await
-            .is_ok_and(|status| status.config == keeper_config && status.qemu_exit.is_none());
+            .is_ok_and(|status| status.runs(&keeper_config));
         let mapped_record = vm_dir.join("layers.json");
         let inflight_record = vm_dir.join("blk-inflight");
         if !adopting {

@@ -306,14 +306,12 @@ fn the_device_serves_the_same_table_after_the_frontend_reconnects() {
     device.shutdown();
 }
 
-#[test]
-fn stopping_a_queue_fails_its_parked_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let (device, socket) = start(&dir, "blk.sock", 1);
-    let layer = pattern(1 << 20, 6);
-    let source = DelayedSource::new(layer, Some((0, 1 << 20)));
+/// Maps a layer whose data is held back, connects a one-queue frontend and reads from it: the
+/// read parks (slot 0 of queue 0).
+fn park_one_read(device: &LayerStoreDevice, socket: &std::path::Path) -> BlkFrontend {
+    let source = DelayedSource::new(pattern(1 << 20, 6), Some((0, 1 << 20)));
     let extent = device.extents().map_layer("sha256:held", source).unwrap();
-    let mut frontend = BlkFrontend::connect(&socket, 1, 64, 2, 1 << 20).unwrap();
+    let mut frontend = BlkFrontend::connect(socket, 1, 64, 2, 1 << 20).unwrap();
     let queue = frontend.queue(0);
     queue.submit(0, T_IN, extent.offset / 512, 4096).unwrap();
     queue.kick().unwrap();
@@ -321,6 +319,14 @@ fn stopping_a_queue_fails_its_parked_requests() {
         !queue.wait_timeout(Duration::from_millis(300)).unwrap(),
         "must park"
     );
+    frontend
+}
+
+#[test]
+fn stopping_a_queue_fails_its_parked_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (device, socket) = start(&dir, "blk.sock", 1);
+    let mut frontend = park_one_read(&device, &socket);
     frontend.stop_queue(0).unwrap();
     let queue = frontend.queue(0);
     let mut used = Vec::new();
@@ -342,16 +348,7 @@ fn an_agent_leaving_keeps_its_requests_in_flight_and_a_shutdown_clears_them() {
         config.num_queues = 1;
         config.inflight_record = Some(record.clone());
         let device = LayerStoreDevice::start(config).expect("start device");
-        let source = DelayedSource::new(pattern(1 << 20, 7), Some((0, 1 << 20)));
-        let extent = device.extents().map_layer("sha256:held", source).unwrap();
-        let mut frontend = BlkFrontend::connect(&socket, 1, 64, 2, 1 << 20).unwrap();
-        let queue = frontend.queue(0);
-        queue.submit(0, T_IN, extent.offset / 512, 4096).unwrap();
-        queue.kick().unwrap();
-        assert!(
-            !queue.wait_timeout(Duration::from_millis(300)).unwrap(),
-            "must park"
-        );
+        let frontend = park_one_read(&device, &socket);
         if shutdown {
             device.shutdown();
         } else {

@@ -372,6 +372,7 @@ impl TestAgent {
 
     /// Stops every VM keeper (SIGTERM, SIGKILL after 5 s) and so every guest.
     fn stop_keepers(&self) {
+        use gantry_agent::keeper::client::process_alive;
         use nix::sys::signal::{Signal, kill};
         let keepers = self.keeper_pids();
         for pid in &keepers {
@@ -379,7 +380,7 @@ impl TestAgent {
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         for pid in keepers {
-            while kill(pid, None).is_ok() && !is_zombie(pid) && Instant::now() < deadline {
+            while process_alive(pid.as_raw() as u32) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = kill(pid, Signal::SIGKILL);
@@ -533,17 +534,6 @@ impl Drop for TestAgent {
         let _ = self.keeper_watchdog.kill();
         let _ = self.keeper_watchdog.wait();
     }
-}
-
-/// Whether `pid` has exited but not been reaped.
-fn is_zombie(pid: nix::unistd::Pid) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(") ")
-                .map(|(_, rest)| rest.starts_with('Z'))
-        })
-        .unwrap_or(true)
 }
 
 /// A `sh` that kills every VM keeper under `state_dir` once its stdin closes (see

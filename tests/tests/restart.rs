@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use gantry_agent::images::default_image;
+use gantry_agent::keeper::client::process_alive;
 use gantry_e2e::{TestAgent, TestVm, convert_image};
 use gantry_oci::Digest;
 use gantry_oci::builder::{self, ImageConfigSpec, LayerBuilder};
@@ -256,7 +257,7 @@ fn containers_run_on_through_agent_crashes_and_an_upgrade() {
     drop(agent);
     let deadline = Instant::now() + Duration::from_secs(10);
     for pid in keepers.into_iter().chain([qemu]) {
-        while Path::new(&format!("/proc/{pid}")).exists() && !exited(pid) {
+        while process_alive(pid.as_raw() as u32) {
             assert!(
                 Instant::now() < deadline,
                 "process {pid} outlived the test's agent"
@@ -265,14 +266,4 @@ fn containers_run_on_through_agent_crashes_and_an_upgrade() {
         }
     }
     drop(proxy);
-}
-
-/// Whether `pid` is gone or a zombie.
-fn exited(pid: nix::unistd::Pid) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rsplit_once(") ")
-                .is_none_or(|(_, rest)| rest.starts_with('Z'))
-        })
-        .unwrap_or(true)
 }

@@ -376,6 +376,15 @@ impl LayerStore {
         crate::sync::lock(&self.inner.state)
     }
 
+    /// The writers' state, if the table can take one more layer.
+    fn state_with_room(&self) -> Result<MutexGuard<'_, State>, LayerStoreError> {
+        let state = self.state();
+        if state.layers.len() >= MAX_MAPPED_LAYERS {
+            return Err(LayerStoreError::TooManyLayers);
+        }
+        Ok(state)
+    }
+
     /// Maps a layer at a fresh 1 MiB-aligned offset and publishes it to the queue threads (and
     /// the header). Requests already running are unaffected.
     pub fn map_layer(
@@ -384,10 +393,7 @@ impl LayerStore {
         source: Arc<dyn BlockSource>,
     ) -> Result<Extent, LayerStoreError> {
         let length = check_new_layer(digest, source.as_ref())?;
-        let mut state = self.state();
-        if state.layers.len() >= MAX_MAPPED_LAYERS {
-            return Err(LayerStoreError::TooManyLayers);
-        }
+        let mut state = self.state_with_room()?;
         let offset = state.next_offset;
         let usable_end = self.inner.capacity - TAIL_ZERO_SIZE;
         let next_offset = offset
@@ -419,10 +425,7 @@ impl LayerStore {
         source: Arc<dyn BlockSource>,
     ) -> Result<Extent, LayerStoreError> {
         let length = check_new_layer(digest, source.as_ref())?;
-        let mut state = self.state();
-        if state.layers.len() >= MAX_MAPPED_LAYERS {
-            return Err(LayerStoreError::TooManyLayers);
-        }
+        let mut state = self.state_with_room()?;
         let usable_end = self.inner.capacity - TAIL_ZERO_SIZE;
         let end = offset
             .checked_add(length)

@@ -78,7 +78,7 @@ impl KeeperClient {
     ) -> Result<(KeeperClient, Start), KeeperError> {
         let client = KeeperClient::new(dir);
         match client.status().await {
-            Ok(status) if status.config == *config && status.qemu_exit.is_none() => {
+            Ok(status) if status.runs(config) => {
                 info!(vm = %config.vm, keeper = status.pid, qemu = ?status.qemu_pid, "keeper adopted");
                 return Ok((client, Start::Adopted));
             }
@@ -236,8 +236,8 @@ impl KeeperClient {
     }
 }
 
-/// Whether `pid` is a live process (not a zombie).
-fn process_alive(pid: u32) -> bool {
+/// Whether `pid` is a live process (not gone, not a zombie).
+pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
         Ok(stat) => stat

@@ -67,6 +67,13 @@ pub struct KeeperStatus {
     pub qemu_started_unix_ms: Option<u64>,
 }
 
+impl KeeperStatus {
+    /// Whether this keeper runs `config` with its QEMU alive: what an agent adopts.
+    pub fn runs(&self, config: &super::KeeperConfig) -> bool {
+        self.config == *config && self.qemu_exit.is_none()
+    }
+}
+
 /// Writes `message` as one line, with `fd` attached if given.
 pub fn send<T: Serialize>(
     stream: &UnixStream,
