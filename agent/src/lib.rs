@@ -7,8 +7,9 @@
 //! two share). Images: [`cache`] (content-addressed layers), [`images`] (image service, pull,
 //! default image), [`lazy`] (layers fetched chunk by chunk while mapped). Containers: [`containers`] (run, logs, specs), [`session`] (one shim session),
 //! [`vm`] (one attached VM), [`qemu`] (the launch recipe). The daemon: [`config`], [`state`],
-//! [`daemon`], [`api`] (the server). The operator: [`cli`]. Formats, the registry client and the
-//! API types are the `gantry-erofs`, `gantry-oci` and `gantry-api` crates.
+//! [`daemon`], [`api`] (the server), [`metrics`] (Prometheus metrics, `GET /metrics`). The
+//! operator: [`cli`]. Formats, the registry client and the API types are the `gantry-erofs`,
+//! `gantry-oci` and `gantry-api` crates.
 
 pub mod api;
 pub mod blk;
@@ -23,6 +24,7 @@ pub mod fuzzing;
 pub mod images;
 pub mod lazy;
 pub mod manifest;
+pub mod metrics;
 pub mod peer;
 pub mod qemu;
 pub mod session;

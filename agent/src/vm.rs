@@ -21,6 +21,7 @@ use crate::cache::{LayerRecord, PinGuard};
 use crate::config::VmConfig;
 use crate::containers::ContainerTable;
 use crate::containers::logs::LogLimits;
+use crate::metrics::VmMetrics;
 use crate::qemu::{QemuConfig, QemuError, QemuProcess};
 use crate::session::{SessionError, ShimSession};
 use crate::sync::lock;
@@ -162,32 +163,36 @@ pub struct Vm {
 
 impl Vm {
     /// Starts the VM's devices, launches QEMU if configured, and starts keeping a shim session.
-    /// Container logs go under `state_dir`.
+    /// Container logs go under `state_dir`; its devices and containers count into `metrics`.
     pub fn start(
         config: VmConfig,
         qemu_config: Option<QemuConfig>,
         state_dir: &Path,
         log_limits: LogLimits,
+        metrics: VmMetrics,
     ) -> Result<Self, VmError> {
-        let device = VsockDevice::start(VsockDeviceConfig::new(
-            config.vsock_socket.clone(),
-            config.guest_cid,
-        ))
-        .map_err(|source| VmError::Device {
+        let mut vsock_config =
+            VsockDeviceConfig::new(config.vsock_socket.clone(), config.guest_cid);
+        vsock_config.metrics = metrics.vsock;
+        let device = VsockDevice::start(vsock_config).map_err(|source| VmError::Device {
             vm: config.name.clone(),
             source,
         })?;
         let mut layer_config = LayerStoreConfig::new(config.layer_socket.clone());
         layer_config.num_queues = config.layer_queues;
+        layer_config.metrics = metrics.blk;
         let layer_device =
             LayerStoreDevice::start(layer_config).map_err(|source| VmError::LayerDevice {
                 vm: config.name.clone(),
                 source,
             })?;
-        let containers = Arc::new(ContainerTable::new(
-            &state_dir.join("vms").join(&config.name).join("containers"),
-            log_limits,
-        ));
+        let containers = Arc::new(
+            ContainerTable::new(
+                &state_dir.join("vms").join(&config.name).join("containers"),
+                log_limits,
+            )
+            .with_metrics(metrics.containers),
+        );
         let progress = Arc::new(Mutex::new(Progress::default()));
         let (session_tx, session) = watch::channel(None);
         let (events_tx, events_rx) = mpsc::channel(EVENT_BACKLOG);
@@ -364,6 +369,11 @@ impl Vm {
     /// The containers the agent created in this VM.
     pub fn containers(&self) -> &ContainerTable {
         &self.containers
+    }
+
+    /// Layer-store requests parked now (waiting for data), over every queue.
+    pub fn parked_requests(&self) -> usize {
+        self.layer_device.parked_requests()
     }
 
     /// Maps a cached layer into this VM's layer store (once per VM: later containers share it)

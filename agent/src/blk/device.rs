@@ -11,7 +11,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use thiserror::Error;
 use tracing::info;
@@ -22,6 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::layer_store::{DEFAULT_CAPACITY, LayerStore, LayerStoreError};
 use super::offload::DEFAULT_OFFLOAD_THREADS;
 use super::vhu_blk::{BlkBackend, wake_event};
+use crate::metrics::BlkMetrics;
 use crate::vhost_user::{self, FrontendLoop, Session, SetupError};
 
 /// Request queues offered when none is configured.
@@ -69,6 +70,8 @@ pub struct LayerStoreConfig {
     /// Helper threads per queue copying reads of at least 128 KiB (0: none, every read is
     /// copied by its queue's thread).
     pub large_read_threads: usize,
+    /// Where the requests it serves are counted (default: counters nothing exports).
+    pub metrics: BlkMetrics,
 }
 
 impl LayerStoreConfig {
@@ -81,6 +84,7 @@ impl LayerStoreConfig {
             capacity: DEFAULT_CAPACITY,
             block_size: DEFAULT_BLOCK_SIZE,
             large_read_threads: DEFAULT_OFFLOAD_THREADS,
+            metrics: BlkMetrics::default(),
         }
     }
 
@@ -104,12 +108,16 @@ impl LayerStoreConfig {
     }
 }
 
+/// The backend of the frontend session attached now, if any (for gauges read at scrape time).
+type CurrentBackend = Arc<Mutex<Weak<BlkBackend>>>;
+
 /// One VM's layer-store device (vhost-user-blk backend).
 #[derive(Debug)]
 pub struct LayerStoreDevice {
     config: LayerStoreConfig,
     store: LayerStore,
     frontends: FrontendLoop,
+    current: CurrentBackend,
 }
 
 impl LayerStoreDevice {
@@ -118,21 +126,24 @@ impl LayerStoreDevice {
     /// goes back to listening for the next one, with the same extent table.
     pub fn start(config: LayerStoreConfig) -> Result<LayerStoreDevice, LayerStoreDeviceError> {
         config.validate()?;
-        let store = LayerStore::new(config.capacity)?;
+        let store = LayerStore::with_metrics(config.capacity, config.metrics.clone())?;
         let path = config.socket_path.clone();
         let listener = vhost_user::bind(&path).map_err(|e| LayerStoreDeviceError::Bind {
             path: e.path,
             source: e.source,
         })?;
         let (session_config, session_store) = (config.clone(), store.clone());
+        let current = CurrentBackend::default();
+        let session_current = Arc::clone(&current);
         let frontends = FrontendLoop::start(listener, &path, "layer-store".into(), move || {
-            new_session(&session_config, &session_store)
+            new_session(&session_config, &session_store, &session_current)
         })?;
         info!(path = %path.display(), queues = config.num_queues, "layer store: device listening");
         Ok(LayerStoreDevice {
             config,
             store,
             frontends,
+            current,
         })
     }
 
@@ -144,6 +155,16 @@ impl LayerStoreDevice {
     /// The configuration the device runs with.
     pub fn config(&self) -> &LayerStoreConfig {
         &self.config
+    }
+
+    /// Requests parked now, over every queue of the attached frontend (0 without one).
+    pub fn parked_requests(&self) -> usize {
+        let backend = crate::sync::lock(&self.current).upgrade();
+        backend.map_or(0, |backend| {
+            (0..usize::from(self.config.num_queues))
+                .map(|queue| backend.parked_requests(queue))
+                .sum()
+        })
     }
 
     /// Stops the threads (the attached frontend, if any, is disconnected) and removes the
@@ -159,6 +180,7 @@ impl LayerStoreDevice {
 fn new_session(
     config: &LayerStoreConfig,
     store: &LayerStore,
+    current: &CurrentBackend,
 ) -> Result<Session<Arc<BlkBackend>>, SetupError> {
     let retry = SetupError::Retry;
     let backend = BlkBackend::new(
@@ -169,6 +191,7 @@ fn new_session(
     )
     .map_err(|e| retry(format!("cannot create backend: {e}")))?;
     let backend = Arc::new(backend);
+    *crate::sync::lock(current) = Arc::downgrade(&backend);
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let daemon = VhostUserDaemon::new("layer-store".into(), backend.clone(), memory)
         .map_err(|e| retry(format!("cannot create vhost-user daemon: {e}")))?;

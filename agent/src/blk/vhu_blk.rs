@@ -33,7 +33,7 @@ use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
-use super::execute::{Completion, Memory, Parked, execute, finish};
+use super::execute::{Completion, Memory, Parked, Progress, execute, finish};
 use super::layer_store::LayerStore;
 use super::offload::{Job, OFFLOAD_THRESHOLD, OffloadPool};
 use super::virtio_blk::{BlkConfig, Request, RequestType, SEG_MAX, STATUS_IOERR};
@@ -334,6 +334,7 @@ impl QueueWorker {
                     },
                     Err(rejected) => {
                         debug!(head, error = %rejected.error, "layer store: malformed request");
+                        store.metrics().malformed();
                         match rejected.status {
                             Some(status) => {
                                 finish(&*mem, status, Completion::status_only(STATUS_IOERR))
@@ -381,7 +382,7 @@ impl QueueWorker {
         mem: &GuestMemoryMmap,
         store: &LayerStore,
     ) -> Option<u32> {
-        let mut completed = 0;
+        let mut completed = Progress::new();
         match execute(&request, mem, store, &mut completed, &self.waker) {
             Poll::Ready(completion) => Some(finish(mem, request.status, completion)),
             Poll::Pending => self
