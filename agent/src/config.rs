@@ -75,6 +75,10 @@ pub struct AgentConfig {
     /// A file holding the token agents present to each other (needed to serve or ask peers).
     #[serde(default)]
     pub peer_token_file: Option<PathBuf>,
+    /// Where `GET /metrics` is served on TCP for a Prometheus server (`127.0.0.1:9464`);
+    /// unset: on the API socket only.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Peer agents asked for chunks before the registries (a cluster manifest adds more).
     #[serde(rename = "peer", default)]
     pub peers: Vec<crate::manifest::document::PeerEntry>,
@@ -178,6 +182,19 @@ impl AgentConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.lazy.validate().map_err(ConfigError::Invalid)?;
+        if let Some(addr) = self.metrics_listen {
+            // A scrape target needs a port that stays the same across restarts.
+            if addr.port() == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "metrics_listen {addr}: name a port (Prometheus scrapes a fixed address)"
+                )));
+            }
+            if self.peer_listen == Some(addr) {
+                return Err(ConfigError::Invalid(format!(
+                    "metrics_listen {addr} is peer_listen too: give each its own port"
+                )));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         let mut cids = std::collections::HashSet::new();
         self.logs.validate().map_err(ConfigError::Invalid)?;
@@ -257,6 +274,38 @@ mod tests {
         assert!(
             matches!(AgentConfig::parse(&reserved), Err(ConfigError::Invalid(m)) if m.contains("reserved"))
         );
+    }
+
+    #[test]
+    fn metrics_listen_needs_its_own_fixed_port() {
+        let with = |line: &str| format!("{line}\n{TWO_VMS}");
+        let config = AgentConfig::parse(&with("metrics_listen = \"127.0.0.1:9464\"")).unwrap();
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert!(
+            AgentConfig::parse(TWO_VMS)
+                .unwrap()
+                .metrics_listen
+                .is_none()
+        );
+        assert!(matches!(
+            AgentConfig::parse(&with("metrics_listen = \"127.0.0.1:0\"")),
+            Err(ConfigError::Invalid(m)) if m.contains("name a port")
+        ));
+        let shared = with(
+            "metrics_listen = \"127.0.0.1:7420\"\npeer_listen = \"127.0.0.1:7420\"\n\
+             peer_token_file = \"/t\"",
+        );
+        assert!(matches!(
+            AgentConfig::parse(&shared),
+            Err(ConfigError::Invalid(m)) if m.contains("own port")
+        ));
+        assert!(matches!(
+            AgentConfig::parse(&with("metrics_listen = \"localhost\"")),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

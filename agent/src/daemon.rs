@@ -12,6 +12,8 @@ use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::config::{AgentConfig, LaunchConfig, VmConfig};
 use crate::images::ImageService;
 use crate::manifest::{ClusterManifest, ManifestScheduler};
+use crate::metrics::Metrics;
+use crate::metrics::endpoint::{self, EndpointError};
 use crate::peer::client::PeerClient;
 use crate::peer::routes::PeerSet;
 use crate::peer::server::PeerEndpoint;
@@ -47,6 +49,9 @@ pub enum DaemonError {
     /// `serve --check` found a part of the config the agent could not start with.
     #[error("{0}")]
     Check(String),
+    /// The metrics endpoint cannot listen.
+    #[error(transparent)]
+    Metrics(#[from] EndpointError),
 }
 
 /// A task stopped when this is dropped.
@@ -134,6 +139,22 @@ pub fn check(
                 peering.peers.len()
             ),
         });
+    match config.metrics_listen {
+        Some(addr) => {
+            report.lines.push(format!(
+                "metrics on http://{addr}/metrics and the API socket"
+            ));
+            if !addr.ip().is_loopback() {
+                report.warnings.push(format!(
+                    "metrics_listen {addr} is reachable from other hosts: the metrics name \
+                     this card's VMs, registries and peers, and need no credentials"
+                ));
+            }
+        }
+        None => report
+            .lines
+            .push("metrics on the API socket only (GET /metrics)".to_string()),
+    }
     crate::images::service::registry_client_for(&config.registry, &[])
         .map_err(|reason| DaemonError::Check(format!("[registry]: {reason}")))?;
     if let Some(manifest) = manifest {
@@ -222,15 +243,21 @@ pub async fn run(
         Some(addr) => Some(crate::peer::server::bind(addr).await?),
         None => None,
     };
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(endpoint::bind(addr).await?),
+        None => None,
+    };
     let access = ApiAccess::new(config.api_group.as_deref()).map_err(ApiServerError::from)?;
     let listener = server::bind(&config.api_socket, access)?;
+    let metrics = Metrics::new();
     let cache = Cache::open(
         &config.state_dir.join("cache"),
         CacheConfig {
             budget_bytes: config.cache_budget_bytes,
             ..CacheConfig::default()
         },
-    )?;
+    )?
+    .with_metrics(metrics.cache());
     let registry = RegistryClient::new(config.registry.clone())?;
     let images = ImageService::new(
         cache,
@@ -238,6 +265,7 @@ pub async fn run(
         config.lazy.clone(),
         &config.state_dir,
         &config.busybox,
+        metrics.clone(),
     );
     // The manifest's registries are checked before any VM starts: a refused manifest starts
     // nothing.
@@ -259,7 +287,16 @@ pub async fn run(
         let name = vm_config.name.clone();
         // A VM that fails to start stops the agent; VMs already attached keep running (their
         // guests are the workload), and the next start adopts them.
-        let vm = Vm::start(vm_config, qemu, &config.state_dir, config.logs, &images).await?;
+        let vm_metrics = metrics.vm(&name);
+        let vm = Vm::start(
+            vm_config,
+            qemu,
+            &config.state_dir,
+            config.logs,
+            &images,
+            vm_metrics,
+        )
+        .await?;
         info!(vm = %name, "VM attached");
         vms.insert(name, vm);
     }
@@ -275,7 +312,13 @@ pub async fn run(
         enable_baseline: config.enable_baseline,
         manifest: ManifestScheduler::default(),
         peers,
+        metrics: metrics.clone(),
     });
+    // The probe holds the agent weakly: the metrics, which the agent holds, must not keep it.
+    let observed = Arc::downgrade(&agent);
+    metrics.observe_state(move || observed.upgrade().map(|agent| agent.state_gauges()));
+    let metrics_endpoint = metrics_listener
+        .map(|listener| AbortOnDrop(tokio::spawn(endpoint::serve(listener, metrics.clone()))));
     // Dropped (and so stopped) when the daemon returns.
     let _peer_endpoint = match (peer_listener, peering.token) {
         (Some(listener), Some(token)) => {
@@ -307,6 +350,8 @@ pub async fn run(
         }
     };
     let served = server::serve(listener, agent.clone(), shutdown).await;
+    // No scrape holds the agent past this point.
+    drop(metrics_endpoint);
     let _ = std::fs::remove_file(&config.api_socket);
     // The VMs are left running: their keepers hold the vsock devices and QEMU, the layer
     // stores' frontends reconnect to the next agent, which adopts them. `vm stop` stops one.

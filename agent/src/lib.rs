@@ -8,9 +8,9 @@
 //! default image), [`lazy`] (layers fetched chunk by chunk while mapped). Containers: [`containers`] (run, logs, specs), [`session`] (one shim session),
 //! [`vm`] (one attached VM), [`keeper`] (the per-VM process that outlives the agent: vsock device,
 //! QEMU's parent), [`mapped`] (a VM's mapped layers as recorded for the next agent), [`qemu`] (the
-//! launch recipe). The daemon: [`config`], [`state`],
-//! [`daemon`], [`api`] (the server). The operator: [`cli`]. Formats, the registry client and the
-//! API types are the `gantry-erofs`, `gantry-oci` and `gantry-api` crates.
+//! launch recipe). The daemon: [`config`], [`state`], [`daemon`], [`api`] (the server),
+//! [`metrics`] (Prometheus metrics, `GET /metrics`). The operator: [`cli`]. Formats, the registry
+//! client and the API types are the `gantry-erofs`, `gantry-oci` and `gantry-api` crates.
 
 pub mod api;
 pub mod blk;
@@ -27,6 +27,7 @@ pub mod keeper;
 pub mod lazy;
 pub mod manifest;
 pub mod mapped;
+pub mod metrics;
 pub mod peer;
 pub mod qemu;
 pub mod session;

@@ -5,7 +5,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use gantry_agent::cli::{self, Cli, Command};
+use gantry_agent::cli::{self, Cli, Command, LogFormat};
+use tracing_subscriber::fmt::format::FmtSpan;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -18,15 +19,7 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, never into log files.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -40,5 +33,27 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The log on standard error, filtered by `RUST_LOG` (default `info`). Each span's end is logged
+/// with its duration, so a `run`'s phases (pull, map, create, start, first output) show how long
+/// each took.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_span_events(FmtSpan::CLOSE);
+    match format {
+        // Colour only for a person at a terminal, never into log files.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .with_ansi(false)
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
     }
 }

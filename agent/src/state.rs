@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::images::ImageService;
 use crate::manifest::{ClusterManifest, ManifestScheduler};
+use crate::metrics::{Metrics, StateGauges};
 use crate::peer::routes::PeerSet;
 use crate::vm::Vm;
 
@@ -22,6 +23,8 @@ pub struct Agent {
     pub manifest: ManifestScheduler,
     /// The peer agents asked for chunks (`agent.toml`'s and the manifest's).
     pub peers: Arc<PeerSet>,
+    /// What `GET /metrics` exports.
+    pub metrics: Metrics,
 }
 
 impl Agent {
@@ -32,6 +35,20 @@ impl Agent {
         let generation = crate::manifest::put_in_force(&self.images, &self.manifest, manifest)?;
         self.peers.set_manifest_peers(&peers);
         Ok(generation)
+    }
+
+    /// The state the metrics read at scrape time: parked requests per VM, the cache's size
+    /// (a scan of its directory: blocking) and budget.
+    pub fn state_gauges(&self) -> StateGauges {
+        StateGauges {
+            parked_requests: self
+                .vms
+                .iter()
+                .map(|(name, vm)| (name.clone(), vm.parked_requests() as u64))
+                .collect(),
+            cache_bytes: self.images.cache.layers_bytes().ok(),
+            cache_budget_bytes: self.images.cache.config().budget_bytes,
+        }
     }
 }
 

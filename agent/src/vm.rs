@@ -30,6 +30,7 @@ use crate::images::ImageService;
 use crate::keeper::client::Start;
 use crate::keeper::{KeeperClient, KeeperConfig, KeeperError, QemuCommand};
 use crate::mapped::{MappedEntry, MappedRecord};
+use crate::metrics::{VmMetrics, VsockMetrics};
 use crate::qemu::{QemuConfig, QemuError};
 use crate::session::{SessionError, ShimSession};
 use crate::sync::lock;
@@ -178,18 +179,22 @@ pub struct Vm {
     keeper_task: tokio::task::JoinHandle<()>,
     /// Sends the output credit the event thread records.
     credit_task: tokio::task::JoinHandle<()>,
+    /// Copies the keeper's vsock counters into this agent's metrics.
+    vsock_mirror: tokio::task::JoinHandle<()>,
 }
 
 impl Vm {
     /// Attaches the VM: adopts its running keeper (putting back the layers the guest has
     /// mapped) or starts one (and with it QEMU, if configured), serves its layer store, and
-    /// starts keeping a shim session. Container logs and the VM's records go under `state_dir`.
+    /// starts keeping a shim session. Container logs and the VM's records go under `state_dir`;
+    /// its devices and containers count into `metrics`.
     pub async fn start(
         config: VmConfig,
         qemu_config: Option<QemuConfig>,
         state_dir: &Path,
         log_limits: LogLimits,
         images: &ImageService,
+        metrics: VmMetrics,
     ) -> Result<Self, VmError> {
         let vm_dir = state_dir.join("vms").join(&config.name);
         std::fs::create_dir_all(&vm_dir).map_err(|source| VmError::State {
@@ -217,17 +222,21 @@ impl Vm {
             let _ = std::fs::remove_file(&mapped_record);
             let _ = std::fs::remove_file(&inflight_record);
         }
-        let store = crate::blk::LayerStore::new(crate::blk::layer_store::DEFAULT_CAPACITY)
-            .map_err(|err| VmError::LayerDevice {
-                vm: config.name.clone(),
-                source: err.into(),
-            })?;
+        let store = crate::blk::LayerStore::with_metrics(
+            crate::blk::layer_store::DEFAULT_CAPACITY,
+            metrics.blk.clone(),
+        )
+        .map_err(|err| VmError::LayerDevice {
+            vm: config.name.clone(),
+            source: err.into(),
+        })?;
         // Before the device listens: the guest's first read after QEMU reconnects must find
         // its layers where it mounted them.
         let mapped = restore_layers(&config.name, &mapped_record, &store, images).await;
         let mut layer_config = LayerStoreConfig::new(config.layer_socket.clone());
         layer_config.num_queues = config.layer_queues;
         layer_config.inflight_record = Some(inflight_record);
+        layer_config.metrics = metrics.blk;
         let layer_device = LayerStoreDevice::start_on(layer_config, store).map_err(|source| {
             VmError::LayerDevice {
                 vm: config.name.clone(),
@@ -245,7 +254,11 @@ impl Vm {
                     vm: config.name.clone(),
                     source,
                 })?;
-        let containers = Arc::new(ContainerTable::new(&vm_dir.join("containers"), log_limits));
+        let containers = Arc::new(
+            ContainerTable::new(&vm_dir.join("containers"), log_limits)
+                .with_metrics(metrics.containers),
+        );
+        let vsock_mirror = tokio::spawn(mirror_vsock_counters(keeper.clone(), metrics.vsock));
         let progress = Arc::new(Mutex::new(Progress::default()));
         if started == Start::Started && qemu_config.is_some() {
             lock(&progress).boot_started = Some(Instant::now());
@@ -287,6 +300,7 @@ impl Vm {
             progress,
             keeper_task: session_keeper,
             credit_task,
+            vsock_mirror,
         };
         vm.save_mapped();
         Ok(vm)
@@ -458,6 +472,11 @@ impl Vm {
         &self.containers
     }
 
+    /// Layer-store requests parked now (waiting for data), over every queue.
+    pub fn parked_requests(&self) -> usize {
+        self.layer_device.parked_requests()
+    }
+
     /// Maps a cached layer into this VM's layer store (once per VM: later containers share it)
     /// and returns where the guest finds it. The pin keeps the layer in the cache while mapped.
     /// `image` is what the operator asked for, recorded so that a restarted agent finds the
@@ -589,6 +608,7 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.keeper_task.abort();
         self.credit_task.abort();
+        self.vsock_mirror.abort();
     }
 }
 
@@ -805,4 +825,23 @@ async fn restore_layers(
         }
     }
     restored
+}
+
+/// How often the keeper's vsock counters are copied into the agent's metrics: a scrape sees them
+/// at most this late.
+const VSOCK_MIRROR_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Copies the vsock device's counters from the keeper (the device lives there) into `metrics`,
+/// as the increase since the last copy; a new keeper (a new boot) starts again from zero.
+async fn mirror_vsock_counters(keeper: KeeperClient, metrics: VsockMetrics) {
+    let mut last = crate::metrics::VsockTotals::default();
+    loop {
+        tokio::time::sleep(VSOCK_MIRROR_INTERVAL).await;
+        if let Ok(status) = keeper.status().await
+            && let Some(now) = status.vsock
+        {
+            metrics.absorb(&last, &now);
+            last = now;
+        }
+    }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use gantry_agent::cache::{Cache, CacheConfig, ImageRecord, trace};
 use gantry_agent::images::pull::{self, no_progress};
+use gantry_agent::metrics::Metrics;
 use gantry_oci::layout::{OciLayout, OciLayoutSource};
 use registry_common::*;
 
@@ -57,7 +58,10 @@ async fn lru_eviction_under_budget_spares_pinned_layers() {
         budget_bytes: one * 2 + one / 2,
         ..CacheConfig::default()
     };
-    let cache = Cache::open(&cache_dir, config).unwrap();
+    let metrics = Metrics::new();
+    let cache = Cache::open(&cache_dir, config)
+        .unwrap()
+        .with_metrics(metrics.cache());
     let a = pull(&cache, &layout, "img0").await;
     let pins = cache.pin_image(&a).unwrap();
     let b = pull(&cache, &layout, "img1").await;
@@ -84,6 +88,26 @@ async fn lru_eviction_under_budget_spares_pinned_layers() {
     let b_again = pull(&cache, &layout, "img1").await;
     assert!(present(&cache, &b_again));
     assert_consistent(&cache_dir);
+
+    // The metrics count it all: b, a, and c (for b's return) evicted, every pull a miss, then
+    // img3 again a hit.
+    pull(&cache, &layout, "img3").await;
+    let counter = |name: &str| {
+        let text = metrics.encode().unwrap();
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+        match scrape.samples.iter().find(|sample| sample.metric == name) {
+            Some(sample) => match sample.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("{name}: {other:?}"),
+            },
+            None => panic!("no {name} in {text}"),
+        }
+    };
+    assert_eq!(counter("gantry_cache_evictions_total"), 3.0);
+    assert!(counter("gantry_cache_evicted_bytes_total") >= 3.0 * (256 << 10) as f64);
+    assert_eq!(counter("gantry_cache_misses_total"), 5.0);
+    assert_eq!(counter("gantry_cache_hits_total"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,7 +74,10 @@ async fn pull_lazily(cache: &Cache, layout: &OciLayout) -> ImageRecord {
             Arc::new(FileOrigin::new(layout.blob_path(&d.digest))) as Arc<dyn BlobOrigin>
         }
     };
-    let lazy = LazyPull { origin: &origin };
+    let lazy = LazyPull {
+        origin: &origin,
+        metrics: None,
+    };
     let (record, _pins) = pull::pull_lazy(
         cache,
         &OciLayoutSource::new(layout, "v1"),

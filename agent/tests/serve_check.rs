@@ -66,7 +66,50 @@ fn a_good_config_passes_and_nothing_is_created() {
     assert!(stdout.contains("peer endpoint 127.0.0.1:7420"), "{stdout}");
     assert!(stdout.contains("1 peer(s)"), "{stdout}");
     assert!(stdout.contains("VM vm0 (cid 3): launched with"), "{stdout}");
+    assert!(
+        stdout.contains("metrics on the API socket only"),
+        "{stdout}"
+    );
     assert_eq!(listing(dir.path()), before, "--check created files");
+}
+
+#[test]
+fn the_metrics_address_is_reported_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "metrics_listen = \"127.0.0.1:9464\"");
+    let output = check(&path, &[]);
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        stdout.contains("metrics on http://127.0.0.1:9464/metrics"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("warning"), "{stdout}");
+
+    // Reachable from other hosts: allowed, with a warning (the metrics need no credentials).
+    let path = config(dir.path(), "metrics_listen = \"0.0.0.0:9464\"");
+    let output = check(&path, &[]);
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        stdout.contains("warning: metrics_listen 0.0.0.0:9464 is reachable"),
+        "{stdout}"
+    );
+
+    for (line, says) in [
+        ("metrics_listen = \"127.0.0.1:0\"", "name a port"),
+        ("metrics_listen = \"127.0.0.1:7420\"", "peer_listen too"),
+        ("metrics_listen = \"not an address\"", "metrics_listen"),
+    ] {
+        let path = config(dir.path(), line);
+        let output = check(&path, &[]);
+        assert!(!output.status.success(), "{line}");
+        assert!(
+            text(&output.stderr).contains(says),
+            "{line}: {}",
+            text(&output.stderr)
+        );
+    }
 }
 
 #[test]

@@ -233,6 +233,8 @@ pub struct TestAgent {
     keeper_watchdog: Child,
     dir: tempfile::TempDir,
     api_socket: PathBuf,
+    /// Environment variables the agent runs with (besides `RUST_LOG`).
+    env: Vec<(String, String)>,
 }
 
 impl TestAgent {
@@ -244,6 +246,16 @@ impl TestAgent {
     /// The same, with `settings` (top-level `agent.toml` lines, e.g. `enable_baseline = true`
     /// or a `[logs]` table) added to the config.
     pub fn start_with(vms: &[TestVm], settings: &str) -> Result<Self> {
+        Self::start_with_env(vms, settings, &[])
+    }
+
+    /// The same, the agent run with the environment variables `env` too (e.g.
+    /// `GANTRY_LOG_FORMAT=json`).
+    pub fn start_with_env(vms: &[TestVm], settings: &str, env: &[(&str, &str)]) -> Result<Self> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect();
         let guest = guest_image();
         let dir = tempfile::Builder::new().prefix("gantry-e2e-").tempdir()?;
         let api_socket = dir.path().join("agent.sock");
@@ -269,7 +281,7 @@ impl TestAgent {
         }
         let config_path = dir.path().join("agent.toml");
         std::fs::write(&config_path, config)?;
-        let (child, watchdog) = Self::spawn(dir.path())?;
+        let (child, watchdog) = Self::spawn(dir.path(), &env)?;
         let keeper_watchdog = keeper_watchdog(&dir.path().join("state"))?;
         let mut agent = Self {
             child,
@@ -277,14 +289,15 @@ impl TestAgent {
             keeper_watchdog,
             dir,
             api_socket,
+            env,
         };
         agent.wait_for_socket()?;
         Ok(agent)
     }
 
-    /// Starts `gantry-agent serve` on the config in `dir` (its log appended to `agent.log`),
-    /// and its watchdog.
-    fn spawn(dir: &Path) -> Result<(Child, Child)> {
+    /// Starts `gantry-agent serve` on the config in `dir` (its log appended to `agent.log`)
+    /// with `env`, and its watchdog.
+    fn spawn(dir: &Path, env: &[(String, String)]) -> Result<(Child, Child)> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -294,6 +307,7 @@ impl TestAgent {
             .arg("--config")
             .arg(dir.join("agent.toml"))
             .env("RUST_LOG", "info,gantry_agent=debug")
+            .envs(env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -313,7 +327,7 @@ impl TestAgent {
         self.child.wait()?;
         // A crashed agent leaves its API socket behind; the new one replaces it.
         let _ = std::fs::remove_file(&self.api_socket);
-        let (child, watchdog) = Self::spawn(self.dir.path())?;
+        let (child, watchdog) = Self::spawn(self.dir.path(), &self.env)?;
         self.child = child;
         self.watchdog = watchdog;
         self.wait_for_socket()
@@ -335,7 +349,7 @@ impl TestAgent {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        let (child, watchdog) = Self::spawn(self.dir.path())?;
+        let (child, watchdog) = Self::spawn(self.dir.path(), &self.env)?;
         self.child = child;
         self.watchdog = watchdog;
         self.wait_for_socket()

@@ -25,6 +25,7 @@ use crate::containers::ContainerTableError;
 use crate::containers::run::{RunError, RunProgress, expect_done, generate_name, run_container};
 use crate::containers::spec::merge_env;
 use crate::images::ImageError;
+use crate::metrics::endpoint;
 use crate::state::Agent;
 use crate::vm::{Vm, VmError};
 
@@ -80,6 +81,7 @@ pub fn router(agent: AgentState) -> Router {
         .route("/v1/images/prefetch", post(prefetch))
         .route("/v1/lazy", get(lazy_stats))
         .route("/v1/manifest", get(manifest_status).put(apply_manifest))
+        .route("/metrics", get(metrics))
         .fallback(no_such_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(agent)
@@ -848,6 +850,14 @@ async fn manifest_status(
             })
             .unwrap_or_default()
     })))
+}
+
+/// `GET /metrics`: the agent's metrics, as a Prometheus server scrapes them.
+async fn metrics(State(agent): State<AgentState>) -> Result<Response, ApiError> {
+    let text = endpoint::exposition(agent.metrics.clone())
+        .await
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+    Ok(endpoint::response(text))
 }
 
 async fn lazy_stats(State(agent): State<AgentState>) -> Json<gantry_api::LazyStats> {

@@ -11,8 +11,8 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use thiserror::Error;
 use tracing::info;
@@ -24,6 +24,7 @@ use super::inflight::{InflightError, InflightFile};
 use super::layer_store::{DEFAULT_CAPACITY, LayerStore, LayerStoreError};
 use super::offload::DEFAULT_OFFLOAD_THREADS;
 use super::vhu_blk::{BlkBackend, wake_event};
+use crate::metrics::BlkMetrics;
 use crate::vhost_user::{self, FrontendLoop, Session, SetupError};
 
 /// Request queues offered when none is configured.
@@ -77,6 +78,8 @@ pub struct LayerStoreConfig {
     /// Where requests in flight are recorded, so that the next agent resumes them after a
     /// crash or an upgrade (see `inflight`); `None`: not recorded.
     pub inflight_record: Option<PathBuf>,
+    /// Where the requests it serves are counted (default: counters nothing exports).
+    pub metrics: BlkMetrics,
 }
 
 impl LayerStoreConfig {
@@ -90,6 +93,7 @@ impl LayerStoreConfig {
             block_size: DEFAULT_BLOCK_SIZE,
             large_read_threads: DEFAULT_OFFLOAD_THREADS,
             inflight_record: None,
+            metrics: BlkMetrics::default(),
         }
     }
 
@@ -113,6 +117,9 @@ impl LayerStoreConfig {
     }
 }
 
+/// The backend of the frontend session attached now, if any (for gauges read at scrape time).
+type CurrentBackend = Arc<Mutex<Weak<BlkBackend>>>;
+
 /// One VM's layer-store device (vhost-user-blk backend).
 ///
 /// Dropping it is leaving: the frontend is disconnected but nothing in flight is failed and the
@@ -125,6 +132,7 @@ pub struct LayerStoreDevice {
     frontends: FrontendLoop,
     /// Set when the agent leaves: the session's end then fails and clears nothing.
     leaving: Arc<AtomicBool>,
+    current: CurrentBackend,
 }
 
 impl LayerStoreDevice {
@@ -132,7 +140,7 @@ impl LayerStoreDevice {
     /// returns), then serves frontends on background threads. When a frontend disconnects, it
     /// goes back to listening for the next one, with the same extent table.
     pub fn start(config: LayerStoreConfig) -> Result<LayerStoreDevice, LayerStoreDeviceError> {
-        let store = LayerStore::new(config.capacity)?;
+        let store = LayerStore::with_metrics(config.capacity, config.metrics.clone())?;
         Self::start_on(config, store)
     }
 
@@ -156,11 +164,14 @@ impl LayerStoreDevice {
         let (session_config, session_store) = (config.clone(), store.clone());
         let leaving = Arc::new(AtomicBool::new(false));
         let session_leaving = Arc::clone(&leaving);
+        let current = CurrentBackend::default();
+        let session_current = Arc::clone(&current);
         let frontends = FrontendLoop::start(listener, &path, "layer-store".into(), move || {
             new_session(
                 &session_config,
                 &session_store,
                 inflight.clone(),
+                &session_current,
                 Arc::clone(&session_leaving),
             )
         })?;
@@ -170,6 +181,7 @@ impl LayerStoreDevice {
             store,
             frontends,
             leaving,
+            current,
         })
     }
 
@@ -181,6 +193,16 @@ impl LayerStoreDevice {
     /// The configuration the device runs with.
     pub fn config(&self) -> &LayerStoreConfig {
         &self.config
+    }
+
+    /// Requests parked now, over every queue of the attached frontend (0 without one).
+    pub fn parked_requests(&self) -> usize {
+        let backend = crate::sync::lock(&self.current).upgrade();
+        backend.map_or(0, |backend| {
+            (0..usize::from(self.config.num_queues))
+                .map(|queue| backend.parked_requests(queue))
+                .sum()
+        })
     }
 
     /// Stops the threads (the attached frontend, if any, is disconnected, its parked requests
@@ -205,6 +227,7 @@ fn new_session(
     config: &LayerStoreConfig,
     store: &LayerStore,
     inflight: Option<Arc<InflightFile>>,
+    current: &CurrentBackend,
     leaving: Arc<AtomicBool>,
 ) -> Result<Session<Arc<BlkBackend>>, SetupError> {
     let retry = SetupError::Retry;
@@ -217,6 +240,7 @@ fn new_session(
     )
     .map_err(|e| retry(format!("cannot create backend: {e}")))?;
     let backend = Arc::new(backend);
+    *crate::sync::lock(current) = Arc::downgrade(&backend);
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let daemon = VhostUserDaemon::new("layer-store".into(), backend.clone(), memory)
         .map_err(|e| retry(format!("cannot create vhost-user daemon: {e}")))?;

@@ -4,6 +4,7 @@
 //! helpers both call [`execute`] and [`finish`], and a future VFIO transport would too.
 
 use std::task::{Poll, Waker};
+use std::time::Instant;
 
 use tracing::debug;
 use vm_memory::{
@@ -16,6 +17,7 @@ use super::virtio_blk::{
     ID_BYTES, Request, RequestType, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, Segment,
     device_id_bytes,
 };
+use crate::metrics::BlkOp;
 
 /// The guest's memory as the vhost-user frontend shares it.
 pub(super) type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -42,8 +44,30 @@ impl Completion {
 pub(super) struct Parked {
     pub(super) head: u16,
     pub(super) request: Request,
-    /// Bytes of the data already filled (pieces before the one that was not ready).
-    pub(super) completed: u64,
+    /// How far it got (pieces before the one that was not ready).
+    pub(super) completed: Progress,
+}
+
+/// A request's progress across polls, and what its metrics need.
+#[derive(Debug)]
+pub(super) struct Progress {
+    /// Bytes of the data already filled.
+    bytes: u64,
+    /// The first attempt: the request's latency counts from here.
+    started: Instant,
+    /// Whether it was parked already (counted once).
+    parked: bool,
+}
+
+impl Progress {
+    /// A request about to be tried for the first time.
+    pub(super) fn new() -> Self {
+        Self {
+            bytes: 0,
+            started: Instant::now(),
+            parked: false,
+        }
+    }
 }
 
 /// Writes the status byte; returns the used length to report (0 if the status byte could not
@@ -62,9 +86,52 @@ pub(super) fn finish<M: GuestMemoryBackend>(
     }
 }
 
-/// Executes a parsed request. `completed` carries a read's progress across polls: the bytes of
-/// its data already filled. Returns [`Poll::Pending`] if a source has not got the data yet.
+/// Executes a parsed request and counts it in the store's metrics. `progress` carries a read's
+/// progress across polls. Returns [`Poll::Pending`] if a source has not got the data yet.
 pub(super) fn execute(
+    request: &Request,
+    mem: &GuestMemoryMmap,
+    store: &LayerStore,
+    progress: &mut Progress,
+    waker: &Waker,
+) -> Poll<Completion> {
+    let outcome = execute_request(request, mem, store, &mut progress.bytes, waker);
+    let metrics = store.metrics();
+    match outcome {
+        Poll::Pending if !progress.parked => {
+            progress.parked = true;
+            metrics.parked();
+        }
+        Poll::Pending => {}
+        Poll::Ready(completion) => {
+            let ok = completion.status == STATUS_OK;
+            let op = blk_op(request.request_type);
+            let read_bytes = if ok && op == BlkOp::Read {
+                request.data_len
+            } else {
+                0
+            };
+            metrics.completed(op, ok, read_bytes, progress.started.elapsed());
+        }
+    }
+    outcome
+}
+
+/// The metrics' name of a request type.
+fn blk_op(request_type: RequestType) -> BlkOp {
+    match request_type {
+        RequestType::In => BlkOp::Read,
+        RequestType::GetId => BlkOp::GetId,
+        RequestType::Flush => BlkOp::Flush,
+        RequestType::Out => BlkOp::Write,
+        RequestType::Discard | RequestType::WriteZeroes | RequestType::Unsupported(_) => {
+            BlkOp::Unsupported
+        }
+    }
+}
+
+/// [`execute`] without the counting. `completed`: the bytes of a read's data already filled.
+fn execute_request(
     request: &Request,
     mem: &GuestMemoryMmap,
     store: &LayerStore,

@@ -42,6 +42,7 @@ use thiserror::Error;
 use vm_memory::VolatileSlice;
 
 use super::source::BlockSource;
+use crate::metrics::BlkMetrics;
 
 /// Size of the header region at the start of the device.
 pub const HEADER_REGION_SIZE: u64 = 1 << 20;
@@ -334,6 +335,8 @@ struct Inner {
     capacity: u64,
     state: Mutex<State>,
     snapshot: ArcSwap<Snapshot>,
+    /// What the device served through this table (the table lives as long as the device).
+    metrics: BlkMetrics,
 }
 
 /// One VM's extent table. Cheap to clone; every clone is the same table.
@@ -345,6 +348,11 @@ pub struct LayerStore {
 impl LayerStore {
     /// An empty table (header region and tail only) for a device of `capacity` bytes.
     pub fn new(capacity: u64) -> Result<LayerStore, LayerStoreError> {
+        Self::with_metrics(capacity, BlkMetrics::default())
+    }
+
+    /// [`LayerStore::new`], the requests served through it counted into `metrics`.
+    pub fn with_metrics(capacity: u64, metrics: BlkMetrics) -> Result<LayerStore, LayerStoreError> {
         if !capacity.is_multiple_of(LAYER_ALIGNMENT)
             || capacity < HEADER_REGION_SIZE + LAYER_ALIGNMENT + TAIL_ZERO_SIZE
         {
@@ -361,6 +369,7 @@ impl LayerStore {
                 capacity,
                 state: Mutex::new(state),
                 snapshot: ArcSwap::from_pointee(snapshot),
+                metrics,
             }),
         })
     }
@@ -368,6 +377,11 @@ impl LayerStore {
     /// Device capacity in bytes.
     pub fn capacity(&self) -> u64 {
         self.inner.capacity
+    }
+
+    /// Where the requests served through this table are counted.
+    pub fn metrics(&self) -> &BlkMetrics {
+        &self.inner.metrics
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

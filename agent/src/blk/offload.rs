@@ -21,7 +21,7 @@ use tracing::warn;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::GuestAddressSpace;
 
-use super::execute::{Memory, Parked, execute, finish};
+use super::execute::{Memory, Parked, Progress, execute, finish};
 use super::inflight::{QueueRecord, complete};
 use super::layer_store::LayerStore;
 use super::virtio_blk::Request;
@@ -153,7 +153,7 @@ fn helper(receiver: &Mutex<Receiver<Job>>, shared: &Shared) {
             }
         };
         let mem = job.mem.memory();
-        let mut completed = 0;
+        let mut completed = Progress::new();
         let parked = match execute(&job.request, &mem, &job.store, &mut completed, &job.waker) {
             Poll::Ready(completion) => {
                 let used_len = finish(&*mem, job.request.status, completion);

@@ -1398,3 +1398,72 @@ fn restored_layers_keep_their_offsets_and_fresh_ones_go_past_them() {
         );
     }
 }
+
+#[test]
+fn requests_are_counted_by_op_with_bytes_errors_and_parking() {
+    use crate::metrics::tests::sample;
+    let metrics = crate::metrics::Metrics::new();
+    let store = LayerStore::with_metrics(DEFAULT_CAPACITY, metrics.vm("vm0").blk).unwrap();
+    let layer = pattern(2 << 20, 9);
+    let source = TestSource::new(layer);
+    source.hold(1 << 20, 2 << 20);
+    let mut driver = Driver::new(store);
+    let extent = driver
+        .store
+        .map_layer("sha256:counted", source.clone())
+        .unwrap();
+    let vm = [("vm", "vm0")];
+    let requests = |op: &str| {
+        sample(
+            &metrics,
+            "gantry_blk_requests_total",
+            &[("vm", "vm0"), ("op", op)],
+        )
+    };
+
+    // A present read, then one that parks until its chunk arrives.
+    assert_eq!(driver.read(extent.offset, 4096).0, STATUS_OK);
+    let (slow, _, slow_status) = driver.queue_read((extent.offset + (1 << 20)) / 512, 8192);
+    driver.kick();
+    assert_eq!(
+        requests("read"),
+        Some(1.0),
+        "a parked read is not complete yet"
+    );
+    assert_eq!(sample(&metrics, "gantry_blk_parked_total", &vm), Some(1.0));
+    driver.wake();
+    assert_eq!(
+        sample(&metrics, "gantry_blk_parked_total", &vm),
+        Some(1.0),
+        "a request parks once, however often it is retried"
+    );
+    source.release();
+    driver.wake();
+    driver.settle(slow);
+    assert_eq!(driver.status(slow_status), STATUS_OK);
+    assert_eq!(requests("read"), Some(2.0));
+    assert_eq!(
+        sample(&metrics, "gantry_blk_read_bytes_total", &vm),
+        Some(4096.0 + 8192.0)
+    );
+
+    // A refused write and a chain that does not parse are errors.
+    let header = driver.header(VIRTIO_BLK_T_OUT, 2048);
+    let data = driver.alloc(512);
+    let status = driver.alloc(1);
+    let write = driver.add_chain(&[(header, 16, false), (data, 512, false), (status, 1, true)]);
+    let header = driver.header(VIRTIO_BLK_T_IN, 2048);
+    let readable_status = driver.alloc(1);
+    let malformed = driver.add_chain(&[(header, 16, false), (readable_status, 1, false)]);
+    driver.kick();
+    driver.settle(write);
+    driver.settle(malformed);
+    assert_eq!(driver.status(status), STATUS_IOERR);
+    assert_eq!(requests("write"), Some(1.0));
+    assert_eq!(requests("malformed"), Some(1.0));
+    assert_eq!(sample(&metrics, "gantry_blk_errors_total", &vm), Some(2.0));
+    assert_eq!(
+        sample(&metrics, "gantry_blk_request_duration_seconds_count", &vm),
+        Some(3.0)
+    );
+}

@@ -40,7 +40,7 @@ use vmm_sys_util::event::{
 };
 
 use super::chain::descriptors_at;
-use super::execute::{Completion, Memory, Parked, execute, finish};
+use super::execute::{Completion, Memory, Parked, Progress, execute, finish};
 use super::inflight::{InflightFile, QueueRecord, Resume, RingKey, complete};
 use super::layer_store::LayerStore;
 use super::offload::{Job, OFFLOAD_THRESHOLD, OffloadPool};
@@ -407,6 +407,7 @@ impl QueueWorker {
             Ok(request) => self.execute_here(head, request, &mem, store),
             Err(rejected) => {
                 debug!(head, error = %rejected.error, "layer store: malformed request");
+                store.metrics().malformed();
                 Some(match rejected.status {
                     Some(status) => finish(&*mem, status, Completion::status_only(STATUS_IOERR)),
                     None => 0,
@@ -506,7 +507,7 @@ impl QueueWorker {
         mem: &GuestMemoryMmap,
         store: &LayerStore,
     ) -> Option<u32> {
-        let mut completed = 0;
+        let mut completed = Progress::new();
         match execute(&request, mem, store, &mut completed, &self.waker) {
             Poll::Ready(completion) => Some(finish(mem, request.status, completion)),
             Poll::Pending => self

@@ -50,6 +50,7 @@ use tracing::{debug, info, warn};
 
 use self::bitmap::{BitmapError, ChunkBitmap, DEFAULT_CHUNK_SIZE};
 use self::lock::{FileLock, LockMode};
+use crate::metrics::CacheMetrics;
 use crate::sync::lock;
 use gantry_oci::fsutil::{self, sync_dir, unique_suffix, write_atomic};
 
@@ -330,6 +331,7 @@ pub struct Cache {
     root: PathBuf,
     config: CacheConfig,
     in_flight: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: CacheMetrics,
 }
 
 impl Cache {
@@ -343,6 +345,7 @@ impl Cache {
             root: root.to_path_buf(),
             config,
             in_flight: Mutex::new(HashMap::new()),
+            metrics: CacheMetrics::default(),
         };
         let lock = cache.root.join("lock");
         let held = FileLock::acquire(&lock, LockMode::Exclusive, true).map_err(io_error(&lock))?;
@@ -352,6 +355,16 @@ impl Cache {
             info!(removed, "removed unfinished work left by a previous run");
         }
         Ok(cache)
+    }
+
+    /// The same cache, counting hits, misses and evictions into `metrics`.
+    pub fn with_metrics(self, metrics: CacheMetrics) -> Self {
+        Self { metrics, ..self }
+    }
+
+    /// Where hits, misses and evictions are counted.
+    pub fn metrics(&self) -> &CacheMetrics {
+        &self.metrics
     }
 
     /// The cache directory.
@@ -827,10 +840,12 @@ impl Cache {
     /// Garbage collection: removes unowned temporary files, layers no image uses (unless
     /// pinned), then evicts least recently used layers down to the budget.
     pub async fn gc(&self) -> Result<GcReport, CacheError> {
-        self.with_lock(|cache| {
+        let metrics = self.metrics.clone();
+        self.with_lock(move |cache| {
             let temp_removed = cache.clean_temp()?;
             let mut report = cache.remove_unreferenced()?;
             let evicted = cache.evict_to_budget()?;
+            metrics.evicted(evicted.layers_removed.iter().map(|(_, bytes)| *bytes));
             report.temp_removed = temp_removed;
             report.layers_removed.extend(evicted.layers_removed);
             report.pinned_kept = evicted.pinned_kept;
@@ -845,7 +860,10 @@ impl Cache {
         if self.config.budget_bytes == 0 {
             return Ok(GcReport::default());
         }
-        self.with_lock(|cache| cache.evict_to_budget()).await
+        let report = self.with_lock(|cache| cache.evict_to_budget()).await?;
+        self.metrics
+            .evicted(report.layers_removed.iter().map(|(_, bytes)| *bytes));
+        Ok(report)
     }
 
     /// Allocated bytes of all cached layers.

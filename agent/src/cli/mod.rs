@@ -42,9 +42,28 @@ pub struct Cli {
     /// /run/gantry/agent.sock].
     #[arg(long, global = true, env = "GANTRY_API_SOCKET")]
     pub api_socket: Option<PathBuf>,
+    /// How the log on standard error is written: text for a person, json (one object per
+    /// line, with the spans it happened in) for a log collector.
+    #[arg(
+        long,
+        global = true,
+        env = "GANTRY_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How the log is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for a person.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The commands.

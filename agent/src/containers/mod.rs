@@ -14,10 +14,12 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use gantry_proto::{ContainerId, Event, ExecId, Op, ProcessSpec};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use crate::metrics::ContainerMetrics;
 use crate::sync::lock;
 use gantry_api::records::ExitRecord;
 use logs::{LogLimits, ProcessLog};
@@ -62,6 +64,18 @@ pub struct ContainerEntry {
     oom_killed: AtomicBool,
     /// The guest created it: from then on, a guest that does not know it has lost it.
     created: AtomicBool,
+    /// Until its main process's first output: when its run began, and the run's span.
+    awaiting_output: Mutex<Option<AwaitingOutput>>,
+}
+
+/// A run waiting for its container's first output.
+#[derive(Debug)]
+struct AwaitingOutput {
+    since: Instant,
+    /// The run's span.
+    run: tracing::Span,
+    /// The `first_output` span inside it, closed at the first output.
+    phase: tracing::Span,
 }
 
 impl ContainerEntry {
@@ -108,6 +122,14 @@ impl ContainerEntry {
     pub fn created(&self) -> bool {
         self.created.load(Ordering::Relaxed)
     }
+
+    /// Waits for the main process's first output in a `first_output` span inside `run` (the
+    /// run's span), timed from `since` (the run's start): the table closes the span and
+    /// records the time when the output arrives.
+    pub fn await_first_output(&self, since: Instant, run: tracing::Span) {
+        let phase = tracing::info_span!(parent: &run, "first_output");
+        *lock(&self.awaiting_output) = Some(AwaitingOutput { since, run, phase });
+    }
 }
 
 /// All containers the agent created in one VM.
@@ -118,6 +140,7 @@ pub struct ContainerTable {
     entries: Mutex<HashMap<ContainerId, Arc<ContainerEntry>>>,
     /// Containers whose unexpected output was reported once already (bounded).
     unknown_reported: Mutex<HashSet<ContainerId>>,
+    metrics: ContainerMetrics,
 }
 
 /// How many distinct unknown containers are reported before further ones are only counted.
@@ -131,7 +154,18 @@ impl ContainerTable {
             limits,
             entries: Mutex::default(),
             unknown_reported: Mutex::default(),
+            metrics: ContainerMetrics::default(),
         }
+    }
+
+    /// The same table, counting starts, exits and OOM kills into `metrics`.
+    pub fn with_metrics(self, metrics: ContainerMetrics) -> Self {
+        Self { metrics, ..self }
+    }
+
+    /// Where this VM's containers are counted.
+    pub fn metrics(&self) -> &ContainerMetrics {
+        &self.metrics
     }
 
     /// Records a new container (before it is created in the guest, so no output is missed).
@@ -169,6 +203,7 @@ impl ContainerTable {
             execs: Mutex::default(),
             oom_killed: AtomicBool::new(false),
             created: AtomicBool::new(false),
+            awaiting_output: Mutex::default(),
         });
         entries.insert(id.to_owned(), Arc::clone(&entry));
         Ok(entry)
@@ -211,6 +246,27 @@ impl ContainerTable {
         }
     }
 
+    /// A container's main process wrote: the first time since its run, the run's wait for
+    /// output ends (its time recorded, its span closed).
+    fn first_output(&self, entry: &ContainerEntry) {
+        let Some(AwaitingOutput { since, run, phase }) = lock(&entry.awaiting_output).take() else {
+            return;
+        };
+        let waited = since.elapsed();
+        self.metrics.first_output(waited);
+        // This thread is in no span: the run's is entered so that the phase's end (its close
+        // event) is logged inside the run, with the run's fields, like the other phases'.
+        run.in_scope(|| {
+            phase.in_scope(|| {
+                info!(
+                    first_output_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                    "first output"
+                );
+            });
+            drop(phase);
+        });
+    }
+
     /// Takes in an event from the shim; returns the credit to give back for output.
     ///
     /// Output of a container the agent does not know (created by an earlier agent) is credited
@@ -223,9 +279,13 @@ impl ContainerTable {
                 stream,
                 data,
             } => {
-                let log = lock(&self.entries)
-                    .get(&container_id)
-                    .and_then(|entry| entry.log(exec_id.as_deref()));
+                let entry = lock(&self.entries).get(&container_id).cloned();
+                if exec_id.is_none()
+                    && let Some(entry) = &entry
+                {
+                    self.first_output(entry);
+                }
+                let log = entry.and_then(|entry| entry.log(exec_id.as_deref()));
                 match log {
                     Some(log) => {
                         if let Err(error) = log.output(stream, &data) {
@@ -248,6 +308,9 @@ impl ContainerTable {
             } => {
                 let entry = lock(&self.entries).get(&container_id).cloned();
                 if let Some(entry) = entry {
+                    if exec_id.is_none() {
+                        self.metrics.exited();
+                    }
                     let oom_killed = exec_id.is_none() && entry.oom_killed();
                     if let Some(log) = entry.log(exec_id.as_deref())
                         && let Err(error) = log.finish(ExitRecord { status, oom_killed })
@@ -258,6 +321,7 @@ impl ContainerTable {
                 None
             }
             Event::Oom { container_id } => {
+                self.metrics.oom_killed();
                 if let Some(entry) = lock(&self.entries).get(&container_id) {
                     entry.oom_killed.store(true, Ordering::Relaxed);
                 }
@@ -273,17 +337,22 @@ mod tests {
     use gantry_api::records::LogItem;
     use gantry_proto::{ExitStatus, OutputStream};
 
-    #[tokio::test]
-    async fn events_land_in_the_right_logs_and_output_is_credited() {
-        let dir = tempfile::tempdir().unwrap();
-        let table = ContainerTable::new(dir.path(), LogLimits::default());
-        let process = ProcessSpec {
+    /// A main process spec for the table (the table never runs it).
+    fn shell() -> ProcessSpec {
+        ProcessSpec {
             args: vec!["sh".into()],
             env: vec![],
             cwd: "/".into(),
             user: String::new(),
             stdin: false,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn events_land_in_the_right_logs_and_output_is_credited() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = ContainerTable::new(dir.path(), LogLimits::default());
+        let process = shell();
         let entry = table.insert("c1", "default", &process).unwrap();
         assert!(matches!(
             table.insert("c1", "default", &process),
@@ -349,5 +418,67 @@ mod tests {
         table.remove("c1");
         assert!(table.get("c1").is_err());
         assert!(!dir.path().join("c1").exists());
+    }
+
+    #[test]
+    fn exits_ooms_and_the_first_output_are_counted() {
+        use crate::metrics::tests::sample;
+        let metrics = crate::metrics::Metrics::new();
+        let dir = tempfile::tempdir().unwrap();
+        let table = ContainerTable::new(dir.path(), LogLimits::default())
+            .with_metrics(metrics.vm("vm0").containers);
+        let process = shell();
+        let entry = table.insert("c1", "default", &process).unwrap();
+        entry.add_exec("e1").unwrap();
+        entry.await_first_output(Instant::now(), tracing::Span::none());
+        let output = |exec_id: Option<&str>| Event::Output {
+            container_id: "c1".into(),
+            exec_id: exec_id.map(str::to_owned),
+            stream: OutputStream::Stdout,
+            data: b"x".to_vec(),
+        };
+        let vm = [("vm", "vm0")];
+        let count = |name| sample(&metrics, name, &vm);
+        let first_output = "gantry_container_first_output_duration_seconds_count";
+
+        table.on_event(output(Some("e1")));
+        assert_eq!(
+            count(first_output),
+            Some(0.0),
+            "an exec's output is not the container's"
+        );
+        table.on_event(output(None));
+        table.on_event(output(None));
+        assert_eq!(
+            count(first_output),
+            Some(1.0),
+            "only the first output counts"
+        );
+
+        table.on_event(Event::Oom {
+            container_id: "c1".into(),
+        });
+        table.on_event(Event::Exit {
+            container_id: "c1".into(),
+            exec_id: Some("e1".into()),
+            status: ExitStatus::Code(0),
+        });
+        assert_eq!(
+            count("gantry_container_exits_total"),
+            Some(0.0),
+            "an exec is no container"
+        );
+        table.on_event(Event::Exit {
+            container_id: "c1".into(),
+            exec_id: None,
+            status: ExitStatus::Signal(9),
+        });
+        table.on_event(Event::Exit {
+            container_id: "ghost".into(),
+            exec_id: None,
+            status: ExitStatus::Code(1),
+        });
+        assert_eq!(count("gantry_container_exits_total"), Some(1.0));
+        assert_eq!(count("gantry_container_ooms_total"), Some(1.0));
     }
 }

@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gantry_proto::{ContainerSpec, Op, Reply};
 use sha2::{Digest as _, Sha256};
+use tracing::{Instrument, info_span, warn};
 
 use super::ContainerTableError;
 use gantry_api::{LayerProgress, RunOptions, RunUpdate};
@@ -76,21 +77,49 @@ pub fn image_defaults(record: &ImageRecord) -> ImageDefaults {
 pub type RunProgress = Arc<dyn Fn(RunUpdate) + Send + Sync>;
 
 /// Creates and starts a container; returns its name. Output goes to the VM's container table.
+///
+/// The run is a `run` span (fields `vm`, `image`, `container`) with a span per phase: `pull`,
+/// `map`, `create`, `start`, and `first_output`, which the container table closes when the
+/// container's main process first writes. The VM's container metrics count the outcome.
 pub async fn run_container(
     images: &ImageService,
     vm: &Vm,
     options: RunOptions,
     progress: RunProgress,
 ) -> Result<String, RunError> {
+    let since = Instant::now();
     let id = options.name.clone().unwrap_or_else(generate_name);
-    progress(RunUpdate::Progress(format!(
-        "pulling {}",
-        if options.image.is_empty() {
-            "default"
-        } else {
-            &options.image
+    let image = if options.image.is_empty() {
+        "default".to_owned()
+    } else {
+        options.image.clone()
+    };
+    let span = info_span!("run", vm = %vm.name(), image = %image, container = %id);
+    let outcome = run_phases(images, vm, options, progress, &id, &image, since)
+        .instrument(span.clone())
+        .await;
+    let metrics = vm.containers().metrics();
+    match &outcome {
+        Ok(_) => metrics.started(since.elapsed()),
+        Err(error) => {
+            metrics.start_failed();
+            span.in_scope(|| warn!(%error, "run failed"));
         }
-    )));
+    }
+    outcome.map(|()| id)
+}
+
+/// [`run_container`]'s phases, inside its span.
+async fn run_phases(
+    images: &ImageService,
+    vm: &Vm,
+    options: RunOptions,
+    progress: RunProgress,
+    id: &str,
+    image: &str,
+    since: Instant,
+) -> Result<(), RunError> {
+    progress(RunUpdate::Progress(format!("pulling {image}")));
     // Typed as a trait object up front: an inferred closure type here trips rustc's
     // higher-ranked `Send` check once the future is spawned.
     let pull_progress: Box<dyn Fn(&PullEvent) + Send + Sync> = {
@@ -110,12 +139,12 @@ pub async fn run_container(
     };
     let pulled = images
         .pull(&options.image, options.pull_mode, pull_progress.as_ref())
+        .instrument(info_span!("pull"))
         .await?;
     let record = &pulled.record;
     let process = spec::process_spec(&image_defaults(record), &options)?;
     let resources = spec::resources(&options)?;
 
-    let mut layers = Vec::with_capacity(record.layers.len());
     // The pull's own pins go to the mappings: no moment without one, whatever a GC does.
     let PulledImage {
         record,
@@ -123,31 +152,27 @@ pub async fn run_container(
         sources,
         ..
     } = pulled;
-    for ((layer, pin), source) in record.layers.iter().zip(pins).zip(sources) {
-        let extent = vm.map_layer(&options.image, layer, source, pin)?;
-        progress(RunUpdate::Progress(format!(
-            "layer {} mapped at {:#x} ({} bytes)",
-            layer.erofs_digest, extent.offset, extent.length
-        )));
-        layers.push(extent);
-    }
+    let layers = info_span!("map").in_scope(|| {
+        let mut layers = Vec::with_capacity(record.layers.len());
+        for ((layer, pin), source) in record.layers.iter().zip(pins).zip(sources) {
+            let extent = vm.map_layer(&options.image, layer, source, pin)?;
+            progress(RunUpdate::Progress(format!(
+                "layer {} mapped at {:#x} ({} bytes)",
+                layer.erofs_digest, extent.offset, extent.length
+            )));
+            layers.push(extent);
+        }
+        Ok::<_, RunError>(layers)
+    })?;
     let hostname = options.hostname.clone().unwrap_or_else(|| {
         id.chars()
             .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
             .take(63)
             .collect()
     });
-    vm.containers().insert(
-        &id,
-        if options.image.is_empty() {
-            "default"
-        } else {
-            &options.image
-        },
-        &process,
-    )?;
+    let entry = vm.containers().insert(id, image, &process)?;
     let spec = ContainerSpec {
-        container_id: id.clone(),
+        container_id: id.to_owned(),
         layers,
         process,
         hostname,
@@ -163,36 +188,41 @@ pub async fn run_container(
             size: options.tty_size.unwrap_or_default(),
         },
     };
-    if let Err(err) = expect_done(vm.request(create, SHIM_WAIT).await) {
-        vm.containers().remove(&id);
+    let created = vm
+        .request(create, SHIM_WAIT)
+        .instrument(info_span!("create"))
+        .await;
+    if let Err(err) = expect_done(created) {
+        vm.containers().remove(id);
         return Err(err);
     }
-    if let Ok(entry) = vm.containers().get(&id) {
-        entry.mark_created();
-    }
+    entry.mark_created();
     progress(RunUpdate::Progress(format!("created {id}")));
-    if let Err(err) = expect_done(
-        vm.request(
+    // Watched before the start is asked for: the first output may come before its answer.
+    entry.await_first_output(since, tracing::Span::current());
+    let started = vm
+        .request(
             Op::StartContainer {
-                container_id: id.clone(),
+                container_id: id.to_owned(),
             },
             SHIM_WAIT,
         )
-        .await,
-    ) {
+        .instrument(info_span!("start"))
+        .await;
+    if let Err(err) = expect_done(started) {
         // Leave nothing half-made behind: the container never ran.
         let _ = vm
             .request(
                 Op::DeleteContainer {
-                    container_id: id.clone(),
+                    container_id: id.to_owned(),
                 },
                 Duration::ZERO,
             )
             .await;
-        vm.containers().remove(&id);
+        vm.containers().remove(id);
         return Err(err);
     }
-    Ok(id)
+    Ok(())
 }
 
 /// Accepts only `Reply::Done`.

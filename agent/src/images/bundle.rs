@@ -522,6 +522,7 @@ async fn import_image(
     };
     let lazy = LazyPull {
         origin: &blob_origin,
+        metrics: None,
     };
     let (record, pins) = pull::pull_lazy(cache, &source, progress, Some(&lazy)).await?;
     let result = async {

@@ -26,6 +26,7 @@ use tracing::{debug, info};
 
 use crate::cache::{Cache, CacheError, ImageRecord, LayerRecord, PinGuard};
 use crate::lazy::origin::BlobOrigin;
+use crate::metrics::Metrics;
 use gantry_oci::chunked::{ChunkCompression, IndexLocation, erofs_layer_kind};
 use gantry_oci::compression::Compression;
 use gantry_oci::manifest::{
@@ -111,6 +112,8 @@ pub enum PullError {
 pub struct LazyPull<'a> {
     /// The origin of a layer blob of this image.
     pub origin: &'a (dyn Fn(&Descriptor) -> Arc<dyn BlobOrigin> + Send + Sync),
+    /// Where the chunk-index reads count for their registry (`None`: not counted).
+    pub metrics: Option<&'a Metrics>,
 }
 
 impl std::fmt::Debug for LazyPull<'_> {
@@ -357,6 +360,7 @@ async fn pull_layer<S: ImageSource>(
 ) -> Result<(LayerRecord, PinGuard), PullError> {
     let digest = &descriptor.digest;
     if let Some(hit) = cache.pin_layer_if_present(digest)? {
+        cache.metrics().hit();
         progress(&PullEvent::LayerCached {
             index,
             digest: digest.clone(),
@@ -367,12 +371,14 @@ async fn pull_layer<S: ImageSource>(
     let slot = cache.lock_layer(digest).await?;
     if let Some(hit) = cache.pin_layer_if_present(digest)? {
         debug!(%digest, "another pull fetched the layer meanwhile");
+        cache.metrics().hit();
         progress(&PullEvent::LayerCached {
             index,
             digest: digest.clone(),
         });
         return Ok(hit);
     }
+    cache.metrics().miss();
     let started = Instant::now();
     progress(&PullEvent::LayerStarted {
         index,
@@ -388,7 +394,7 @@ async fn pull_layer<S: ImageSource>(
         };
         if let Some(lazy) = lazy {
             let origin = (lazy.origin)(descriptor);
-            if let Some(published) = publish_lazy(cache, descriptor, origin.as_ref())
+            if let Some(published) = publish_lazy(cache, descriptor, origin.as_ref(), lazy.metrics)
                 .await
                 .map_err(lazy_error)?
             {
@@ -469,6 +475,7 @@ async fn publish_lazy(
     cache: &Cache,
     descriptor: &Descriptor,
     origin: &dyn BlobOrigin,
+    metrics: Option<&Metrics>,
 ) -> Result<Option<(LayerRecord, PinGuard)>, String> {
     let location = match IndexLocation::from_descriptor(descriptor) {
         Ok(location) => location,
@@ -488,10 +495,13 @@ async fn publish_lazy(
         info!(layer = %descriptor.digest, "no chunk-index digest: pulling the layer whole");
         return Ok(None);
     };
-    let section = origin
-        .read_range(location.range.clone())
-        .await
-        .map_err(|e| format!("fetching the chunk index from {}: {e}", origin.describe()))?;
+    let section = origin.read_range(location.range.clone()).await;
+    if let (Some(metrics), Some((kind, name))) = (metrics, origin.counted_as()) {
+        let bytes = section.as_ref().map_or(0, |section| section.len() as u64);
+        metrics.source(kind, name).request(bytes, section.is_err());
+    }
+    let section =
+        section.map_err(|e| format!("fetching the chunk index from {}: {e}", origin.describe()))?;
     let index = match location.parse(&section) {
         Ok(index) => index,
         Err(error) if error.falls_back_to_eager() => {

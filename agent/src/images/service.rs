@@ -24,6 +24,8 @@ use crate::lazy::layer::LazyLayer;
 use crate::lazy::origin::{BlobOrigin, FileOrigin, RegistryOrigin};
 use crate::lazy::{LazyConfig, LazyLayers};
 use crate::manifest::document::RegistryEntry;
+use crate::metrics::metered::MeteredSource;
+use crate::metrics::{Metrics, SourceKind};
 
 /// Errors finding or pulling an image.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,8 @@ pub struct ImageService {
     busybox: PathBuf,
     /// One build of the default image at a time: concurrent first `run`s must not race.
     default_build: tokio::sync::Mutex<()>,
+    /// Where registry requests are counted (the lazy fetcher's too).
+    metrics: Metrics,
 }
 
 /// A pulled image, ready to map: its record, the pins holding its layers, and the lazy layers
@@ -121,22 +125,27 @@ pub struct PulledImage {
 
 impl ImageService {
     /// Images cached in `cache`, the default image kept under `state_dir` and built from
-    /// `busybox`. Starts the lazy fetcher on the current runtime.
+    /// `busybox`; registry and peer requests counted into `metrics`. Starts the lazy fetcher
+    /// on the current runtime.
     pub fn new(
         cache: Cache,
         registry: RegistryClient,
         lazy: LazyConfig,
         state_dir: &Path,
         busybox: &Path,
+        metrics: Metrics,
     ) -> Self {
+        let lazy = LazyLayers::new(lazy);
+        lazy.fetcher().count_sources_into(metrics.clone());
         Self {
             cache,
             base_registry: registry.config().clone(),
             registry: ArcSwap::from_pointee(registry),
-            lazy: LazyLayers::new(lazy),
+            lazy,
             default_layout: state_dir.join("images").join("default"),
             busybox: busybox.to_owned(),
             default_build: tokio::sync::Mutex::new(()),
+            metrics,
         }
     }
 
@@ -191,8 +200,16 @@ impl ImageService {
                     client: &registry,
                     reference: &reference,
                 };
+                let source = MeteredSource::new(
+                    &source,
+                    self.metrics
+                        .source(SourceKind::Registry, &reference.registry),
+                );
                 let origin = registry_origin(&registry, &reference);
-                let lazy = LazyPull { origin: &origin };
+                let lazy = LazyPull {
+                    origin: &origin,
+                    metrics: Some(&self.metrics),
+                };
                 let (record, pins) =
                     match pull::pull_lazy(&self.cache, &source, progress, Some(&lazy)).await {
                         Ok(pulled) => pulled,
@@ -259,7 +276,10 @@ impl ImageService {
         })?;
         let source = OciLayoutSource::new(&layout, name);
         let origin = layout_origin(layout.clone());
-        let lazy = LazyPull { origin: &origin };
+        let lazy = LazyPull {
+            origin: &origin,
+            metrics: Some(&self.metrics),
+        };
         let (record, pins) = pull::pull_lazy(&self.cache, &source, progress, Some(&lazy)).await?;
         Ok((record, pins, Box::new(origin)))
     }

@@ -65,6 +65,9 @@ pub struct KeeperStatus {
     pub qemu_exit: Option<String>,
     /// When QEMU was started (Unix milliseconds).
     pub qemu_started_unix_ms: Option<u64>,
+    /// The vsock device's counters (absent from a keeper that predates them).
+    #[serde(default)]
+    pub vsock: Option<crate::metrics::VsockTotals>,
 }
 
 impl KeeperStatus {

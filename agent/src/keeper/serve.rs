@@ -68,10 +68,9 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
             reason,
         })?;
     let paths = KeeperPaths::new(config_path.parent().unwrap_or(Path::new(".")));
-    let device = VsockDevice::start(VsockDeviceConfig::new(
-        config.vsock_socket.clone(),
-        config.guest_cid,
-    ))?;
+    let device_config = VsockDeviceConfig::new(config.vsock_socket.clone(), config.guest_cid);
+    let vsock_metrics = device_config.metrics.clone();
+    let device = VsockDevice::start(device_config)?;
     let control = crate::vhost_user::bind(&paths.control()).map_err(|err| ServeError::Io {
         what: format!("control socket {}", err.path.display()),
         source: err.source,
@@ -123,15 +122,16 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         tokio::select! {
             accepted = control.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let (connector, config, qemu_state, stop_tx) = (
+                    let (connector, config, qemu_state, stop_tx, vsock_metrics) = (
                         connector.clone(),
                         Arc::clone(&config),
                         Arc::clone(&qemu_state),
                         stop_tx.clone(),
+                        vsock_metrics.clone(),
                     );
                     tokio::spawn(async move {
-                        if let Err(err) =
-                            answer(stream, connector, &config, &qemu_state, stop_tx).await
+                        let served = Served { config: &config, qemu: &qemu_state, vsock: &vsock_metrics };
+                        if let Err(err) = answer(stream, connector, served, stop_tx).await
                         {
                             warn!(%err, "keeper: control request failed");
                         }
@@ -180,11 +180,17 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
 }
 
 /// Answers one control connection.
+/// What a status reply describes.
+struct Served<'a> {
+    config: &'a KeeperConfig,
+    qemu: &'a Mutex<QemuState>,
+    vsock: &'a crate::metrics::VsockMetrics,
+}
+
 async fn answer(
     stream: tokio::net::UnixStream,
     connector: VsockConnector,
-    config: &super::KeeperConfig,
-    qemu: &Mutex<QemuState>,
+    served: Served<'_>,
     stop: tokio::sync::mpsc::Sender<()>,
 ) -> std::io::Result<()> {
     let stream = stream.into_std()?;
@@ -213,14 +219,15 @@ async fn answer(
             ),
         },
         Request::Status => {
-            let state = lock(qemu);
+            let state = lock(served.qemu);
             let status = KeeperStatus {
                 pid: std::process::id(),
                 version: concat!("gantry-agent ", env!("CARGO_PKG_VERSION")).to_owned(),
-                config: config.clone(),
+                config: served.config.clone(),
                 qemu_pid: state.pid,
                 qemu_exit: state.exit.clone(),
                 qemu_started_unix_ms: state.started_unix_ms,
+                vsock: Some(served.vsock.totals()),
             };
             drop(state);
             reply(&stream, &Reply::Status(status), None)

@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -39,6 +39,7 @@ use gantry_api::{LazyStats, OriginStats};
 use super::LazyConfig;
 use super::layer::{LazyLayer, StoreError, Want};
 use super::origin::{BlobOrigin, OriginError, PeerRoutes, StreamReceiver};
+use crate::metrics::Metrics;
 use crate::sync::lock;
 
 /// Counters of the fetcher, for the operator.
@@ -61,6 +62,9 @@ pub struct FetchCounters {
     pub park_time_buckets: [AtomicU64; PARK_BUCKETS_MS.len() + 1],
     /// Per origin name: what it delivered.
     pub per_origin: Mutex<BTreeMap<String, OriginStats>>,
+    /// The agent's metrics, where each request counts for its registry or peer (unset: no
+    /// metrics, as in tests).
+    pub metrics: OnceLock<Metrics>,
 }
 
 /// Upper bounds (ms) of the park time histogram's buckets.
@@ -97,6 +101,21 @@ impl FetchCounters {
             origins: lock(&self.per_origin).values().cloned().collect(),
             layers: Vec::new(),
             peers: Default::default(),
+        }
+    }
+
+    /// Counts one request to `origin` that brought `bytes`, and `failed` (or not), for its
+    /// registry or peer.
+    fn count_request(&self, origin: &dyn BlobOrigin, bytes: u64, failed: bool) {
+        if let (Some(metrics), Some((kind, name))) = (self.metrics.get(), origin.counted_as()) {
+            metrics.source(kind, name).request(bytes, failed);
+        }
+    }
+
+    /// Counts bytes from `origin` that failed verification, for its registry or peer.
+    fn count_bad_bytes(&self, origin: &dyn BlobOrigin) {
+        if let (Some(metrics), Some((kind, name))) = (self.metrics.get(), origin.counted_as()) {
+            metrics.source(kind, name).bad_bytes();
         }
     }
 
@@ -289,6 +308,12 @@ impl Fetcher {
     /// Asks `peers` before each layer's own origins from now on.
     pub fn set_peers(&self, peers: Arc<dyn PeerRoutes>) {
         *lock(&self.peers) = Some(peers);
+    }
+
+    /// Counts each request for its registry or peer in `metrics` from now on (once: a second
+    /// call changes nothing).
+    pub fn count_sources_into(&self, metrics: Metrics) {
+        let _ = self.counters.metrics.set(metrics);
     }
 
     /// The fetcher's counters.
@@ -866,10 +891,12 @@ async fn run_job(job: Job, config: &LazyConfig, counters: &FetchCounters) {
                 Priority::Background => Instant::now() + config.park_timeout(),
             };
             let outcome = tokio::time::timeout_at(attempt_deadline.into(), attempt).await;
+            let arrived = (received.bytes.len() - before) as u64;
             counters.requests.fetch_add(1, Ordering::Relaxed);
-            counters
-                .bytes
-                .fetch_add((received.bytes.len() - before) as u64, Ordering::Relaxed);
+            counters.bytes.fetch_add(arrived, Ordering::Relaxed);
+            // A peer's 404 is an answer, not a failure.
+            let failed = !matches!(outcome, Ok(Ok(()) | Err(OriginError::NotHeld(_))));
+            counters.count_request(origin.as_ref(), arrived, failed);
             match outcome {
                 Err(_) => {
                     last_error = format!(
@@ -955,6 +982,7 @@ async fn run_job(job: Job, config: &LazyConfig, counters: &FetchCounters) {
                             stats.verification_failures += 1;
                         });
                         sender.delivered_bad_bytes();
+                        counters.count_bad_bytes(sender.as_ref());
                         warn!(origin = %sender.describe(), %error, "bytes failed verification; discarded");
                     }
                     last_error = format!("{error} (from {})", origin.describe());
@@ -1003,6 +1031,7 @@ async fn stream_job(
     counters
         .bytes
         .fetch_add(receiver.received, Ordering::Relaxed);
+    counters.count_request(origin, receiver.received, result.is_err());
     match result {
         // Done once every chunk of the job is in (the download may have been cut short).
         _ if receiver.next >= job.chunks.end => Ok(()),

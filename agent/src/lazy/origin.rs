@@ -18,6 +18,8 @@ use gantry_oci::manifest::Descriptor;
 use gantry_oci::registry::RegistryClient;
 use gantry_oci::source::{BlobSink, SinkError};
 
+use crate::metrics::SourceKind;
+
 /// Errors of reading a range from an origin.
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
@@ -96,6 +98,12 @@ pub trait BlobOrigin: Send + Sync + fmt::Debug {
     /// included, for per-registry limits; `None` for origins that are no registry.
     fn registry(&self) -> Option<&str> {
         None
+    }
+
+    /// The registry or peer this origin's requests count for in the metrics (by default its
+    /// [`Self::registry`]); `None`: not counted (a local file).
+    fn counted_as(&self) -> Option<(SourceKind, &str)> {
+        self.registry().map(|host| (SourceKind::Registry, host))
     }
 
     /// Downloads the whole blob into `receiver` (verified against the blob's digest at the

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use super::client::{PeerClient, ReadError};
 use crate::lazy::origin::{BlobOrigin, OriginError, PeerRoutes};
+use crate::metrics::SourceKind;
 use crate::sync::lock;
 
 /// Backoff after a peer's first failure in a row.
@@ -297,6 +298,10 @@ impl BlobOrigin for PeerOrigin {
 
     fn describe(&self) -> String {
         format!("peer {}", self.peer.url)
+    }
+
+    fn counted_as(&self) -> Option<(SourceKind, &str)> {
+        Some((SourceKind::Peer, &self.peer.url))
     }
 
     fn delivered_bad_bytes(&self) {

@@ -64,6 +64,7 @@ struct Node {
     _pin: PinGuard,
     url: String,
     peers: Arc<PeerSet>,
+    metrics: crate::metrics::Metrics,
     _server: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -102,12 +103,14 @@ async fn node(blob: &Blob, peers: &[String], serve: bool) -> Node {
         .await
         .unwrap();
     let registry = RegistryClient::new(RegistryConfig::default()).unwrap();
+    let metrics = crate::metrics::Metrics::new();
     let images = Arc::new(ImageService::new(
         cache,
         registry,
         lazy_config(),
         dir.path(),
         &dir.path().join("no-busybox"),
+        metrics.clone(),
     ));
     let token = PeerToken::parse(TOKEN).unwrap();
     let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
@@ -130,6 +133,7 @@ async fn node(blob: &Blob, peers: &[String], serve: bool) -> Node {
         _pin: pin,
         url,
         peers,
+        metrics,
         _server: server,
     }
 }
@@ -177,6 +181,10 @@ impl BlobOrigin for Registry {
 
     fn describe(&self) -> String {
         "registry".into()
+    }
+
+    fn registry(&self) -> Option<&str> {
+        Some("registry.test")
     }
 }
 
@@ -440,6 +448,25 @@ async fn a_lying_peer_is_caught_counted_and_put_on_backoff_and_the_reader_gets_t
     let requests = stats.peers[0].requests;
     read(&layer, u64::from(CHUNK), 16).await.unwrap();
     assert_eq!(node.peers.stats().peers[0].requests, requests);
+
+    // The metrics say the same, per source.
+    use crate::metrics::tests::sample;
+    let peer = [("kind", "peer"), ("source", liar.as_str())];
+    let registry = [("kind", "registry"), ("source", "registry.test")];
+    let value = |name, labels: &[(&str, &str)]| sample(&node.metrics, name, labels);
+    assert_eq!(
+        value("gantry_registry_requests_total", &peer),
+        Some(requests as f64)
+    );
+    assert!(
+        value("gantry_registry_errors_total", &peer) >= Some(1.0),
+        "the lie counts as the peer's error"
+    );
+    assert_eq!(
+        value("gantry_registry_bytes_total", &registry),
+        Some(registry_bytes.load(Ordering::SeqCst) as f64)
+    );
+    assert_eq!(value("gantry_registry_errors_total", &registry), Some(0.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,7 @@ use super::VsockError;
 use super::muxer::Muxer;
 use super::packet::{GuestOp, HEADER_SIZE, Header, MAX_PAYLOAD, PacketError, parse_guest_header};
 use super::requests::RequestQueue;
+use crate::metrics::VsockMetrics;
 
 /// Queues the device has (rx, tx, event).
 pub const NUM_QUEUES: usize = 3;
@@ -99,6 +100,11 @@ impl VsockBackend {
 
     fn worker(&self) -> MutexGuard<'_, Worker> {
         crate::sync::lock(&self.worker)
+    }
+
+    /// Counts this session's connections and bytes into `metrics`.
+    pub fn count_into(&self, metrics: VsockMetrics) {
+        self.worker().muxer.count_into(metrics);
     }
 
     /// The session ends: fail pending connects, close every host stream.

@@ -152,6 +152,12 @@ impl Connection {
         self.peer.buf_alloc.saturating_sub(in_flight)
     }
 
+    /// Whether the guest's advertised receive space is used up: data for it waits for its
+    /// credit update.
+    pub fn peer_credit_used_up(&self) -> bool {
+        self.peer_free() == 0
+    }
+
     fn may_send_data(&self) -> bool {
         self.host_readable
             && self.stream.is_some()

@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{BACKEND_EVENT, VsockBackend};
 use super::requests::{ConnectRequest, RequestQueue};
+use crate::metrics::VsockMetrics;
 use crate::sync::lock;
 use crate::vhost_user::{self, FrontendLoop, Session, SetupError};
 
@@ -76,6 +77,8 @@ pub struct VsockDeviceConfig {
     pub max_connections: usize,
     /// How long [`VsockConnector::connect`] waits for the guest's answer.
     pub connect_timeout: Duration,
+    /// Where its connections and bytes are counted (default: counters nothing exports).
+    pub metrics: VsockMetrics,
 }
 
 impl VsockDeviceConfig {
@@ -87,6 +90,7 @@ impl VsockDeviceConfig {
             conn_buffer_size: DEFAULT_CONN_BUFFER_SIZE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            metrics: VsockMetrics::default(),
         }
     }
 
@@ -179,6 +183,7 @@ fn new_session(shared: &Arc<Shared>) -> Result<Session<Arc<VsockBackend>>, Setup
     )
     .map(Arc::new)
     .map_err(|e| SetupError::Retry(format!("cannot create backend: {e}")))?;
+    backend.count_into(config.metrics.clone());
     let name = format!("vsock-cid{}-vhost", config.guest_cid);
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let daemon = VhostUserDaemon::new(name, backend.clone(), memory)

@@ -20,6 +20,7 @@ use super::VsockError;
 use super::connection::Connection;
 use super::packet::{Credit, FlowKey, GuestOp, GuestPacket, Header, PacketError, flow_of, op};
 use super::requests::ConnectReply;
+use crate::metrics::VsockMetrics;
 
 /// Most stateless `OP_RST`s waiting for a guest receive buffer.
 pub const MAX_PENDING_RSTS: usize = 256;
@@ -47,6 +48,7 @@ pub struct Muxer {
     dropped_rsts: u64,
     next_port: u32,
     epoll: Epoll,
+    metrics: VsockMetrics,
 }
 
 impl Muxer {
@@ -62,7 +64,13 @@ impl Muxer {
             dropped_rsts: 0,
             next_port: FIRST_EPHEMERAL_PORT,
             epoll: Epoll::new()?,
+            metrics: VsockMetrics::default(),
         })
+    }
+
+    /// Counts connections and bytes into `metrics` from now on.
+    pub fn count_into(&mut self, metrics: VsockMetrics) {
+        self.metrics = metrics;
     }
 
     /// Also watches `fd` (readable) and reports it from [`Muxer::handle_host_events`].
@@ -206,7 +214,12 @@ impl Muxer {
         let port = packet.flow.local_port;
         match self.connections.get_mut(&port) {
             Some(connection) if connection.flow() == packet.flow => {
+                let was_established = connection.is_established();
                 connection.on_guest_packet(packet.op, packet.credit, payload);
+                self.metrics.guest_packet(
+                    !was_established && connection.is_established(),
+                    payload.len(),
+                );
                 self.schedule(port);
             }
             // Nothing listens on the host and the flow is unknown: refuse, keep no state.
@@ -302,6 +315,10 @@ impl Muxer {
             };
             connection.queued = false;
             let packet = connection.next_packet(payload);
+            if let Some(header) = packet.as_ref().filter(|header| header.op == op::RW) {
+                self.metrics
+                    .data_to_guest(header.len, connection.peer_credit_used_up());
+            }
             // Round robin: a connection with more to send goes to the back of the queue.
             self.schedule(port);
             if packet.is_some() {

@@ -954,3 +954,41 @@ fn an_available_index_out_of_range_does_not_spin_the_worker() {
     assert_eq!(guest.queue(TX_RING).used_idx(), 0);
     assert_eq!(guest.queue(RX_RING).used_idx(), 0);
 }
+
+#[test]
+fn connections_bytes_and_credit_stalls_are_counted() {
+    use crate::metrics::tests::sample;
+    let metrics = crate::metrics::Metrics::new();
+    let mut guest = Guest::new(4096, 4);
+    guest.backend.count_into(metrics.vm("vm0").vsock);
+    let (mut agent, port) = guest.establish(1000);
+    let vm = [("vm", "vm0")];
+    let bytes = |direction| {
+        sample(
+            &metrics,
+            "gantry_vsock_bytes_total",
+            &[("vm", "vm0"), ("direction", direction)],
+        )
+    };
+    assert_eq!(
+        sample(&metrics, "gantry_vsock_connections_total", &vm),
+        Some(1.0)
+    );
+
+    // 3000 bytes against 1000 of guest credit: 1000 go, and the stream waits.
+    agent.write_all(&[7u8; 3000]).unwrap();
+    guest.post_rx(8);
+    guest.event(BACKEND_EVENT);
+    let sent: usize = guest.received().iter().map(|(_, p)| p.len()).sum();
+    assert_eq!(sent, 1000);
+    assert_eq!(bytes("to_guest"), Some(1000.0));
+    assert_eq!(
+        sample(&metrics, "gantry_vsock_credit_stalls_total", &vm),
+        Some(1.0)
+    );
+
+    guest.send(guest_header(port, SHIM_PORT, op::RW, 5), b"howdy");
+    let mut buf = [0u8; 5];
+    agent.read_exact(&mut buf).unwrap();
+    assert_eq!(bytes("from_guest"), Some(5.0));
+}
