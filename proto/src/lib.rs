@@ -25,11 +25,13 @@ pub use handshake::{VersionError, negotiate};
 pub use messages::{
     ContainerId, ContainerSpec, ContainerState, ContainerStats, ContainerSummary, ErrorKind,
     ErrorReply, Event, ExecId, ExitStatus, GuestInfo, GuestResources, Hello, LayerExtent,
-    LayerMountInfo, Message, Op, OutputStream, ProcessSpec, Reply, Request, RequestId, Resources,
-    Response, TtySize,
+    LayerMountInfo, Message, Op, OutputPosition, OutputStream, ProcessSpec, Reply, Request,
+    RequestId, Resources, Response, TtySize,
 };
 pub use names::{IdError, MAX_ID_LEN, validate_id};
-pub use version::{EVENTS_BY_SUBSCRIPTION, PROTOCOL_VERSION, ProtocolVersion, TTY_OPERATIONS};
+pub use version::{
+    EVENTS_BY_SUBSCRIPTION, PROTOCOL_VERSION, ProtocolVersion, RESUMABLE_OUTPUT, TTY_OPERATIONS,
+};
 
 /// The vsock port the shim listens on inside the guest.
 pub const SHIM_VSOCK_PORT: u32 = 10240;

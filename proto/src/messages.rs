@@ -205,6 +205,40 @@ pub enum Op {
         /// The new size.
         size: TtySize,
     },
+    /// `SubscribeEvents` that loses no output: the shim keeps each process's output until the
+    /// agent has it (`OutputReceived`), and resends what a process wrote from `positions` on
+    /// (from the oldest output it kept for a process not listed), as `Event::OutputAt`, before
+    /// any newer output; then the `Exit` of each process that has ended, again. Added in
+    /// protocol 1.3. `Reply::Done`.
+    SubscribeEventsFrom {
+        /// How far the agent holds each process's output.
+        positions: Vec<OutputPosition>,
+    },
+    /// The agent holds a process's output up to `position` (its offset in the process's
+    /// output, both streams counted in the order sent): the shim may forget it and send as much
+    /// more. Replaces `OutputCredit` on a connection subscribed with `SubscribeEventsFrom`: a
+    /// position said twice is no credit twice. Added in protocol 1.3. No reply is awaited by
+    /// the shim's window; `Reply::Done`.
+    OutputReceived {
+        /// The container.
+        container_id: ContainerId,
+        /// `None` for the main process.
+        exec_id: Option<ExecId>,
+        /// Bytes of the process's output the agent holds, from its start.
+        position: u64,
+    },
+}
+
+/// How far the agent holds one process's output (see `Op::SubscribeEventsFrom`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct OutputPosition {
+    /// The container.
+    pub container_id: ContainerId,
+    /// `None` for the main process.
+    pub exec_id: Option<ExecId>,
+    /// Bytes of the process's output (both streams) the agent holds, from its start.
+    pub position: u64,
 }
 
 /// A terminal's size in character cells.
@@ -233,6 +267,7 @@ impl Op {
             Op::CreateContainerTty { .. } | Op::ExecTty { .. } | Op::ResizeTty { .. } => {
                 crate::TTY_OPERATIONS
             }
+            Op::SubscribeEventsFrom { .. } | Op::OutputReceived { .. } => crate::RESUMABLE_OUTPUT,
             _ => ProtocolVersion { major: 1, minor: 0 },
         }
     }
@@ -506,5 +541,20 @@ pub enum Event {
     Oom {
         /// The container.
         container_id: ContainerId,
+    },
+    /// `Output` with its place in the process's output: sent instead of `Output` on a
+    /// connection subscribed with `SubscribeEventsFrom` (protocol 1.3), so that the agent can
+    /// tell a resent chunk from a new one.
+    OutputAt {
+        /// The container.
+        container_id: ContainerId,
+        /// `None` for the container's main process.
+        exec_id: Option<ExecId>,
+        /// Which stream.
+        stream: OutputStream,
+        /// The offset of `data`'s first byte in the process's output, both streams counted.
+        offset: u64,
+        /// The bytes, at most the negotiated chunk size.
+        data: Vec<u8>,
     },
 }

@@ -310,3 +310,42 @@ fn tty_operations_require_protocol_1_2() {
         ProtocolVersion { major: 1, minor: 0 }
     );
 }
+
+#[test]
+fn resumable_output_is_protocol_1_3_and_appended() {
+    let subscribe = Op::SubscribeEventsFrom {
+        positions: vec![OutputPosition {
+            container_id: "c".into(),
+            exec_id: None,
+            position: 5,
+        }],
+    };
+    let received = Op::OutputReceived {
+        container_id: "c".into(),
+        exec_id: Some("e".into()),
+        position: 9,
+    };
+    for op in [&subscribe, &received] {
+        assert_eq!(op.required_version(), RESUMABLE_OUTPUT);
+    }
+    assert_eq!(RESUMABLE_OUTPUT, ProtocolVersion { major: 1, minor: 3 });
+    assert!(PROTOCOL_VERSION >= RESUMABLE_OUTPUT);
+    // Appended after ResizeTty (18): SubscribeEventsFrom 19, OutputReceived 20.
+    for (op, index) in [(subscribe, 19u32), (received, 20)] {
+        let message = Message::Request(Request { id: 3, op });
+        let frame = frame_of(&message);
+        assert_eq!(&frame[16..20], &index.to_le_bytes());
+        assert_eq!(decode_payload(&frame[4..]).unwrap(), message);
+    }
+    // Appended after Oom (2): OutputAt 3; a 1.2 peer's `Output` is unchanged (0).
+    let event = Message::Event(Event::OutputAt {
+        container_id: "c".into(),
+        exec_id: None,
+        stream: OutputStream::Stderr,
+        offset: 1 << 40,
+        data: b"x".to_vec(),
+    });
+    let frame = frame_of(&event);
+    assert_eq!(&frame[8..12], &3u32.to_le_bytes());
+    assert_eq!(decode_payload(&frame[4..]).unwrap(), event);
+}

@@ -15,7 +15,7 @@ pub struct ProtocolVersion {
 }
 
 /// The version this build speaks.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
 
 /// The first minor version of major 1 with `Op::SubscribeEvents`.
 pub const EVENTS_BY_SUBSCRIPTION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
@@ -23,6 +23,10 @@ pub const EVENTS_BY_SUBSCRIPTION: ProtocolVersion = ProtocolVersion { major: 1, 
 /// The first minor version of major 1 with terminals: `Op::CreateContainerTty`, `Op::ExecTty`
 /// and `Op::ResizeTty`.
 pub const TTY_OPERATIONS: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
+
+/// The first minor version of major 1 whose output survives a reconnection:
+/// `Op::SubscribeEventsFrom`, `Op::OutputReceived` and `Event::OutputAt`.
+pub const RESUMABLE_OUTPUT: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
 
 impl fmt::Display for ProtocolVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
