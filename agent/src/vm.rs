@@ -254,8 +254,10 @@ impl Vm {
                     vm: config.name.clone(),
                     source,
                 })?;
+        // What an earlier agent recorded: the containers of an adopted guest run on, and a
+        // new guest's list shows the earlier ones as lost until they are removed.
         let containers = Arc::new(
-            ContainerTable::new(&vm_dir.join("containers"), log_limits)
+            ContainerTable::open(&vm_dir.join("containers"), log_limits)
                 .with_metrics(metrics.containers),
         );
         let vsock_mirror = tokio::spawn(mirror_vsock_counters(keeper.clone(), metrics.vsock));
@@ -271,6 +273,7 @@ impl Vm {
             session_tx,
             progress.clone(),
             events_tx,
+            Arc::clone(&containers),
         ));
         let ledger = Arc::new(CreditLedger::default());
         // Log writes block on the disk: they run on this VM's own thread, never on the runtime
@@ -618,22 +621,51 @@ fn op_name(op: &Op) -> &'static str {
         Op::CreateContainerTty { .. } => "a container with a terminal",
         Op::ExecTty { .. } => "an exec with a terminal",
         Op::ResizeTty { .. } => "resizing a terminal",
-        Op::SubscribeEvents => "subscribing to events",
+        Op::SubscribeEvents | Op::SubscribeEventsFrom { .. } => "subscribing to events",
+        Op::OutputReceived { .. } => "acknowledging output",
         _ => "this operation",
     }
 }
 
-/// Output credit owed to the shim, summed per process until [`give_credit`] sends it: one entry
-/// per process however many output events arrive, so the memory it takes is bounded.
+/// Output credit owed to the shim, gathered per process until [`give_credit`] sends it: one
+/// entry per process however many output events arrive, so the memory it takes is bounded.
 #[derive(Debug, Default)]
 struct CreditLedger {
-    owed: Mutex<HashMap<(ContainerId, Option<ExecId>), u64>>,
+    owed: Mutex<HashMap<(ContainerId, Option<ExecId>), Owed>>,
     added: tokio::sync::Notify,
 }
 
+/// What one process's output earned since the last credit.
+#[derive(Debug, Default, Clone, Copy)]
+struct Owed {
+    /// Bytes consumed (a 1.2 shim's `OutputCredit`).
+    bytes: u64,
+    /// How far the log holds the output (a 1.3 shim's `OutputReceived`): only the furthest
+    /// matters.
+    received: Option<u64>,
+}
+
 impl CreditLedger {
-    fn owe(&self, container_id: ContainerId, exec_id: Option<ExecId>, bytes: u32) {
-        *lock(&self.owed).entry((container_id, exec_id)).or_default() += u64::from(bytes);
+    /// Records the credit `op` (from [`ContainerTable::on_event`]) until it is sent.
+    fn owe(&self, op: Op) {
+        let mut owed = lock(&self.owed);
+        match op {
+            Op::OutputCredit {
+                container_id,
+                exec_id,
+                bytes,
+            } => owed.entry((container_id, exec_id)).or_default().bytes += u64::from(bytes),
+            Op::OutputReceived {
+                container_id,
+                exec_id,
+                position,
+            } => {
+                let received = &mut owed.entry((container_id, exec_id)).or_default().received;
+                *received = Some(received.map_or(position, |had| had.max(position)));
+            }
+            _ => return,
+        }
+        drop(owed);
         self.added.notify_one();
     }
 }
@@ -646,13 +678,8 @@ fn take_events(
     ledger: &CreditLedger,
 ) {
     while let Some(event) = events.blocking_recv() {
-        if let Some(Op::OutputCredit {
-            container_id,
-            exec_id,
-            bytes,
-        }) = containers.on_event(event)
-        {
-            ledger.owe(container_id, exec_id, bytes);
+        if let Some(credit) = containers.on_event(event) {
+            ledger.owe(credit);
         }
     }
 }
@@ -668,9 +695,21 @@ async fn give_credit(
         ledger.added.notified().await;
         let owed = std::mem::take(&mut *lock(&ledger.owed));
         let current = session.borrow().clone();
-        // Without a session the credit is void: a new session starts with fresh windows.
+        // Without a session the credit is void: a new session starts with fresh windows (1.2)
+        // or from the positions the logs hold (1.3).
         let Some(session) = current else { continue };
-        for ((container_id, exec_id), mut bytes) in owed {
+        for ((container_id, exec_id), owed) in owed {
+            if let Some(position) = owed.received {
+                let received = Op::OutputReceived {
+                    container_id: container_id.clone(),
+                    exec_id: exec_id.clone(),
+                    position,
+                };
+                if let Err(error) = session.request(received, DEFAULT_REQUEST_TIMEOUT).await {
+                    debug!(%error, "output position not delivered");
+                }
+            }
+            let mut bytes = owed.bytes;
             while bytes > 0 {
                 let piece = u32::try_from(bytes).unwrap_or(u32::MAX);
                 bytes -= u64::from(piece);
@@ -687,11 +726,14 @@ async fn give_credit(
     }
 }
 
-/// Opens the VM's main session: the handshake, then (with a 1.1 shim) the subscription that
-/// makes this connection the one the shim's events go to.
+/// Opens the VM's main session: the handshake, then the subscription that makes this
+/// connection the one the shim's events go to. A 1.3 shim resends the output the logs do not
+/// hold yet (output written while no agent ran, or lost with the last connection); a 1.1 or
+/// 1.2 shim starts afresh.
 async fn establish(
     stream: tokio::net::UnixStream,
     events: mpsc::Sender<Event>,
+    containers: &ContainerTable,
 ) -> Result<Arc<ShimSession>, String> {
     let session = ShimSession::establish(
         stream,
@@ -702,9 +744,19 @@ async fn establish(
     )
     .await
     .map_err(|err| err.to_string())?;
-    if session.peer().protocol_version >= gantry_proto::EVENTS_BY_SUBSCRIPTION {
+    let protocol = session.peer().protocol_version;
+    let subscribe = if protocol >= gantry_proto::RESUMABLE_OUTPUT {
+        Some(Op::SubscribeEventsFrom {
+            positions: containers.positions(),
+        })
+    } else if protocol >= gantry_proto::EVENTS_BY_SUBSCRIPTION {
+        Some(Op::SubscribeEvents)
+    } else {
+        None
+    };
+    if let Some(subscribe) = subscribe {
         session
-            .request(Op::SubscribeEvents, HANDSHAKE_TIMEOUT)
+            .request(subscribe, HANDSHAKE_TIMEOUT)
             .await
             .map_err(|err| format!("subscribing to the shim's events: {err}"))?;
     }
@@ -718,12 +770,13 @@ async fn keep_session(
     session_tx: watch::Sender<Option<Arc<ShimSession>>>,
     progress: Arc<Mutex<Progress>>,
     events: mpsc::Sender<Event>,
+    containers: Arc<ContainerTable>,
 ) {
     let mut backoff = RECONNECT_MIN;
     loop {
         let attempt = Instant::now();
         let outcome = match connector.connect(SHIM_VSOCK_PORT).await {
-            Ok(stream) => establish(stream, events.clone()).await,
+            Ok(stream) => establish(stream, events.clone(), &containers).await,
             Err(err) => Err(err.to_string()),
         };
         match outcome {

@@ -9,17 +9,19 @@
 //! no sense at that point, ends that connection (with a `Goodbye` saying why when the transport
 //! still works). The listener and every other connection carry on.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
 use gantry_proto::{
     DEFAULT_MAX_FRAME_LEN, ErrorKind, ErrorReply, FrameCodec, FrameError, GuestInfo, Hello,
-    Message, Op, PROTOCOL_VERSION, Reply, Request, Response, negotiate,
+    Message, Op, OutputPosition, PROTOCOL_VERSION, Reply, Request, Response, negotiate,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::container::Runtime;
+use gantry_proto::Event;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
 
@@ -199,14 +201,8 @@ where
     // protocol 1.1 on) or, for an older agent, to the newest connection. Output in flight on
     // an older one is lost.
     let mut sink_generation = None;
-    let mut subscribe = || {
-        if sink_generation.is_none() {
-            sink_generation = Some(state.runtime.sink().attach(outgoing.clone()));
-            state.runtime.reset_output_windows();
-        }
-    };
     if peer_hello.protocol_version < gantry_proto::EVENTS_BY_SUBSCRIPTION {
-        subscribe();
+        sink_generation = Some(subscribe(&state.runtime, &outgoing, None).await);
     }
 
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS));
@@ -225,10 +221,19 @@ where
             }
         };
         match message {
-            Message::Request(request) if matches!(request.op, Op::SubscribeEvents) => {
-                subscribe();
+            Message::Request(Request {
+                id,
+                op: op @ (Op::SubscribeEvents | Op::SubscribeEventsFrom { .. }),
+            }) => {
+                if sink_generation.is_none() {
+                    let positions = match op {
+                        Op::SubscribeEventsFrom { positions } => Some(positions),
+                        _ => None,
+                    };
+                    sink_generation = Some(subscribe(&state.runtime, &outgoing, positions).await);
+                }
                 let response = Response {
-                    id: request.id,
+                    id,
                     result: Ok(Reply::Done),
                 };
                 let _ = outgoing.send(Message::Response(response)).await;
@@ -275,6 +280,79 @@ where
         Err(join_error) => tracing::error!(%join_error, "connection writer failed"),
     }
     outcome
+}
+
+/// Makes `outgoing` the connection events go to; returns its sink generation.
+///
+/// With `positions` (`SubscribeEventsFrom`), each process's kept output is resent from the
+/// position its agent holds, under the process's `sending` lock (taken for every process before
+/// the connection is attached), so that newer output follows it; without (`SubscribeEvents` of
+/// a 1.2 agent), kept output is forgotten, as 1.2 did. Either way the exits of processes that
+/// ended are sent again after their output: one sent to a dead connection was lost with it,
+/// and the agent writes an exit once.
+async fn subscribe(
+    runtime: &Runtime,
+    outgoing: &mpsc::Sender<Message>,
+    positions: Option<Vec<OutputPosition>>,
+) -> u64 {
+    let resumable = positions.is_some();
+    let positions: HashMap<(String, Option<String>), u64> = positions
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| ((p.container_id, p.exec_id), p.position))
+        .collect();
+    let mut processes = runtime.output_processes();
+    let mut guards = Vec::with_capacity(processes.len());
+    for process in &processes {
+        guards.push(process.window.sending().await);
+    }
+    let generation = runtime.sink().attach(outgoing.clone(), resumable);
+    // A process created meanwhile offered its output to an older connection: resend it too.
+    let known: HashSet<(String, Option<String>)> = processes
+        .iter()
+        .map(|p| (p.key.container_id.clone(), p.key.exec_id.clone()))
+        .collect();
+    let late: Vec<_> = runtime
+        .output_processes()
+        .into_iter()
+        .filter(|p| !known.contains(&(p.key.container_id.clone(), p.key.exec_id.clone())))
+        .collect();
+    for process in &late {
+        guards.push(process.window.sending().await);
+    }
+    processes.extend(late);
+    for process in &processes {
+        let key = &process.key;
+        if resumable {
+            let position = positions
+                .get(&(key.container_id.clone(), key.exec_id.clone()))
+                .copied();
+            for chunk in process.window.kept_from(position) {
+                let event = Event::OutputAt {
+                    container_id: key.container_id.clone(),
+                    exec_id: key.exec_id.clone(),
+                    stream: chunk.stream,
+                    offset: chunk.offset,
+                    data: chunk.data,
+                };
+                if outgoing.send(Message::Event(event)).await.is_err() {
+                    break;
+                }
+            }
+        } else {
+            process.window.reset();
+        }
+        if let Some(status) = process.exited {
+            let exit = Event::Exit {
+                container_id: key.container_id.clone(),
+                exec_id: key.exec_id.clone(),
+                status,
+            };
+            let _ = outgoing.send(Message::Event(exit)).await;
+        }
+    }
+    drop(guards);
+    generation
 }
 
 /// Sends a `Goodbye` on a best-effort basis: the connection is being closed anyway.

@@ -3,8 +3,11 @@
 //! SIGKILL and started again, repeatedly, then upgraded (SIGTERM, start again). The guest keeps
 //! its QEMU (held by the VM's keeper), the layer store's requests in flight are resumed by the
 //! next agent (the first crash lands while the reader still fetches chunks from a slowed
-//! registry, so some are parked), and both containers run on, listed and signalled by agents
-//! that did not start them.
+//! registry, so some are parked), and the containers run on, listed and signalled by agents
+//! that did not start them. A third container writes numbered lines all along: its log, kept
+//! by four agents in turn, holds every line once, in order (the shim keeps output until an
+//! agent holds it, and resends it to the next one); an exec into a container an earlier agent
+//! started works.
 //!
 //! `cargo test -p gantry-e2e --test restart -- --nocapture` prints how long each restart took
 //! until the guest's shim was connected again.
@@ -90,6 +93,39 @@ fn lazy_image(registry: &Registry, work: &Path, host: &str) -> (String, String) 
     )
 }
 
+/// Checks that `stream` holds the writer's lines `0, 1, 2, …` that `belongs` picks, each once
+/// and in order, through to its last line; prints how many.
+fn check_numbered(stream: &str, belongs: impl Fn(u64) -> bool, name: &str) {
+    let lines: Vec<u64> = stream
+        .lines()
+        .map(|line| {
+            line.parse()
+                .unwrap_or_else(|_| panic!("{name}: a torn or foreign line {line:?}"))
+        })
+        .collect();
+    let last = *lines.last().unwrap_or_else(|| panic!("{name}: no output"));
+    let expected: Vec<u64> = (0..=last).filter(|&i| belongs(i)).collect();
+    if lines != expected {
+        let first_wrong = lines
+            .iter()
+            .zip(&expected)
+            .position(|(got, want)| got != want)
+            .unwrap_or(lines.len().min(expected.len()));
+        panic!(
+            "{name}: {} lines, {} expected; first difference at line {first_wrong}: got {:?}, \
+             expected {:?}",
+            lines.len(),
+            expected.len(),
+            lines.get(first_wrong),
+            expected.get(first_wrong)
+        );
+    }
+    println!(
+        "writer {name}: {} lines through {last}, each once and in order",
+        lines.len()
+    );
+}
+
 #[test]
 fn containers_run_on_through_agent_crashes_and_an_upgrade() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -152,6 +188,27 @@ fn containers_run_on_through_agent_crashes_and_an_upgrade() {
         Duration::from_secs(120),
     );
     assert!(started.status.success(), "{}", text(&started.stderr));
+    // About a thousand numbered lines a second, on both streams (every tenth to stderr).
+    let writer_script = "i=0; trap 'exit 0' TERM; while :; do \
+         j=0; while [ $j -lt 50 ]; do \
+         if [ $((i % 10)) = 0 ]; then echo $i >&2; else echo $i; fi; \
+         i=$((i + 1)); j=$((j + 1)); done; sleep 0.05; done";
+    let started = agent.cli_within(
+        &[
+            "run",
+            "--vm",
+            VM,
+            "-d",
+            "--name",
+            "writer",
+            "default",
+            "sh",
+            "-c",
+            writer_script,
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(started.status.success(), "{}", text(&started.stderr));
     // Into the first pass: the reader is fetching.
     std::thread::sleep(Duration::from_secs(2));
 
@@ -170,7 +227,7 @@ fn containers_run_on_through_agent_crashes_and_an_upgrade() {
             Some(qemu),
             "round {round}: the same QEMU serves the guest (no second boot)"
         );
-        for name in ["reader", "sleeper"] {
+        for name in ["reader", "sleeper", "writer"] {
             assert_eq!(
                 state_of(&agent, name),
                 "Running",
@@ -216,6 +273,43 @@ fn containers_run_on_through_agent_crashes_and_an_upgrade() {
     // A few passes through the last agent, then: agents that did not start them still signal
     // them and learn how they ended.
     std::thread::sleep(Duration::from_secs(8));
+
+    // An exec into a container the first agent started takes its environment from the record
+    // that agent left.
+    let exec = agent.cli_within(
+        &[
+            "exec",
+            "--vm",
+            VM,
+            "sleeper",
+            "sh",
+            "-c",
+            "echo exec-in-$HOSTNAME-$PATH",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(exec.status.success(), "exec: {}", text(&exec.stderr));
+    assert!(
+        text(&exec.stdout).starts_with("exec-in-"),
+        "exec output: {}",
+        text(&exec.stdout)
+    );
+
+    // The writer's log, kept by every agent in turn: each line once, in order, none missing.
+    let kill = agent.cli_within(
+        &["kill", "--vm", VM, "-s", "TERM", "writer"],
+        Duration::from_secs(30),
+    );
+    assert!(kill.status.success(), "kill writer: {}", text(&kill.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state_of(&agent, "writer") == "Running" {
+        assert!(Instant::now() < deadline, "the writer did not stop");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let logs = agent.cli_within(&["logs", "--vm", VM, "writer"], Duration::from_secs(60));
+    assert!(logs.status.success(), "logs: {}", text(&logs.stderr));
+    check_numbered(&text(&logs.stdout), |i| i % 10 != 0, "stdout");
+    check_numbered(&text(&logs.stderr), |i| i % 10 == 0, "stderr");
     // `sleep` as its container's first process has no handler for TERM: it gets KILL.
     for (name, signal, expected) in [("sleeper", "KILL", None), ("reader", "TERM", Some(()))] {
         let kill = agent.cli_within(

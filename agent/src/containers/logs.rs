@@ -12,6 +12,12 @@
 //! keeps flowing and it is never blocked by its own log. The exit record always goes in.
 //! Readers start at the oldest file still there; a follower that falls behind a deleted file
 //! goes on at the oldest one left (it misses what was dropped, as `docker logs` does).
+//!
+//! The log also knows how far it holds the process's output (its *position*, both streams
+//! counted), so that output the shim resends after the agent restarts is neither lost nor kept
+//! twice: every file begins with a position record (the position at its first byte, written
+//! before the file gets its name), so the newest file alone gives the position when a later
+//! agent opens the log again ([`ProcessLog::open`]). Readers skip position records.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -29,6 +35,10 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::sync::lock;
+
+/// Record kind, only in the agent's files (never streamed): the process's output position, a
+/// `u64` little-endian, at the start of every file.
+const KIND_POSITION: u8 = 0x80;
 
 /// How much of one process's output is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -84,6 +94,22 @@ struct Current {
     file: File,
     generation: u64,
     bytes: u64,
+    /// The process's output held, from its start (dropped files included).
+    position: u64,
+}
+
+/// What became of output offered at an offset ([`ProcessLog::output_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Written (all or the part beyond what the log held).
+    Written,
+    /// Held already: a chunk resent after a reconnection.
+    Duplicate,
+    /// Written, but output before it never arrived: `missing` bytes are lost.
+    AfterGap {
+        /// Bytes between the position held and the chunk's offset.
+        missing: u64,
+    },
 }
 
 /// The writer side, owned by the container's record.
@@ -100,14 +126,83 @@ fn file_name(stem: &str, generation: u64) -> String {
     format!("{stem}.{generation}.log")
 }
 
-fn create_file(path: &Path) -> std::io::Result<File> {
+fn position_record(position: u64) -> Vec<u8> {
+    encode_record(KIND_POSITION, &position.to_le_bytes())
+}
+
+/// Creates the log file `path` beginning with the position record: written under a temporary
+/// name and renamed, so a file of the log always has its position, whenever the agent dies.
+fn create_file(path: &Path, position: u64) -> std::io::Result<File> {
+    let mut temp_name = path.as_os_str().to_owned();
+    temp_name.push(".new");
+    let temp = PathBuf::from(temp_name);
     // A log is never reached through a symbolic link, whatever was left in the directory.
-    OpenOptions::new()
+    let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+        .open(&temp)?;
+    file.write_all(&position_record(position))?;
+    std::fs::rename(&temp, path)?;
+    Ok(file)
+}
+
+/// What the newest file of a log says when it is opened again.
+#[derive(Debug)]
+struct Reopened {
+    position: u64,
+    /// Bytes of whole records (a record the agent died while writing is cut off).
+    bytes: u64,
+    ended: bool,
+}
+
+/// Reads the records of `file` (the newest of a log): its position at the start plus the output
+/// after it, whether the exit record is there, and where the last whole record ends.
+fn scan_newest(file: &mut File) -> std::io::Result<Reopened> {
+    use std::io::Read;
+    let mut contents = Vec::new();
+    file.read_to_end(&mut contents)?;
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let mut at = 0usize;
+    let mut reopened = Reopened {
+        position: 0,
+        bytes: 0,
+        ended: false,
+    };
+    let mut first = true;
+    while contents.len() - at >= 5 {
+        let kind = contents[at];
+        let len = u32::from_le_bytes([
+            contents[at + 1],
+            contents[at + 2],
+            contents[at + 3],
+            contents[at + 4],
+        ]);
+        let Some(data) = contents.get(at + 5..at + 5 + len as usize) else {
+            break;
+        };
+        match kind {
+            KIND_POSITION if first => {
+                let bytes: [u8; 8] = data
+                    .try_into()
+                    .map_err(|_| invalid("bad position record"))?;
+                reopened.position = u64::from_le_bytes(bytes);
+            }
+            _ if first => return Err(invalid("log file without its position record")),
+            KIND_STDOUT | KIND_STDERR => reopened.position += u64::from(len),
+            KIND_EXIT => reopened.ended = true,
+            _ => return Err(invalid("unknown record in a log file")),
+        }
+        first = false;
+        at += 5 + len as usize;
+    }
+    if first {
+        return Err(invalid("log file without its position record"));
+    }
+    reopened.bytes = at as u64;
+    Ok(reopened)
 }
 
 impl ProcessLog {
@@ -121,7 +216,8 @@ impl ProcessLog {
             ));
         }
         std::fs::create_dir_all(dir)?;
-        let file = create_file(&dir.join(file_name(stem, 0)))?;
+        let file = create_file(&dir.join(file_name(stem, 0)), 0)?;
+        let bytes = position_record(0).len() as u64;
         Ok(Self {
             dir: dir.to_owned(),
             stem: stem.to_owned(),
@@ -129,10 +225,75 @@ impl ProcessLog {
             current: Mutex::new(Current {
                 file,
                 generation: 0,
-                bytes: 0,
+                bytes,
+                position: 0,
             }),
-            progress: watch::channel(Progress::default()).0,
+            progress: watch::channel(Progress {
+                bytes,
+                ..Progress::default()
+            })
+            .0,
         })
+    }
+
+    /// Opens the log `stem` in `dir` that an earlier agent wrote, to go on where it stopped: a
+    /// record it was cut off writing is dropped (the shim sends that output again). Without
+    /// any file of `stem`, it is [`ProcessLog::create`].
+    pub fn open(dir: &Path, stem: &str, limits: LogLimits) -> std::io::Result<Self> {
+        let generations = Self::generations(dir, stem)?;
+        let (Some(&oldest), Some(&newest)) = (generations.first(), generations.last()) else {
+            return Self::create(dir, stem, limits);
+        };
+        let path = dir.join(file_name(stem, newest));
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)?;
+        let reopened = scan_newest(&mut file)?;
+        file.set_len(reopened.bytes)?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            stem: stem.to_owned(),
+            limits,
+            current: Mutex::new(Current {
+                file,
+                generation: newest,
+                bytes: reopened.bytes,
+                position: reopened.position,
+            }),
+            progress: watch::channel(Progress {
+                generation: newest,
+                bytes: reopened.bytes,
+                oldest,
+                ended: reopened.ended,
+            })
+            .0,
+        })
+    }
+
+    /// The generations of `stem`'s files in `dir`, oldest first (unfinished `.new` files and
+    /// other names ignored).
+    fn generations(dir: &Path, stem: &str) -> std::io::Result<Vec<u64>> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(err),
+        };
+        let prefix = format!("{stem}.");
+        let mut generations: Vec<u64> = entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                name.strip_prefix(&prefix)?
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        generations.sort_unstable();
+        Ok(generations)
     }
 
     fn path(&self, generation: u64) -> PathBuf {
@@ -140,14 +301,23 @@ impl ProcessLog {
     }
 
     fn append(&self, kind: u8, data: &[u8]) -> std::io::Result<()> {
-        let record = encode_record(kind, data);
         let mut current = lock(&self.current);
+        self.append_locked(&mut current, kind, data)
+    }
+
+    fn append_locked(&self, current: &mut Current, kind: u8, data: &[u8]) -> std::io::Result<()> {
+        let record = encode_record(kind, data);
         let len = record.len() as u64;
-        if current.bytes > 0 && current.bytes.saturating_add(len) > self.limits.max_file_bytes {
-            self.rotate(&mut current)?;
+        let header = position_record(0).len() as u64;
+        if current.bytes > header && current.bytes.saturating_add(len) > self.limits.max_file_bytes
+        {
+            self.rotate(current)?;
         }
         current.file.write_all(&record)?;
         current.bytes += len;
+        if kind != KIND_EXIT {
+            current.position += data.len() as u64;
+        }
         let (generation, bytes) = (current.generation, current.bytes);
         self.progress.send_modify(|p| {
             p.generation = generation;
@@ -160,41 +330,79 @@ impl ProcessLog {
     /// Starts the next file and deletes the oldest beyond the limit.
     fn rotate(&self, current: &mut Current) -> std::io::Result<()> {
         let next = current.generation + 1;
-        let file = create_file(&self.path(next))?;
+        let file = create_file(&self.path(next), current.position)?;
         *current = Current {
             file,
             generation: next,
-            bytes: 0,
+            bytes: position_record(0).len() as u64,
+            position: current.position,
         };
         let oldest = (next + 1).saturating_sub(u64::from(self.limits.max_files));
         let before = self.progress.borrow().oldest;
         for generation in before..oldest {
             let _ = std::fs::remove_file(self.path(generation));
         }
+        let bytes = current.bytes;
         self.progress.send_modify(|p| {
             p.generation = next;
-            p.bytes = 0;
+            p.bytes = bytes;
             p.oldest = oldest;
         });
         Ok(())
     }
 
-    /// Appends output.
+    /// Appends output (of a shim that does not say where it belongs).
     pub fn output(&self, stream: OutputStream, data: &[u8]) -> std::io::Result<()> {
-        let kind = match stream {
-            OutputStream::Stdout => KIND_STDOUT,
-            OutputStream::Stderr => KIND_STDERR,
-        };
-        self.append(kind, data)
+        self.append(output_kind(stream), data)
     }
 
-    /// Appends the end; nothing may follow.
-    pub fn finish(&self, exit: ExitRecord) -> std::io::Result<()> {
+    /// Appends output that begins at `offset` of the process's output: what the log holds
+    /// already (a chunk resent after a reconnection) is not written again.
+    pub fn output_at(
+        &self,
+        stream: OutputStream,
+        offset: u64,
+        data: &[u8],
+    ) -> std::io::Result<Appended> {
+        let mut current = lock(&self.current);
+        let position = current.position;
+        let end = offset.saturating_add(data.len() as u64);
+        if end <= position {
+            return Ok(Appended::Duplicate);
+        }
+        let (fresh, appended) = if offset >= position {
+            let missing = offset - position;
+            // Bytes that never came are lost, but the position must follow the shim's.
+            current.position = offset;
+            let appended = if missing == 0 {
+                Appended::Written
+            } else {
+                Appended::AfterGap { missing }
+            };
+            (data, appended)
+        } else {
+            // Overlap: `position - offset < data.len()` since `end > position`.
+            let skip = usize::try_from(position - offset).unwrap_or(data.len());
+            (&data[skip..], Appended::Written)
+        };
+        self.append_locked(&mut current, output_kind(stream), fresh)?;
+        Ok(appended)
+    }
+
+    /// How much of the process's output the log holds, from its start.
+    pub fn position(&self) -> u64 {
+        lock(&self.current).position
+    }
+
+    /// Appends the end; nothing may follow. Whether it was the end's first record (an exit the
+    /// shim says again after a reconnection is not).
+    pub fn finish(&self, exit: ExitRecord) -> std::io::Result<bool> {
         if self.progress.borrow().ended {
-            return Ok(());
+            return Ok(false);
         }
         let json = serde_json::to_vec(&exit).map_err(std::io::Error::other)?;
-        self.append(KIND_EXIT, &json)
+        self.append(KIND_EXIT, &json)?;
+        Ok(true)
     }
 
     /// Whether the process has ended.
@@ -224,6 +432,13 @@ impl ProcessLog {
             progress,
             follow,
         })
+    }
+}
+
+fn output_kind(stream: OutputStream) -> u8 {
+    match stream {
+        OutputStream::Stdout => KIND_STDOUT,
+        OutputStream::Stderr => KIND_STDERR,
     }
 }
 
@@ -305,6 +520,16 @@ impl LogReader {
 
     /// The next record's kind and bytes, or `None` at the end.
     pub async fn next_raw(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+        loop {
+            match self.next_any().await? {
+                Some((KIND_POSITION, _)) => continue,
+                record => return Ok(record),
+            }
+        }
+    }
+
+    /// The next record, position records included.
+    async fn next_any(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
         loop {
             let progress = *self.progress.borrow_and_update();
             if self.generation < progress.generation {
@@ -471,6 +696,97 @@ mod tests {
         }
         assert_eq!(*seen.last().unwrap(), 63);
         assert!(seen.windows(2).all(|w| w[1] > w[0]), "{seen:?}");
+    }
+
+    async fn outputs(log: &ProcessLog) -> Vec<u8> {
+        let mut reader = log.reader(false).await.unwrap();
+        let mut bytes = Vec::new();
+        while let Some(item) = reader.next().await.unwrap() {
+            if let LogItem::Output(_, data) = item {
+                bytes.extend(data);
+            }
+        }
+        bytes
+    }
+
+    #[tokio::test]
+    async fn a_log_opened_again_goes_on_at_its_position_and_drops_a_torn_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = LogLimits {
+            max_file_bytes: LogLimits::MIN_FILE_BYTES,
+            max_files: 2,
+        };
+        let log = ProcessLog::create(dir.path(), "main", limits).unwrap();
+        // 5 × 20 KiB: rotated, the oldest files deleted, the position counts everything.
+        for i in 0..5u8 {
+            assert_eq!(
+                log.output_at(OutputStream::Stdout, u64::from(i) * 20_480, &[i; 20_480])
+                    .unwrap(),
+                Appended::Written
+            );
+        }
+        assert_eq!(log.position(), 5 * 20_480);
+        let kept = outputs(&log).await;
+        drop(log);
+        // An agent killed while writing a record leaves half of it.
+        let newest = (0..10)
+            .rev()
+            .map(|g| dir.path().join(file_name("main", g)))
+            .find(|p| p.exists())
+            .unwrap();
+        let mut torn = OpenOptions::new().append(true).open(&newest).unwrap();
+        torn.write_all(&encode_record(KIND_STDOUT, &[9; 100])[..50])
+            .unwrap();
+        drop(torn);
+
+        let log = ProcessLog::open(dir.path(), "main", limits).unwrap();
+        assert_eq!(log.position(), 5 * 20_480, "the torn record is not held");
+        assert!(!log.ended());
+        assert_eq!(outputs(&log).await, kept, "what was kept reads as before");
+        // The shim resends from the position: the torn record's bytes come whole.
+        log.output_at(OutputStream::Stderr, 5 * 20_480, &[9; 100])
+            .unwrap();
+        log.finish(ExitRecord {
+            status: ExitStatus::Code(0),
+            oom_killed: false,
+        })
+        .unwrap();
+        let mut expected = kept.clone();
+        expected.extend([9; 100]);
+        assert_eq!(outputs(&log).await, expected);
+        drop(log);
+        let log = ProcessLog::open(dir.path(), "main", limits).unwrap();
+        assert!(log.ended(), "the end is read back");
+        assert_eq!(log.position(), 5 * 20_480 + 100);
+        assert!(
+            !log.finish(ExitRecord {
+                status: ExitStatus::Code(0),
+                oom_killed: false,
+            })
+            .unwrap(),
+            "an exit said again is not written twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn output_at_an_offset_keeps_each_byte_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ProcessLog::create(dir.path(), "main", LogLimits::default()).unwrap();
+        let out = OutputStream::Stdout;
+        assert_eq!(log.output_at(out, 0, b"abcd").unwrap(), Appended::Written);
+        assert_eq!(log.output_at(out, 0, b"abcd").unwrap(), Appended::Duplicate);
+        assert_eq!(log.output_at(out, 2, b"cdef").unwrap(), Appended::Written);
+        assert_eq!(
+            log.output_at(out, 10, b"kl").unwrap(),
+            Appended::AfterGap { missing: 4 }
+        );
+        assert_eq!(log.position(), 12);
+        assert_eq!(outputs(&log).await, b"abcdefkl");
+        // A log opened with no file of its stem starts empty.
+        let fresh =
+            ProcessLog::open(&dir.path().join("new"), "exec-e", LogLimits::default()).unwrap();
+        assert_eq!(fresh.position(), 0);
+        assert!(outputs(&fresh).await.is_empty());
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //! fed by the shim's events. The shim is the authority on what runs; this table is what the
 //! agent keeps for the operator (logs, image names) and the credit it owes the shim.
 //!
+//! The table is on disk, so that a restarted agent knows what the one before it created: each
+//! container's directory holds `record.json` (written whole under a temporary name, so a crash
+//! leaves the old record or the new one) and its processes' logs, and
+//! [`ContainerTable::open`] reads them back.
+//!
 //! - [`run`]: `run` end to end (image → cache → layer store → create → start).
 //! - [`spec`]: an image config and a run request turned into the shim's specs.
 //! - [`logs`]: each process's log file, its writer and its readers.
@@ -16,13 +21,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use gantry_proto::{ContainerId, Event, ExecId, Op, ProcessSpec};
+use gantry_proto::{ContainerId, Event, ExecId, Op, OutputPosition, ProcessSpec};
+use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::metrics::ContainerMetrics;
 use crate::sync::lock;
 use gantry_api::records::ExitRecord;
-use logs::{LogLimits, ProcessLog};
+use logs::{Appended, LogLimits, ProcessLog};
+
+/// The file in a container's directory that records it.
+const RECORD_FILE: &str = "record.json";
 
 /// Errors of the table.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +53,27 @@ pub enum ContainerTableError {
         /// Why.
         source: std::io::Error,
     },
+    /// The container's record could not be written.
+    #[error("cannot record container {id}: {source}")]
+    Record {
+        /// The container.
+        id: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A container as its `record.json` keeps it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContainerRecord {
+    image: String,
+    created_unix: u64,
+    process: ProcessSpec,
+    created: bool,
+    oom_killed: bool,
+    /// Its execs, in the order they were started.
+    execs: Vec<ExecId>,
 }
 
 /// One container the agent created.
@@ -60,7 +90,8 @@ pub struct ContainerEntry {
     dir: PathBuf,
     limits: LogLimits,
     main: Arc<ProcessLog>,
-    execs: Mutex<HashMap<ExecId, Arc<ProcessLog>>>,
+    /// Its execs' logs, in the order they were started.
+    execs: Mutex<Vec<(ExecId, Arc<ProcessLog>)>>,
     oom_killed: AtomicBool,
     /// The guest created it: from then on, a guest that does not know it has lost it.
     created: AtomicBool,
@@ -83,14 +114,17 @@ impl ContainerEntry {
     pub fn log(&self, exec_id: Option<&str>) -> Option<Arc<ProcessLog>> {
         match exec_id {
             None => Some(Arc::clone(&self.main)),
-            Some(exec_id) => lock(&self.execs).get(exec_id).cloned(),
+            Some(exec_id) => lock(&self.execs)
+                .iter()
+                .find(|(id, _)| id == exec_id)
+                .map(|(_, log)| Arc::clone(log)),
         }
     }
 
     /// Starts the log of a new exec.
     pub fn add_exec(&self, exec_id: &str) -> Result<Arc<ProcessLog>, ContainerTableError> {
         let mut execs = lock(&self.execs);
-        if execs.contains_key(exec_id) {
+        if execs.iter().any(|(id, _)| id == exec_id) {
             return Err(ContainerTableError::Exists(format!(
                 "{}/{exec_id}",
                 self.id
@@ -98,14 +132,63 @@ impl ContainerEntry {
         }
         gantry_proto::validate_id("exec id", exec_id)
             .map_err(|err| ContainerTableError::BadId(err.to_string()))?;
-        let log = ProcessLog::create(&self.dir, &format!("exec-{exec_id}"), self.limits)
+        let log = ProcessLog::create(&self.dir, &exec_stem(exec_id), self.limits)
             .map(Arc::new)
             .map_err(|source| ContainerTableError::Log {
                 id: self.id.clone(),
                 source,
             })?;
-        execs.insert(exec_id.to_owned(), Arc::clone(&log));
+        execs.push((exec_id.to_owned(), Arc::clone(&log)));
+        let exec_ids = execs.iter().map(|(id, _)| id.clone()).collect();
+        drop(execs);
+        self.save_with(exec_ids)?;
         Ok(log)
+    }
+
+    /// Writes the record as it is now.
+    fn save(&self) -> Result<(), ContainerTableError> {
+        let exec_ids = lock(&self.execs).iter().map(|(id, _)| id.clone()).collect();
+        self.save_with(exec_ids)
+    }
+
+    fn save_with(&self, execs: Vec<ExecId>) -> Result<(), ContainerTableError> {
+        let record = ContainerRecord {
+            image: self.image.clone(),
+            created_unix: self.created_unix,
+            process: self.process.clone(),
+            created: self.created(),
+            oom_killed: self.oom_killed(),
+            execs,
+        };
+        let json =
+            serde_json::to_vec_pretty(&record).map_err(|err| ContainerTableError::Record {
+                id: self.id.clone(),
+                source: std::io::Error::other(err),
+            })?;
+        gantry_oci::fsutil::write_atomic(&self.dir.join(RECORD_FILE), &json).map_err(|source| {
+            ContainerTableError::Record {
+                id: self.id.clone(),
+                source,
+            }
+        })
+    }
+
+    /// How far the logs hold each of its processes' output.
+    fn positions(&self) -> Vec<OutputPosition> {
+        let main = OutputPosition {
+            container_id: self.id.clone(),
+            exec_id: None,
+            position: self.main.position(),
+        };
+        let execs = lock(&self.execs)
+            .iter()
+            .map(|(exec_id, log)| OutputPosition {
+                container_id: self.id.clone(),
+                exec_id: Some(exec_id.clone()),
+                position: log.position(),
+            })
+            .collect::<Vec<_>>();
+        std::iter::once(main).chain(execs).collect()
     }
 
     /// Whether the kernel OOM-killed a process of this container.
@@ -116,6 +199,9 @@ impl ContainerEntry {
     /// Records that the guest created the container.
     pub fn mark_created(&self) {
         self.created.store(true, Ordering::Relaxed);
+        if let Err(error) = self.save() {
+            warn!(%error, "the container's record stays without its creation");
+        }
     }
 
     /// Whether the guest created the container (so that a guest without it lost it).
@@ -146,6 +232,11 @@ pub struct ContainerTable {
 /// How many distinct unknown containers are reported before further ones are only counted.
 const MAX_UNKNOWN_REPORTED: usize = 256;
 
+/// The log stem of an exec.
+fn exec_stem(exec_id: &str) -> String {
+    format!("exec-{exec_id}")
+}
+
 impl ContainerTable {
     /// A table keeping logs under `dir`, each capped by `limits`.
     pub fn new(dir: &Path, limits: LogLimits) -> Self {
@@ -156,6 +247,83 @@ impl ContainerTable {
             unknown_reported: Mutex::default(),
             metrics: ContainerMetrics::default(),
         }
+    }
+
+    /// The table an earlier agent left under `dir`: every container recorded there, with its
+    /// logs opened to go on. A directory without a record (an agent died creating it) is
+    /// removed; a record that cannot be read is reported and left as it is, its name taken.
+    pub fn open(dir: &Path, limits: LogLimits) -> Self {
+        let table = Self::new(dir, limits);
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return table,
+            Err(error) => {
+                warn!(dir = %dir.display(), %error, "cannot read the containers recorded");
+                return table;
+            }
+        };
+        let mut restored = lock(&table.entries);
+        for entry in entries.filter_map(Result::ok) {
+            let Ok(id) = entry.file_name().into_string() else {
+                continue;
+            };
+            if gantry_proto::validate_id("container id", &id).is_err() {
+                continue;
+            }
+            let container_dir = entry.path();
+            match table.restore(&id, &container_dir) {
+                Ok(Some(restored_entry)) => {
+                    restored.insert(id, restored_entry);
+                }
+                Ok(None) => {
+                    debug!(container = %id, "removing a container directory without a record");
+                    let _ = std::fs::remove_dir_all(&container_dir);
+                }
+                Err(error) => {
+                    warn!(container = %id, %error, "cannot restore the container's record; it stays on disk");
+                }
+            }
+        }
+        drop(restored);
+        table
+    }
+
+    /// One container from its directory; `None` without a record.
+    fn restore(&self, id: &str, dir: &Path) -> Result<Option<Arc<ContainerEntry>>, std::io::Error> {
+        let bytes = match std::fs::read(dir.join(RECORD_FILE)) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let record: ContainerRecord = serde_json::from_slice(&bytes)
+            .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))?;
+        let main = Arc::new(ProcessLog::open(dir, "main", self.limits)?);
+        let mut execs = Vec::with_capacity(record.execs.len());
+        for exec_id in record.execs {
+            gantry_proto::validate_id("exec id", &exec_id)
+                .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))?;
+            let log = ProcessLog::open(dir, &exec_stem(&exec_id), self.limits)?;
+            execs.push((exec_id, Arc::new(log)));
+        }
+        Ok(Some(Arc::new(ContainerEntry {
+            id: id.to_owned(),
+            image: record.image,
+            created_unix: record.created_unix,
+            process: record.process,
+            dir: dir.to_owned(),
+            limits: self.limits,
+            main,
+            execs: Mutex::new(execs),
+            oom_killed: AtomicBool::new(record.oom_killed),
+            created: AtomicBool::new(record.created),
+            awaiting_output: Mutex::default(),
+        })))
+    }
+
+    /// How far the logs hold each known process's output, for the shim to resend from.
+    pub fn positions(&self) -> Vec<OutputPosition> {
+        let entries: Vec<_> = lock(&self.entries).values().cloned().collect();
+        entries.iter().flat_map(|entry| entry.positions()).collect()
     }
 
     /// The same table, counting starts, exits and OOM kills into `metrics`.
@@ -205,6 +373,10 @@ impl ContainerTable {
             created: AtomicBool::new(false),
             awaiting_output: Mutex::default(),
         });
+        if let Err(error) = entry.save() {
+            let _ = std::fs::remove_dir_all(&entry.dir);
+            return Err(error);
+        }
         entries.insert(id.to_owned(), Arc::clone(&entry));
         Ok(entry)
     }
@@ -267,6 +439,21 @@ impl ContainerTable {
         });
     }
 
+    /// The container that output is for; its main process's output may be its first.
+    fn output_entry(
+        &self,
+        container_id: &str,
+        exec_id: Option<&str>,
+    ) -> Option<Arc<ContainerEntry>> {
+        let entry = lock(&self.entries).get(container_id).cloned();
+        if exec_id.is_none()
+            && let Some(entry) = &entry
+        {
+            self.first_output(entry);
+        }
+        entry
+    }
+
     /// Takes in an event from the shim; returns the credit to give back for output.
     ///
     /// Output of a container the agent does not know (created by an earlier agent) is credited
@@ -279,12 +466,7 @@ impl ContainerTable {
                 stream,
                 data,
             } => {
-                let entry = lock(&self.entries).get(&container_id).cloned();
-                if exec_id.is_none()
-                    && let Some(entry) = &entry
-                {
-                    self.first_output(entry);
-                }
+                let entry = self.output_entry(&container_id, exec_id.as_deref());
                 let log = entry.and_then(|entry| entry.log(exec_id.as_deref()));
                 match log {
                     Some(log) => {
@@ -301,6 +483,41 @@ impl ContainerTable {
                     bytes,
                 })
             }
+            Event::OutputAt {
+                container_id,
+                exec_id,
+                stream,
+                offset,
+                data,
+            } => {
+                let entry = self.output_entry(&container_id, exec_id.as_deref());
+                let end = offset.saturating_add(data.len() as u64);
+                let position = match entry.and_then(|entry| entry.log(exec_id.as_deref())) {
+                    Some(log) => match log.output_at(stream, offset, &data) {
+                        Ok(appended) => {
+                            if let Appended::AfterGap { missing } = appended {
+                                warn!(container = %container_id, ?exec_id, missing, "output before this chunk never arrived");
+                            }
+                            log.position()
+                        }
+                        Err(error) => {
+                            // Acknowledged all the same: a log the card cannot write must not
+                            // stop the container.
+                            warn!(container = %container_id, %error, "cannot write the container's log");
+                            end
+                        }
+                    },
+                    None => {
+                        self.report_unknown(&container_id, exec_id.as_deref());
+                        end
+                    }
+                };
+                Some(Op::OutputReceived {
+                    container_id,
+                    exec_id,
+                    position,
+                })
+            }
             Event::Exit {
                 container_id,
                 exec_id,
@@ -308,22 +525,31 @@ impl ContainerTable {
             } => {
                 let entry = lock(&self.entries).get(&container_id).cloned();
                 if let Some(entry) = entry {
-                    if exec_id.is_none() {
-                        self.metrics.exited();
-                    }
                     let oom_killed = exec_id.is_none() && entry.oom_killed();
-                    if let Some(log) = entry.log(exec_id.as_deref())
-                        && let Err(error) = log.finish(ExitRecord { status, oom_killed })
-                    {
-                        warn!(container = %container_id, %error, "cannot write the container's log");
+                    // An exit the shim says again after a reconnection is counted once.
+                    let first = match entry.log(exec_id.as_deref()) {
+                        Some(log) => log
+                            .finish(ExitRecord { status, oom_killed })
+                            .unwrap_or_else(|error| {
+                                warn!(container = %container_id, %error, "cannot write the container's log");
+                                true
+                            }),
+                        None => true,
+                    };
+                    if first && exec_id.is_none() {
+                        self.metrics.exited();
                     }
                 }
                 None
             }
             Event::Oom { container_id } => {
                 self.metrics.oom_killed();
-                if let Some(entry) = lock(&self.entries).get(&container_id) {
-                    entry.oom_killed.store(true, Ordering::Relaxed);
+                let entry = lock(&self.entries).get(&container_id).cloned();
+                if let Some(entry) = entry
+                    && !entry.oom_killed.swap(true, Ordering::Relaxed)
+                    && let Err(error) = entry.save()
+                {
+                    warn!(container = %container_id, %error, "the container's record stays without its OOM kill");
                 }
                 None
             }
@@ -420,6 +646,113 @@ mod tests {
         assert!(!dir.path().join("c1").exists());
     }
 
+    #[tokio::test]
+    async fn a_table_opened_again_has_its_containers_execs_and_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let process = shell();
+        {
+            let table = ContainerTable::new(dir.path(), LogLimits::default());
+            let entry = table
+                .insert("c1", "docker.io/library/alpine", &process)
+                .unwrap();
+            entry.mark_created();
+            entry.add_exec("e1").unwrap();
+            table.insert("c2", "default", &process).unwrap();
+            let received = table.on_event(Event::OutputAt {
+                container_id: "c1".into(),
+                exec_id: None,
+                stream: OutputStream::Stdout,
+                offset: 0,
+                data: b"hello".to_vec(),
+            });
+            assert_eq!(
+                received,
+                Some(Op::OutputReceived {
+                    container_id: "c1".into(),
+                    exec_id: None,
+                    position: 5
+                })
+            );
+            table.on_event(Event::OutputAt {
+                container_id: "c1".into(),
+                exec_id: Some("e1".into()),
+                stream: OutputStream::Stderr,
+                offset: 0,
+                data: b"exec".to_vec(),
+            });
+            table.on_event(Event::Oom {
+                container_id: "c1".into(),
+            });
+        }
+        // An agent that died creating a container left a directory without a record; a
+        // record that cannot be read stays as it is.
+        std::fs::create_dir_all(dir.path().join("half")).unwrap();
+        std::fs::create_dir_all(dir.path().join("bad")).unwrap();
+        std::fs::write(dir.path().join("bad").join(RECORD_FILE), b"{not json").unwrap();
+
+        let table = ContainerTable::open(dir.path(), LogLimits::default());
+        let ids: Vec<_> = table.all().iter().map(|e| e.id.clone()).collect();
+        assert_eq!(ids, ["c1", "c2"]);
+        assert!(!dir.path().join("half").exists());
+        assert!(dir.path().join("bad").join(RECORD_FILE).exists());
+        let entry = table.get("c1").unwrap();
+        assert_eq!(entry.image, "docker.io/library/alpine");
+        assert_eq!(entry.process, process);
+        assert!(entry.created() && entry.oom_killed());
+        assert!(!table.get("c2").unwrap().created());
+        let mut positions = table.positions();
+        positions.sort_by(|a, b| (&a.container_id, &a.exec_id).cmp(&(&b.container_id, &b.exec_id)));
+        let summary: Vec<_> = positions
+            .iter()
+            .map(|p| (p.container_id.as_str(), p.exec_id.as_deref(), p.position))
+            .collect();
+        assert_eq!(
+            summary,
+            [("c1", None, 5), ("c1", Some("e1"), 4), ("c2", None, 0)]
+        );
+
+        // Output resent after the restart is kept once, and the logs go on.
+        table.on_event(Event::OutputAt {
+            container_id: "c1".into(),
+            exec_id: None,
+            stream: OutputStream::Stdout,
+            offset: 3,
+            data: b"lo world".to_vec(),
+        });
+        for _ in 0..2 {
+            table.on_event(Event::Exit {
+                container_id: "c1".into(),
+                exec_id: None,
+                status: ExitStatus::Code(0),
+            });
+        }
+        let mut main = entry.log(None).unwrap().reader(false).await.unwrap();
+        let mut items = Vec::new();
+        while let Some(item) = main.next().await.unwrap() {
+            items.push(item);
+        }
+        assert_eq!(
+            items,
+            [
+                LogItem::Output(OutputStream::Stdout, b"hello".to_vec()),
+                LogItem::Output(OutputStream::Stdout, b" world".to_vec()),
+                LogItem::Exit(ExitRecord {
+                    status: ExitStatus::Code(0),
+                    oom_killed: true
+                }),
+            ]
+        );
+        let mut exec = entry.log(Some("e1")).unwrap().reader(false).await.unwrap();
+        assert_eq!(
+            exec.next().await.unwrap(),
+            Some(LogItem::Output(OutputStream::Stderr, b"exec".to_vec()))
+        );
+        assert!(matches!(
+            entry.add_exec("e1"),
+            Err(ContainerTableError::Exists(_))
+        ));
+    }
+
     #[test]
     fn exits_ooms_and_the_first_output_are_counted() {
         use crate::metrics::tests::sample;
@@ -468,6 +801,12 @@ mod tests {
             Some(0.0),
             "an exec is no container"
         );
+        table.on_event(Event::Exit {
+            container_id: "c1".into(),
+            exec_id: None,
+            status: ExitStatus::Signal(9),
+        });
+        // Said again after a reconnection: one exit.
         table.on_event(Event::Exit {
             container_id: "c1".into(),
             exec_id: None,

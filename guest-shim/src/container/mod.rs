@@ -134,6 +134,17 @@ impl Process {
     }
 }
 
+/// A process's output as a subscription sees it ([`Runtime::output_processes`]).
+#[derive(Debug)]
+pub struct ProcessOutputState {
+    /// Which process.
+    pub key: ProcessKey,
+    /// Its window and the output kept in it.
+    pub window: Arc<OutputWindow>,
+    /// How it ended, if it has.
+    pub exited: Option<ExitStatus>,
+}
+
 #[derive(Debug)]
 struct Container {
     layers: Vec<LayerRef>,
@@ -234,15 +245,28 @@ impl Runtime {
         &self.sink
     }
 
-    /// A new agent connection: output in flight on the old one is gone, open every window.
-    pub fn reset_output_windows(&self) {
+    /// Every process's output window and, if it has ended, its exit: what a subscription
+    /// resends.
+    pub fn output_processes(&self) -> Vec<ProcessOutputState> {
         let inner = self.lock();
-        for container in inner.containers.values() {
-            container.main.window.reset();
-            for exec in container.execs.values() {
-                exec.window.reset();
+        let mut processes = Vec::new();
+        for (id, container) in &inner.containers {
+            let execs = container
+                .execs
+                .iter()
+                .map(|(exec_id, exec)| (Some(exec_id.clone()), exec));
+            for (exec_id, process) in std::iter::once((None, &container.main)).chain(execs) {
+                processes.push(ProcessOutputState {
+                    key: ProcessKey {
+                        container_id: id.clone(),
+                        exec_id,
+                    },
+                    window: Arc::clone(&process.window),
+                    exited: process.exited(),
+                });
             }
         }
+        processes
     }
 
     /// Executes a container operation; `None` if `op` is not one.
@@ -308,10 +332,18 @@ impl Runtime {
                 exec_id,
                 bytes,
             } => self.credit(&container_id, exec_id.as_deref(), bytes),
+            Op::OutputReceived {
+                container_id,
+                exec_id,
+                position,
+            } => self.received(&container_id, exec_id.as_deref(), position),
             Op::GuestResources => Ok(self.resources()),
             Op::SpawnBaseline { args } => self.spawn_baseline(args).await,
             // Connection-level operations, answered by the server.
-            Op::GuestInfo | Op::Ping { .. } | Op::SubscribeEvents => return None,
+            Op::GuestInfo
+            | Op::Ping { .. }
+            | Op::SubscribeEvents
+            | Op::SubscribeEventsFrom { .. } => return None,
         };
         Some(result.map_err(ErrorReply::from))
     }
@@ -704,6 +736,18 @@ impl Runtime {
         Ok(Reply::Done)
     }
 
+    fn received(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        position: u64,
+    ) -> Result<Reply, RuntimeError> {
+        let inner = self.lock();
+        let container = inner.containers.get(id).ok_or_else(|| not_found(id))?;
+        container.process(id, exec_id)?.window.received(position);
+        Ok(Reply::Done)
+    }
+
     /// Starts forwarding a process's output and watching for its exit (and, for a container's
     /// main process, OOM kills).
     fn supervise(
@@ -756,6 +800,7 @@ impl Runtime {
                 exit.clone(),
             ));
         }
+        let exit_window = Arc::clone(&window);
         tokio::spawn(async move {
             let status = reaper.wait(wait_pid).await;
             let drained = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
@@ -779,7 +824,10 @@ impl Runtime {
                 .await;
             }
             let _ = exit_tx.send(Some(status));
-            sink.send(Event::Exit {
+            // After the output (the pumps are done, or given up on); without a connection the
+            // next subscription sends it.
+            let _sending = exit_window.sending().await;
+            sink.offer(&Event::Exit {
                 container_id: key.container_id,
                 exec_id: key.exec_id,
                 status,
