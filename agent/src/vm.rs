@@ -668,6 +668,14 @@ impl CreditLedger {
         drop(owed);
         self.added.notify_one();
     }
+
+    /// Puts back a position no session took, without waking [`give_credit`]: a new session
+    /// does (a position is not lost, and no loop spins on a dead session).
+    fn keep_received(&self, process: (ContainerId, Option<ExecId>), position: u64) {
+        let mut owed = lock(&self.owed);
+        let received = &mut owed.entry(process).or_default().received;
+        *received = Some(received.map_or(position, |had| had.max(position)));
+    }
 }
 
 /// Takes the shim's events into the container table (writing logs) and records the credit owed
@@ -687,17 +695,30 @@ fn take_events(
 /// Gives the shim the credit its output earned, one request at a time: while one is in flight,
 /// further credit for the same process adds up into the next, so a flood of output events
 /// costs a bounded number of tasks and requests.
+///
+/// Credit in bytes (1.2) is void without a session: a new session starts with fresh windows.
+/// A position (1.3) is kept until a session takes it: the output a new subscription resends
+/// arrives, and is logged, before the session is published, and a shim whose window that
+/// resend filled waits for exactly those positions.
 async fn give_credit(
     ledger: Arc<CreditLedger>,
-    session: watch::Receiver<Option<Arc<ShimSession>>>,
+    mut session: watch::Receiver<Option<Arc<ShimSession>>>,
 ) {
     loop {
-        ledger.added.notified().await;
+        tokio::select! {
+            () = ledger.added.notified() => {}
+            changed = session.changed() => if changed.is_err() { return },
+        }
+        let current = session.borrow_and_update().clone();
         let owed = std::mem::take(&mut *lock(&ledger.owed));
-        let current = session.borrow().clone();
-        // Without a session the credit is void: a new session starts with fresh windows (1.2)
-        // or from the positions the logs hold (1.3).
-        let Some(session) = current else { continue };
+        let Some(session) = current else {
+            for (process, owed) in owed {
+                if let Some(position) = owed.received {
+                    ledger.keep_received(process, position);
+                }
+            }
+            continue;
+        };
         for ((container_id, exec_id), owed) in owed {
             if let Some(position) = owed.received {
                 let received = Op::OutputReceived {
@@ -705,8 +726,13 @@ async fn give_credit(
                     exec_id: exec_id.clone(),
                     position,
                 };
-                if let Err(error) = session.request(received, DEFAULT_REQUEST_TIMEOUT).await {
-                    debug!(%error, "output position not delivered");
+                match session.request(received, DEFAULT_REQUEST_TIMEOUT).await {
+                    Ok(_) => {}
+                    // The connection failed, not the shim: the next session takes it.
+                    Err(SessionError::Closed | SessionError::RequestTimeout(_)) => {
+                        ledger.keep_received((container_id.clone(), exec_id.clone()), position);
+                    }
+                    Err(error) => debug!(%error, "output position refused"),
                 }
             }
             let mut bytes = owed.bytes;
@@ -896,5 +922,97 @@ async fn mirror_vsock_counters(keeper: KeeperClient, metrics: VsockMetrics) {
             metrics.absorb(&last, &now);
             last = now;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{SinkExt, StreamExt};
+    use gantry_proto::{FrameCodec, Hello, Message, Request, Response};
+    use tokio_util::codec::Framed;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    /// A session with a scripted shim on the other end of an in-memory stream.
+    async fn session_with_fake_shim() -> (
+        Arc<ShimSession>,
+        Framed<tokio::io::DuplexStream, FrameCodec>,
+    ) {
+        let (agent_end, shim_end) = tokio::io::duplex(1 << 16);
+        let mut shim = Framed::new(shim_end, FrameCodec::default());
+        shim.send(Message::Hello(Hello::new("fake-shim")))
+            .await
+            .unwrap();
+        let events = mpsc::channel(16).0;
+        let session = ShimSession::establish(agent_end, "test", SECOND, 1 << 20, events)
+            .await
+            .unwrap();
+        assert!(matches!(shim.next().await, Some(Ok(Message::Hello(_)))));
+        (session, shim)
+    }
+
+    fn received(container_id: &str, position: u64) -> Op {
+        Op::OutputReceived {
+            container_id: container_id.into(),
+            exec_id: None,
+            position,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_position_owed_without_a_session_goes_to_the_next_one_and_credit_does_not() {
+        let ledger = Arc::new(CreditLedger::default());
+        let (session_tx, session) = watch::channel(None);
+        let task = tokio::spawn(give_credit(Arc::clone(&ledger), session));
+        // Logged while the new session subscribes, before it is published.
+        ledger.owe(received("c", 100));
+        ledger.owe(received("c", 70));
+        ledger.owe(Op::OutputCredit {
+            container_id: "d".into(),
+            exec_id: None,
+            bytes: 5,
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let (session, mut shim) = session_with_fake_shim().await;
+        session_tx.send(Some(session)).unwrap();
+        let Ok(Some(Ok(Message::Request(Request { id, op })))) =
+            tokio::time::timeout(5 * SECOND, shim.next()).await
+        else {
+            panic!("no request");
+        };
+        assert_eq!(op, received("c", 100), "the furthest position, kept");
+        shim.send(Message::Response(Response {
+            id,
+            result: Ok(Reply::Done),
+        }))
+        .await
+        .unwrap();
+        // The credit for "d" was void: nothing else comes.
+        let more = tokio::time::timeout(Duration::from_millis(200), shim.next()).await;
+        assert!(more.is_err(), "{more:?}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_position_the_connection_lost_goes_to_the_next_session() {
+        let ledger = Arc::new(CreditLedger::default());
+        let (first, shim) = session_with_fake_shim().await;
+        let (session_tx, session) = watch::channel(Some(first));
+        let task = tokio::spawn(give_credit(Arc::clone(&ledger), session));
+        drop(shim);
+        ledger.owe(received("c", 42));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let (second, mut shim) = session_with_fake_shim().await;
+        session_tx.send(Some(second)).unwrap();
+        let Ok(Some(Ok(Message::Request(Request { op, .. })))) =
+            tokio::time::timeout(5 * SECOND, shim.next()).await
+        else {
+            panic!("no request");
+        };
+        assert_eq!(op, received("c", 42));
+        task.abort();
     }
 }

@@ -9,19 +9,17 @@
 //! no sense at that point, ends that connection (with a `Goodbye` saying why when the transport
 //! still works). The listener and every other connection carry on.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
 use gantry_proto::{
     DEFAULT_MAX_FRAME_LEN, ErrorKind, ErrorReply, FrameCodec, FrameError, GuestInfo, Hello,
-    Message, Op, OutputPosition, PROTOCOL_VERSION, Reply, Request, Response, negotiate,
+    Message, Op, PROTOCOL_VERSION, Reply, Request, Response, negotiate,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::container::Runtime;
-use gantry_proto::Event;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_vsock::{VMADDR_CID_ANY, VsockAddr, VsockListener};
 
@@ -198,11 +196,11 @@ where
     });
 
     // Events (output, exits) go to the connection that asks for them (`SubscribeEvents`, from
-    // protocol 1.1 on) or, for an older agent, to the newest connection. Output in flight on
-    // an older one is lost.
+    // protocol 1.1 on; `SubscribeEventsFrom`, which loses no output, from 1.3 on) or, for an
+    // older agent, to the newest connection (see `EventSink::subscribe`).
     let mut sink_generation = None;
     if peer_hello.protocol_version < gantry_proto::EVENTS_BY_SUBSCRIPTION {
-        sink_generation = Some(subscribe(&state.runtime, &outgoing, None).await);
+        sink_generation = Some(state.runtime.sink().subscribe(outgoing.clone(), None).await);
     }
 
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS));
@@ -225,12 +223,15 @@ where
                 id,
                 op: op @ (Op::SubscribeEvents | Op::SubscribeEventsFrom { .. }),
             }) => {
+                // A second subscription on the same connection changes nothing: its events
+                // already come here.
                 if sink_generation.is_none() {
                     let positions = match op {
                         Op::SubscribeEventsFrom { positions } => Some(positions),
                         _ => None,
                     };
-                    sink_generation = Some(subscribe(&state.runtime, &outgoing, positions).await);
+                    let sink = state.runtime.sink();
+                    sink_generation = Some(sink.subscribe(outgoing.clone(), positions).await);
                 }
                 let response = Response {
                     id,
@@ -280,79 +281,6 @@ where
         Err(join_error) => tracing::error!(%join_error, "connection writer failed"),
     }
     outcome
-}
-
-/// Makes `outgoing` the connection events go to; returns its sink generation.
-///
-/// With `positions` (`SubscribeEventsFrom`), each process's kept output is resent from the
-/// position its agent holds, under the process's `sending` lock (taken for every process before
-/// the connection is attached), so that newer output follows it; without (`SubscribeEvents` of
-/// a 1.2 agent), kept output is forgotten, as 1.2 did. Either way the exits of processes that
-/// ended are sent again after their output: one sent to a dead connection was lost with it,
-/// and the agent writes an exit once.
-async fn subscribe(
-    runtime: &Runtime,
-    outgoing: &mpsc::Sender<Message>,
-    positions: Option<Vec<OutputPosition>>,
-) -> u64 {
-    let resumable = positions.is_some();
-    let positions: HashMap<(String, Option<String>), u64> = positions
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| ((p.container_id, p.exec_id), p.position))
-        .collect();
-    let mut processes = runtime.output_processes();
-    let mut guards = Vec::with_capacity(processes.len());
-    for process in &processes {
-        guards.push(process.window.sending().await);
-    }
-    let generation = runtime.sink().attach(outgoing.clone(), resumable);
-    // A process created meanwhile offered its output to an older connection: resend it too.
-    let known: HashSet<(String, Option<String>)> = processes
-        .iter()
-        .map(|p| (p.key.container_id.clone(), p.key.exec_id.clone()))
-        .collect();
-    let late: Vec<_> = runtime
-        .output_processes()
-        .into_iter()
-        .filter(|p| !known.contains(&(p.key.container_id.clone(), p.key.exec_id.clone())))
-        .collect();
-    for process in &late {
-        guards.push(process.window.sending().await);
-    }
-    processes.extend(late);
-    for process in &processes {
-        let key = &process.key;
-        if resumable {
-            let position = positions
-                .get(&(key.container_id.clone(), key.exec_id.clone()))
-                .copied();
-            for chunk in process.window.kept_from(position) {
-                let event = Event::OutputAt {
-                    container_id: key.container_id.clone(),
-                    exec_id: key.exec_id.clone(),
-                    stream: chunk.stream,
-                    offset: chunk.offset,
-                    data: chunk.data,
-                };
-                if outgoing.send(Message::Event(event)).await.is_err() {
-                    break;
-                }
-            }
-        } else {
-            process.window.reset();
-        }
-        if let Some(status) = process.exited {
-            let exit = Event::Exit {
-                container_id: key.container_id.clone(),
-                exec_id: key.exec_id.clone(),
-                status,
-            };
-            let _ = outgoing.send(Message::Event(exit)).await;
-        }
-    }
-    drop(guards);
-    generation
 }
 
 /// Sends a `Goodbye` on a best-effort basis: the connection is being closed anyway.
@@ -421,8 +349,18 @@ mod tests {
         AgentSide,
         tokio::task::JoinHandle<Result<(), ConnectionError>>,
     ) {
+        connect_to(&state())
+    }
+
+    /// Starts a connection to the shim of `state` (connections after an agent restart).
+    fn connect_to(
+        state: &Arc<ShimState>,
+    ) -> (
+        AgentSide,
+        tokio::task::JoinHandle<Result<(), ConnectionError>>,
+    ) {
         let (agent, shim) = tokio::io::duplex(64 * 1024);
-        let task = tokio::spawn(serve_connection(shim, state()));
+        let task = tokio::spawn(serve_connection(shim, Arc::clone(state)));
         (Framed::new(agent, FrameCodec::default()), task)
     }
 
@@ -617,5 +555,239 @@ mod tests {
             task.await.expect("task"),
             Err(ConnectionError::ClosedBeforeHello)
         ));
+    }
+
+    /// A process of no container: its stdout pumped into the shim's sink as a container's
+    /// would be; its window, the process's end of the pipe, the pump.
+    fn spawn_process(
+        state: &ShimState,
+        container_id: &str,
+    ) -> (
+        Arc<crate::container::io::OutputWindow>,
+        std::fs::File,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let sink = state.runtime.sink();
+        let window = sink.window(crate::container::io::ProcessKey {
+            container_id: container_id.into(),
+            exec_id: None,
+        });
+        let (read, write) = crate::container::launch::pipe().expect("pipe");
+        let pump = tokio::spawn(crate::container::io::pump(
+            read,
+            gantry_proto::OutputStream::Stdout,
+            Arc::clone(&window),
+            Arc::clone(sink),
+        ));
+        (window, std::fs::File::from(write), pump)
+    }
+
+    async fn write(mut file: std::fs::File, data: &'static [u8]) -> std::fs::File {
+        tokio::task::spawn_blocking(move || {
+            std::io::Write::write_all(&mut file, data).expect("write");
+            file
+        })
+        .await
+        .expect("writer")
+    }
+
+    async fn handshake_as(agent: &mut AgentSide, protocol_version: ProtocolVersion) {
+        let Message::Hello(_) = next(agent).await else {
+            panic!("the shim speaks first with a Hello");
+        };
+        let mut hello = Hello::new("test-agent");
+        hello.protocol_version = protocol_version;
+        agent.send(Message::Hello(hello)).await.expect("send Hello");
+    }
+
+    async fn request(agent: &mut AgentSide, id: u64, op: Op) {
+        agent
+            .send(Message::Request(Request { id, op }))
+            .await
+            .expect("send");
+    }
+
+    /// Reads events until the response to `id`, which is `Done`; the events.
+    async fn events_until_done(agent: &mut AgentSide, id: u64) -> Vec<gantry_proto::Event> {
+        let mut events = Vec::new();
+        loop {
+            match next(agent).await {
+                Message::Event(event) => events.push(event),
+                Message::Response(response) => {
+                    assert_eq!(response.id, id);
+                    assert_eq!(response.result, Ok(Reply::Done));
+                    return events;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn output_at(container_id: &str, offset: u64, data: &[u8]) -> gantry_proto::Event {
+        gantry_proto::Event::OutputAt {
+            container_id: container_id.into(),
+            exec_id: None,
+            stream: gantry_proto::OutputStream::Stdout,
+            offset,
+            data: data.to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restarted_agent_gets_the_output_from_its_position_then_the_exit_again() {
+        let state = state();
+        let (window, file, pump) = spawn_process(&state, "c");
+        let (mut agent, task) = connect_to(&state);
+        handshake(&mut agent).await;
+        request(
+            &mut agent,
+            1,
+            Op::SubscribeEventsFrom {
+                positions: Vec::new(),
+            },
+        )
+        .await;
+        assert_eq!(events_until_done(&mut agent, 1).await, Vec::new());
+        let file = write(file, b"first\n").await;
+        assert_eq!(
+            next(&mut agent).await,
+            Message::Event(output_at("c", 0, b"first\n"))
+        );
+        // A probe that never subscribes gets no events.
+        let (mut probe, probe_task) = connect_to(&state);
+        handshake(&mut probe).await;
+
+        // The agent dies having logged "fir"; the process writes on without it and ends.
+        drop(agent);
+        task.await.expect("task").expect("connection");
+        drop(write(file, b"second\n").await);
+        pump.await.expect("pump");
+        let exit = gantry_proto::Event::Exit {
+            container_id: "c".into(),
+            exec_id: None,
+            status: gantry_proto::ExitStatus::Code(0),
+        };
+        state
+            .runtime
+            .sink()
+            .hand_over_exit(&window, gantry_proto::ExitStatus::Code(0))
+            .await;
+
+        let (mut agent, task) = connect_to(&state);
+        handshake(&mut agent).await;
+        let held = gantry_proto::OutputPosition {
+            container_id: "c".into(),
+            exec_id: None,
+            position: 3,
+        };
+        request(
+            &mut agent,
+            2,
+            Op::SubscribeEventsFrom {
+                positions: vec![held],
+            },
+        )
+        .await;
+        assert_eq!(
+            events_until_done(&mut agent, 2).await,
+            vec![
+                output_at("c", 3, b"st\n"),
+                output_at("c", 6, b"second\n"),
+                exit
+            ],
+            "the rest once, in order, then the exit"
+        );
+        // Positions of no process of the shim's, or past its output, are no failure.
+        request(
+            &mut agent,
+            3,
+            Op::OutputReceived {
+                container_id: "c".into(),
+                exec_id: None,
+                position: u64::MAX,
+            },
+        )
+        .await;
+        let Message::Response(Response {
+            id: 3,
+            result: Err(error),
+        }) = next(&mut agent).await
+        else {
+            panic!("expected an answer to 3");
+        };
+        assert_eq!(
+            error.kind,
+            ErrorKind::NotFound,
+            "no container c in the runtime"
+        );
+
+        request(
+            &mut probe,
+            4,
+            Op::Ping {
+                payload: Vec::new(),
+            },
+        )
+        .await;
+        assert!(matches!(
+            next(&mut probe).await,
+            Message::Response(Response { id: 4, .. })
+        ));
+        drop(probe);
+        probe_task.await.expect("probe task").expect("probe");
+        drop(agent);
+        task.await.expect("task").expect("connection");
+    }
+
+    #[tokio::test]
+    async fn an_old_agent_subscribing_gets_plain_output_and_its_exit_once() {
+        let state = state();
+        let (window, file, pump) = spawn_process(&state, "c");
+        let file = write(file, b"before\n").await;
+        // Read and kept before any agent subscribes.
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while window.kept_bytes() < 7 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the pump reads");
+        let (mut agent, task) = connect_to(&state);
+        handshake_as(&mut agent, ProtocolVersion { major: 1, minor: 2 }).await;
+        request(&mut agent, 1, Op::SubscribeEvents).await;
+        let output = |data: &[u8]| gantry_proto::Event::Output {
+            container_id: "c".into(),
+            exec_id: None,
+            stream: gantry_proto::OutputStream::Stdout,
+            data: data.to_vec(),
+        };
+        assert_eq!(
+            events_until_done(&mut agent, 1).await,
+            vec![output(b"before\n")],
+            "what no connection took"
+        );
+        drop(write(file, b"after\n").await);
+        assert_eq!(next(&mut agent).await, Message::Event(output(b"after\n")));
+        pump.await.expect("pump");
+        state
+            .runtime
+            .sink()
+            .hand_over_exit(&window, gantry_proto::ExitStatus::Code(1))
+            .await;
+        assert!(matches!(
+            next(&mut agent).await,
+            Message::Event(gantry_proto::Event::Exit { .. })
+        ));
+        drop(agent);
+        task.await.expect("task").expect("connection");
+
+        // The next 1.2 agent: the output in flight is lost and the exit, taken, is not said again.
+        let (mut agent, task) = connect_to(&state);
+        handshake_as(&mut agent, ProtocolVersion { major: 1, minor: 2 }).await;
+        request(&mut agent, 2, Op::SubscribeEvents).await;
+        assert_eq!(events_until_done(&mut agent, 2).await, Vec::new());
+        assert_eq!(window.kept_bytes(), 0, "and its window is open");
+        drop(agent);
+        task.await.expect("task").expect("connection");
     }
 }

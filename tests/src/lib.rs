@@ -321,10 +321,17 @@ impl TestAgent {
     /// Kills the agent with SIGKILL (no cleanup: a crash) and starts it again on the same
     /// config and state directory; waits for its API socket.
     pub fn crash_and_restart(&mut self) -> Result<()> {
+        self.crash_and_restart_after(Duration::ZERO)
+    }
+
+    /// Kills the agent with SIGKILL, leaves it down for `down`, and starts it again on the same
+    /// config and state directory; waits for its API socket.
+    pub fn crash_and_restart_after(&mut self, down: Duration) -> Result<()> {
         let _ = self.watchdog.kill();
         let _ = self.watchdog.wait();
         self.child.kill()?;
         self.child.wait()?;
+        std::thread::sleep(down);
         // A crashed agent leaves its API socket behind; the new one replaces it.
         let _ = std::fs::remove_file(&self.api_socket);
         let (child, watchdog) = Self::spawn(self.dir.path(), &self.env)?;

@@ -50,6 +50,31 @@ fn state_of(agent: &TestAgent, name: &str) -> String {
         .unwrap_or_else(|| format!("not listed: {listed}"))
 }
 
+/// Runs a detached container `name` in the VM: `rest` is the options, image and command.
+fn run_detached(agent: &TestAgent, name: &str, rest: &[&str]) {
+    let mut args = vec!["run", "--vm", VM, "-d", "--name", name];
+    args.extend_from_slice(rest);
+    let started = agent.cli_within(&args, Duration::from_secs(120));
+    assert!(
+        started.status.success(),
+        "run {name}: {}",
+        text(&started.stderr)
+    );
+}
+
+/// Waits until container `name` no longer runs, for at most `within`.
+fn wait_stopped(agent: &TestAgent, name: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while state_of(agent, name) == "Running" {
+        assert!(
+            Instant::now() < deadline,
+            "{name} still runs after {within:?}\n--- agent log ---\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits until the VM's shim session is up again; returns how long that took.
 fn wait_connected(agent: &TestAgent, since: Instant) -> Duration {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -161,14 +186,10 @@ fn containers_run_on_through_agent_crashes_and_an_upgrade() {
          while :; do s=$(sha256sum /data/big.bin); [ \"${{s%% *}}\" = {big_sha} ] || exit 3; \
          n=$((n + 1)); done"
     );
-    let started = agent.cli_within(
+    run_detached(
+        &agent,
+        "reader",
         &[
-            "run",
-            "--vm",
-            VM,
-            "-d",
-            "--name",
-            "reader",
             "--memory",
             READER_MEMORY,
             "--pull-mode",
@@ -178,37 +199,14 @@ fn containers_run_on_through_agent_crashes_and_an_upgrade() {
             "-c",
             &reader_script,
         ],
-        Duration::from_secs(120),
     );
-    assert!(started.status.success(), "{}", text(&started.stderr));
-    let started = agent.cli_within(
-        &[
-            "run", "--vm", VM, "-d", "--name", "sleeper", "default", "sleep", "100000",
-        ],
-        Duration::from_secs(120),
-    );
-    assert!(started.status.success(), "{}", text(&started.stderr));
+    run_detached(&agent, "sleeper", &["default", "sleep", "100000"]);
     // About a thousand numbered lines a second, on both streams (every tenth to stderr).
     let writer_script = "i=0; trap 'exit 0' TERM; while :; do \
          j=0; while [ $j -lt 50 ]; do \
          if [ $((i % 10)) = 0 ]; then echo $i >&2; else echo $i; fi; \
          i=$((i + 1)); j=$((j + 1)); done; sleep 0.05; done";
-    let started = agent.cli_within(
-        &[
-            "run",
-            "--vm",
-            VM,
-            "-d",
-            "--name",
-            "writer",
-            "default",
-            "sh",
-            "-c",
-            writer_script,
-        ],
-        Duration::from_secs(120),
-    );
-    assert!(started.status.success(), "{}", text(&started.stderr));
+    run_detached(&agent, "writer", &["default", "sh", "-c", writer_script]);
     // Into the first pass: the reader is fetching.
     std::thread::sleep(Duration::from_secs(2));
 
@@ -301,15 +299,31 @@ fn containers_run_on_through_agent_crashes_and_an_upgrade() {
         Duration::from_secs(30),
     );
     assert!(kill.status.success(), "kill writer: {}", text(&kill.stderr));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while state_of(&agent, "writer") == "Running" {
-        assert!(Instant::now() < deadline, "the writer did not stop");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_stopped(&agent, "writer", Duration::from_secs(60));
     let logs = agent.cli_within(&["logs", "--vm", VM, "writer"], Duration::from_secs(60));
     assert!(logs.status.success(), "logs: {}", text(&logs.stderr));
     check_numbered(&text(&logs.stdout), |i| i % 10 != 0, "stdout");
     check_numbered(&text(&logs.stderr), |i| i % 10 == 0, "stderr");
+    // A flood while no agent runs: the shim keeps a full window (1 MiB) of it and the process
+    // waits. The next agent is resent that window while it subscribes, and must acknowledge
+    // it, or the process waits for ever.
+    const FLOOD_LAST: u64 = 600_000;
+    let flood_last = FLOOD_LAST.to_string();
+    run_detached(&agent, "flooder", &["default", "seq", "0", &flood_last]);
+    agent
+        .crash_and_restart_after(Duration::from_secs(4))
+        .expect("restart after SIGKILL");
+    wait_connected(&agent, Instant::now());
+    // It waits for ever if its output is not taken.
+    wait_stopped(&agent, "flooder", Duration::from_secs(180));
+    let logs = agent.cli_within(&["logs", "--vm", VM, "flooder"], Duration::from_secs(60));
+    assert!(logs.status.success(), "logs: {}", text(&logs.stderr));
+    check_numbered(&text(&logs.stdout), |_| true, "flooder");
+    assert!(
+        text(&logs.stdout).ends_with(&format!("\n{FLOOD_LAST}\n")),
+        "the flood's last line is logged"
+    );
+
     // `sleep` as its container's first process has no handler for TERM: it gets KILL.
     for (name, signal, expected) in [("sleeper", "KILL", None), ("reader", "TERM", Some(()))] {
         let kill = agent.cli_within(
@@ -317,11 +331,7 @@ fn containers_run_on_through_agent_crashes_and_an_upgrade() {
             Duration::from_secs(30),
         );
         assert!(kill.status.success(), "kill {name}: {}", text(&kill.stderr));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while state_of(&agent, name) == "Running" {
-            assert!(Instant::now() < deadline, "{name} did not stop");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_stopped(&agent, name, Duration::from_secs(60));
         if expected.is_some() {
             let listed = agent
                 .cli_json(&["ps", "-a", "--vm", VM, "--json"])

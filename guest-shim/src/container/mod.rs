@@ -134,15 +134,13 @@ impl Process {
     }
 }
 
-/// A process's output as a subscription sees it ([`Runtime::output_processes`]).
-#[derive(Debug)]
-pub struct ProcessOutputState {
-    /// Which process.
-    pub key: ProcessKey,
-    /// Its window and the output kept in it.
-    pub window: Arc<OutputWindow>,
-    /// How it ended, if it has.
-    pub exited: Option<ExitStatus>,
+impl Drop for Process {
+    /// Out of the table (its container deleted, its exec failed): no agent will ask for its
+    /// output again, so a subscription must not resend it, and a pump waiting for window that
+    /// nobody will give must end.
+    fn drop(&mut self) {
+        self.window.discard();
+    }
 }
 
 #[derive(Debug)]
@@ -240,33 +238,9 @@ impl Runtime {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Where events go.
-    pub fn sink(&self) -> &EventSink {
+    /// Where events go, and the processes' output windows a subscription resends from.
+    pub fn sink(&self) -> &Arc<EventSink> {
         &self.sink
-    }
-
-    /// Every process's output window and, if it has ended, its exit: what a subscription
-    /// resends.
-    pub fn output_processes(&self) -> Vec<ProcessOutputState> {
-        let inner = self.lock();
-        let mut processes = Vec::new();
-        for (id, container) in &inner.containers {
-            let execs = container
-                .execs
-                .iter()
-                .map(|(exec_id, exec)| (Some(exec_id.clone()), exec));
-            for (exec_id, process) in std::iter::once((None, &container.main)).chain(execs) {
-                processes.push(ProcessOutputState {
-                    key: ProcessKey {
-                        container_id: id.clone(),
-                        exec_id,
-                    },
-                    window: Arc::clone(&process.window),
-                    exited: process.exited(),
-                });
-            }
-        }
-        processes
     }
 
     /// Executes a container operation; `None` if `op` is not one.
@@ -759,7 +733,7 @@ impl Runtime {
         pipes: OutputPipes,
         oom_cgroup: Option<Arc<Cgroup>>,
     ) -> Process {
-        let window = Arc::new(OutputWindow::default());
+        let window = self.sink.window(key.clone());
         let (exit_tx, exit) = watch::channel(None);
         let sink = Arc::clone(&self.sink);
         let reaper = Arc::clone(&self.reaper);
@@ -769,26 +743,20 @@ impl Runtime {
                 let stdout = tokio::spawn(io::pump(
                     stdout,
                     OutputStream::Stdout,
-                    key.clone(),
                     Arc::clone(&window),
                     Arc::clone(&sink),
                 ));
                 let stderr = tokio::spawn(io::pump(
                     stderr,
                     OutputStream::Stderr,
-                    key.clone(),
                     Arc::clone(&window),
                     Arc::clone(&sink),
                 ));
                 (vec![stdout, stderr], None)
             }
             ProcessOutput::Tty { master, control } => {
-                let pump = tokio::spawn(io::pump_tty(
-                    master,
-                    key.clone(),
-                    Arc::clone(&window),
-                    Arc::clone(&sink),
-                ));
+                let pump =
+                    tokio::spawn(io::pump_tty(master, Arc::clone(&window), Arc::clone(&sink)));
                 (vec![pump], Some(control))
             }
         };
@@ -818,7 +786,7 @@ impl Runtime {
             if let Some(cgroup) = &oom_cgroup
                 && cgroup.oom_kills() > 0
             {
-                sink.send(Event::Oom {
+                sink.send_waiting(Event::Oom {
                     container_id: key.container_id.clone(),
                 })
                 .await;
@@ -826,13 +794,7 @@ impl Runtime {
             let _ = exit_tx.send(Some(status));
             // After the output (the pumps are done, or given up on); without a connection the
             // next subscription sends it.
-            let _sending = exit_window.sending().await;
-            sink.offer(&Event::Exit {
-                container_id: key.container_id,
-                exec_id: key.exec_id,
-                status,
-            })
-            .await;
+            sink.hand_over_exit(&exit_window, status).await;
         });
         Process {
             pid,
@@ -861,7 +823,7 @@ async fn watch_oom(
         if now > seen {
             tracing::warn!(container = %container_id, kills = now - seen, "OOM kill");
             seen = now;
-            sink.send(Event::Oom {
+            sink.send_waiting(Event::Oom {
                 container_id: container_id.clone(),
             })
             .await;
