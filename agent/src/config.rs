@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::containers::logs::LogLimits;
 use crate::lazy::LazyConfig;
@@ -82,13 +82,16 @@ pub struct AgentConfig {
     /// Peer agents asked for chunks before the registries (a cluster manifest adds more).
     #[serde(rename = "peer", default)]
     pub peers: Vec<crate::manifest::document::PeerEntry>,
-    /// The VMs this agent is the device for.
+    /// The VMs this agent is the device for from its start (`POST /v1/vms` attaches more).
     #[serde(rename = "vm", default)]
     pub vms: Vec<VmConfig>,
+    /// How QEMU is launched for a VM attached at run time with `"launch": true`.
+    #[serde(default)]
+    pub vm_template: Option<LaunchConfig>,
 }
 
-/// One VM attached to the agent.
-#[derive(Debug, Clone, Deserialize)]
+/// One VM attached to the agent (also the record of one attached at run time).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// The operator's name for it; unique.
@@ -107,7 +110,7 @@ pub struct VmConfig {
 }
 
 /// How the agent launches QEMU for a VM (development and tests; on a real card the host owns QEMU).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LaunchConfig {
     /// The guest kernel.
@@ -194,6 +197,17 @@ impl AgentConfig {
                     "metrics_listen {addr} is peer_listen too: give each its own port"
                 )));
             }
+        }
+        if self
+            .vm_template
+            .as_ref()
+            .is_some_and(|template| template.console_log.is_some())
+        {
+            return Err(ConfigError::Invalid(
+                "vm_template.console_log: each VM attached at run time has its console log in \
+                 its own state directory"
+                    .to_string(),
+            ));
         }
         let mut names = std::collections::HashSet::new();
         let mut cids = std::collections::HashSet::new();
@@ -305,6 +319,20 @@ mod tests {
         assert!(matches!(
             AgentConfig::parse(&with("metrics_listen = \"localhost\"")),
             Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn a_vm_template_parses_and_may_not_name_a_console_log() {
+        let template = "[vm_template]\nkernel = \"/k\"\ninitrd = \"/i\"\ncpus = 2\n";
+        let config = AgentConfig::parse(&format!("{TWO_VMS}\n{template}")).unwrap();
+        let parsed = config.vm_template.expect("a template");
+        assert_eq!((parsed.cpus, parsed.memory_mib), (2, 512));
+        assert!(AgentConfig::parse(TWO_VMS).unwrap().vm_template.is_none());
+        let shared_console = format!("{TWO_VMS}\n{template}console_log = \"/c\"\n");
+        assert!(matches!(
+            AgentConfig::parse(&shared_console),
+            Err(ConfigError::Invalid(m)) if m.contains("console_log")
         ));
     }
 

@@ -1,6 +1,5 @@
 //! `gantry-agent serve`: brings up every configured VM and the operator API, until a signal.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use gantry_oci::registry::{RegistryClient, RegistryError};
@@ -9,7 +8,7 @@ use tracing::info;
 use crate::api::access::ApiAccess;
 use crate::api::server::{self, ApiServerError};
 use crate::cache::{Cache, CacheConfig, CacheError};
-use crate::config::{AgentConfig, LaunchConfig, VmConfig};
+use crate::config::AgentConfig;
 use crate::images::ImageService;
 use crate::manifest::{ClusterManifest, ManifestScheduler};
 use crate::metrics::Metrics;
@@ -18,9 +17,9 @@ use crate::peer::client::PeerClient;
 use crate::peer::routes::PeerSet;
 use crate::peer::server::PeerEndpoint;
 use crate::peer::{PeerError, PeerSettings};
-use crate::qemu::{LayerStoreDisk, QemuConfig};
 use crate::state::Agent;
 use crate::vm::{Vm, VmError};
+use crate::vms::{VmTable, qemu_config};
 
 /// Errors running the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -61,28 +60,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// The QEMU recipe for a VM the agent launches itself.
-pub fn qemu_config(vm: &VmConfig, launch: &LaunchConfig) -> QemuConfig {
-    let console_log = launch.console_log.clone().unwrap_or_else(|| {
-        vm.vsock_socket
-            .with_file_name(format!("{}.console.log", vm.name))
-    });
-    let mut config = QemuConfig::new(
-        &launch.kernel,
-        &launch.initrd,
-        &vm.vsock_socket,
-        console_log,
-    );
-    config.qemu_binary = launch.qemu.clone();
-    let mut layer_store = LayerStoreDisk::new(&vm.layer_socket);
-    layer_store.num_queues = vm.layer_queues;
-    config.layer_store = Some(layer_store);
-    config.memory_mib = launch.memory_mib;
-    config.cpus = launch.cpus;
-    config.accel = launch.accel;
-    config
 }
 
 /// `agent.toml`'s peer settings, checked (the token file read).
@@ -178,22 +155,7 @@ pub fn check(
             ));
             continue;
         };
-        for (what, path) in [("kernel", &launch.kernel), ("initrd", &launch.initrd)] {
-            std::fs::File::open(path).map_err(|error| {
-                DaemonError::Check(format!(
-                    "VM {}: {what} {}: {error}",
-                    vm.name,
-                    path.display()
-                ))
-            })?;
-        }
-        let qemu = find_program(&launch.qemu).ok_or_else(|| {
-            DaemonError::Check(format!(
-                "VM {}: QEMU binary {} not found",
-                vm.name,
-                launch.qemu.display()
-            ))
-        })?;
+        let qemu = check_launch(&format!("VM {}", vm.name), launch)?;
         report.lines.push(format!(
             "VM {} (cid {}): launched with {} ({} MiB, {:?})",
             vm.name,
@@ -203,6 +165,15 @@ pub fn check(
             launch.accel
         ));
     }
+    if let Some(template) = &config.vm_template {
+        let qemu = check_launch("[vm_template]", template)?;
+        report.lines.push(format!(
+            "VMs attached at run time with --launch: {} ({} MiB, {:?} unless asked otherwise)",
+            qemu.display(),
+            template.memory_mib,
+            template.accel
+        ));
+    }
     if !config.busybox.is_file() {
         report.warnings.push(format!(
             "busybox {} is missing: the default image cannot be built",
@@ -210,6 +181,25 @@ pub fn check(
         ));
     }
     Ok(report)
+}
+
+/// Checks that `launch` (of `whose`) can start QEMU: its kernel and initrd open, its QEMU binary
+/// is found; the binary's path.
+fn check_launch(
+    whose: &str,
+    launch: &crate::config::LaunchConfig,
+) -> Result<std::path::PathBuf, DaemonError> {
+    for (what, path) in [("kernel", &launch.kernel), ("initrd", &launch.initrd)] {
+        std::fs::File::open(path).map_err(|error| {
+            DaemonError::Check(format!("{whose}: {what} {}: {error}", path.display()))
+        })?;
+    }
+    find_program(&launch.qemu).ok_or_else(|| {
+        DaemonError::Check(format!(
+            "{whose}: QEMU binary {} not found",
+            launch.qemu.display()
+        ))
+    })
 }
 
 /// `program` as the OS would run it: a path, or a name looked up in `PATH`.
@@ -278,7 +268,13 @@ pub async fn run(
         }
         None => None,
     };
-    let mut vms = BTreeMap::new();
+    let configured = config.vms.iter().map(|vm| vm.name.clone()).collect();
+    let vms = VmTable::new(
+        configured,
+        config.state_dir.clone(),
+        config.logs,
+        config.vm_template.clone(),
+    );
     for vm_config in config.vms {
         let qemu = vm_config
             .launch
@@ -298,8 +294,11 @@ pub async fn run(
         )
         .await?;
         info!(vm = %name, "VM attached");
-        vms.insert(name, vm);
+        vms.insert_configured(vm);
     }
+    // Then those attached at run time before: one that fails is logged, not fatal (the
+    // operator detaches it).
+    vms.restore(&images, &metrics).await;
     let peers = Arc::new(PeerSet::new(
         peering.own_url.clone(),
         peering.peers.clone(),

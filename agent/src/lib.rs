@@ -36,4 +36,5 @@ pub mod sync;
 pub mod units;
 pub mod vhost_user;
 pub mod vm;
+pub mod vms;
 pub mod vsock;

@@ -1,20 +1,19 @@
 //! [`Agent`]: the state every part of the running daemon shares (the API's handlers, the
 //! daemon's start and shutdown).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::images::ImageService;
 use crate::manifest::{ClusterManifest, ManifestScheduler};
 use crate::metrics::{Metrics, StateGauges};
 use crate::peer::routes::PeerSet;
-use crate::vm::Vm;
+use crate::vms::VmTable;
 
 /// Everything the agent serves: its VMs and the card's images.
 #[derive(Debug)]
 pub struct Agent {
     /// The attached VMs, by name.
-    pub vms: BTreeMap<String, Vm>,
+    pub vms: VmTable,
     /// The shared image cache and image sources.
     pub images: Arc<ImageService>,
     /// Whether `baseline` (a command as guest root outside any container) is served.
@@ -43,8 +42,9 @@ impl Agent {
         StateGauges {
             parked_requests: self
                 .vms
+                .all()
                 .iter()
-                .map(|(name, vm)| (name.clone(), vm.parked_requests() as u64))
+                .map(|vm| (vm.name().to_owned(), vm.parked_requests() as u64))
                 .collect(),
             cache_bytes: self.images.cache.layers_bytes().ok(),
             cache_budget_bytes: self.images.cache.config().budget_bytes,

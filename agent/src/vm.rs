@@ -379,7 +379,15 @@ impl Vm {
                 .into_iter()
                 .map(|layer| layer.digest)
                 .collect(),
+            vsock_socket: self.config.vsock_socket.display().to_string(),
+            layer_socket: self.config.layer_socket.display().to_string(),
+            attached_at_run_time: false,
         }
+    }
+
+    /// What the VM was attached with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
     }
 
     /// The current shim session, waiting up to `wait` for one to come up.
@@ -601,6 +609,30 @@ impl Vm {
         })?;
         self.unmap_all();
         info!(vm = %self.config.name, "VM stopped");
+        Ok(())
+    }
+
+    /// Lets go of the VM for good: stops its keeper (and so the vsock device and the QEMU the
+    /// agent launched), unmaps every layer (their pins go), stops the layer store (its socket is
+    /// removed) and the VM's tasks. The records on disk are the caller's to remove.
+    pub async fn detach(&self) -> Result<(), VmError> {
+        self.keeper_task.abort();
+        self.credit_task.abort();
+        self.vsock_mirror.abort();
+        self.keeper.stop().await.map_err(|source| VmError::Keeper {
+            vm: self.config.name.clone(),
+            source,
+        })?;
+        self.unmap_all();
+        self.layer_device.shutdown();
+        // The keeper's device listened there; a keeper killed on its stop timeout leaves it.
+        let socket = &self.config.vsock_socket;
+        if std::fs::symlink_metadata(socket)
+            .is_ok_and(|meta| std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()))
+        {
+            let _ = std::fs::remove_file(socket);
+        }
+        info!(vm = %self.config.name, "VM detached");
         Ok(())
     }
 }

@@ -8,7 +8,9 @@
 //! | method | path | answer |
 //! |---|---|---|
 //! | GET | `/v1/vms` | `[VmStatus]` |
+//! | POST | `/v1/vms` (body [`AttachVm`]) | `VmStatus`: a VM attached at run time |
 //! | GET | `/v1/vms/{vm}` | `VmStatus` |
+//! | DELETE | `/v1/vms/{vm}` | `{}`: detached, its QEMU (if launched) stopped, its state removed |
 //! | GET | `/v1/vms/{vm}/guest-info?wait_ms=N` | [`GuestInfoReport`] |
 //! | POST | `/v1/vms/{vm}/ping?count=N&size=B` | [`PingReport`] |
 //! | POST | `/v1/vms/{vm}/restart` | `{}` |
@@ -244,6 +246,46 @@ pub struct VmStatus {
     /// layers of images this VM asked for.
     #[serde(default)]
     pub mapped_layers: Vec<String>,
+    /// The vhost-user socket of its vsock device (the VMM connects to it).
+    #[serde(default)]
+    pub vsock_socket: String,
+    /// The vhost-user socket of its layer store.
+    #[serde(default)]
+    pub layer_socket: String,
+    /// Attached through `POST /v1/vms` (so `DELETE` detaches it), not named in `agent.toml`.
+    #[serde(default)]
+    pub attached_at_run_time: bool,
+}
+
+/// A VM to attach at run time (`POST /v1/vms`): the agent becomes its devices and, with
+/// `launch`, starts its QEMU from `agent.toml`'s `[vm_template]`. The agent keeps serving it
+/// across its own restarts until `DELETE /v1/vms/{name}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachVm {
+    /// Its name (a directory name under the agent's state: letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// The guest's vsock context id (3 or more), unique on the card.
+    pub guest_cid: u64,
+    /// Start QEMU from the config's `[vm_template]`; otherwise the operator's VMM connects to
+    /// the sockets.
+    #[serde(default)]
+    pub launch: bool,
+    /// Where the vsock device listens (absolute); default: in the VM's state directory.
+    #[serde(default)]
+    pub vsock_socket: Option<String>,
+    /// Where the layer store listens (absolute); default: in the VM's state directory.
+    #[serde(default)]
+    pub layer_socket: Option<String>,
+    /// Request queues of the layer store; default as for configured VMs.
+    #[serde(default)]
+    pub layer_queues: Option<u16>,
+    /// Guest memory in MiB instead of the template's (with `launch`).
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Guest CPUs instead of the template's (with `launch`).
+    #[serde(default)]
+    pub cpus: Option<u32>,
 }
 
 /// What the operator asked `run` for. Unknown fields are refused: a typo like `"comand"` must

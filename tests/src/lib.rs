@@ -193,6 +193,31 @@ pub fn convert_image(src: &str, dst: &str) {
     );
 }
 
+/// `agent.toml`'s `[vm_template]` for this checkout's guest with `memory_mib` MiB: give it last
+/// in a test agent's settings (a table ends the top-level lines).
+pub fn vm_template(memory_mib: u32) -> String {
+    let guest = guest_image();
+    format!(
+        "[vm_template]\nkernel = {:?}\ninitrd = {:?}\nmemory_mib = {memory_mib}\n",
+        guest.kernel, guest.initrd
+    )
+}
+
+/// The QEMU process whose command line names `vsock_socket`.
+pub fn qemu_serving(vsock_socket: &Path) -> Option<nix::unistd::Pid> {
+    let needle = vsock_socket.display().to_string();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.starts_with("qemu-system") && cmdline.contains(&needle))
+                .then(|| nix::unistd::Pid::from_raw(pid))
+        })
+}
+
 /// One VM in a test agent's configuration.
 #[derive(Debug, Clone)]
 pub struct TestVm {
@@ -425,22 +450,7 @@ impl TestAgent {
 
     /// The QEMU process serving `vm` (its command line names the VM's vsock socket).
     pub fn qemu_pid(&self, vm: &str) -> Option<nix::unistd::Pid> {
-        let needle = self
-            .dir
-            .path()
-            .join(format!("{vm}.vsock"))
-            .display()
-            .to_string();
-        std::fs::read_dir("/proc")
-            .ok()?
-            .flatten()
-            .find_map(|entry| {
-                let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                (cmdline.starts_with("qemu-system") && cmdline.contains(&needle))
-                    .then(|| nix::unistd::Pid::from_raw(pid))
-            })
+        qemu_serving(&self.dir.path().join(format!("{vm}.vsock")))
     }
 
     /// The agent's log so far.

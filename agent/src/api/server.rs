@@ -15,8 +15,8 @@ use serde::Deserialize;
 
 use gantry_api::records::{ExitRecord, encode_record};
 use gantry_api::{
-    ApiErrorBody, ContainerView, ErrorCode, ExecRequest, GuestInfoReport, PingReport, RunOptions,
-    RunUpdate, VmStatus,
+    ApiErrorBody, AttachVm, ContainerView, ErrorCode, ExecRequest, GuestInfoReport, PingReport,
+    RunOptions, RunUpdate, VmStatus,
 };
 
 use super::access::{AccessError, ApiAccess, CheckedListener};
@@ -28,6 +28,7 @@ use crate::images::ImageError;
 use crate::metrics::endpoint;
 use crate::state::Agent;
 use crate::vm::{Vm, VmError};
+use crate::vms::VmTableError;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +57,8 @@ pub fn bind(path: &Path, access: ApiAccess) -> Result<CheckedListener, ApiServer
 /// The API's routes.
 pub fn router(agent: AgentState) -> Router {
     Router::new()
-        .route("/v1/vms", get(list_vms))
-        .route("/v1/vms/{vm}", get(vm_status))
+        .route("/v1/vms", get(list_vms).post(attach_vm))
+        .route("/v1/vms/{vm}", get(vm_status).delete(detach_vm))
         .route("/v1/vms/{vm}/guest-info", get(guest_info))
         .route("/v1/vms/{vm}/ping", post(ping))
         .route("/v1/vms/{vm}/restart", post(restart))
@@ -240,7 +241,13 @@ async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiEr
 
 impl From<VmError> for ApiError {
     fn from(err: VmError) -> Self {
-        let status = match &err {
+        Self::from_vm(&err)
+    }
+}
+
+impl ApiError {
+    fn from_vm(err: &VmError) -> Self {
+        let status = match err {
             VmError::NotConnected(_) | VmError::QemuExited { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -268,6 +275,19 @@ impl From<VmError> for ApiError {
     }
 }
 
+impl From<VmTableError> for ApiError {
+    fn from(err: VmTableError) -> Self {
+        let status = match &err {
+            VmTableError::Vm(err) => return ApiError::from_vm(err),
+            VmTableError::Invalid(_) => StatusCode::BAD_REQUEST,
+            VmTableError::Conflict(_) | VmTableError::Configured(_) => StatusCode::CONFLICT,
+            VmTableError::NotFound(_) => StatusCode::NOT_FOUND,
+            VmTableError::State { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, err.to_string())
+    }
+}
+
 impl From<RunError> for ApiError {
     fn from(err: RunError) -> Self {
         match err {
@@ -282,9 +302,9 @@ impl From<RunError> for ApiError {
     }
 }
 
-fn find<'a>(agent: &'a Agent, name: &str) -> Result<&'a Vm, ApiError> {
+fn find(agent: &Agent, name: &str) -> Result<Arc<Vm>, ApiError> {
     agent.vms.get(name).ok_or_else(|| {
-        let known: Vec<&str> = agent.vms.keys().map(String::as_str).collect();
+        let known = agent.vms.names();
         ApiError(
             StatusCode::NOT_FOUND,
             format!(
@@ -300,14 +320,43 @@ fn done() -> Json<serde_json::Value> {
 }
 
 async fn list_vms(State(agent): State<AgentState>) -> Json<Vec<VmStatus>> {
-    Json(agent.vms.values().map(Vm::status).collect())
+    Json(
+        agent
+            .vms
+            .all()
+            .iter()
+            .map(|vm| agent.vms.status(vm))
+            .collect(),
+    )
 }
 
 async fn vm_status(
     State(agent): State<AgentState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VmStatus>, ApiError> {
-    Ok(Json(find(&agent, &name)?.status()))
+    let vm = find(&agent, &name)?;
+    Ok(Json(agent.vms.status(&vm)))
+}
+
+/// `POST /v1/vms`: attaches a VM at run time.
+async fn attach_vm(
+    State(agent): State<AgentState>,
+    ApiJson(request): ApiJson<AttachVm>,
+) -> Result<Json<VmStatus>, ApiError> {
+    let vm = agent
+        .vms
+        .attach(request, &agent.images, &agent.metrics)
+        .await?;
+    Ok(Json(agent.vms.status(&vm)))
+}
+
+/// `DELETE /v1/vms/{vm}`: detaches a VM attached at run time and removes its state.
+async fn detach_vm(
+    State(agent): State<AgentState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    agent.vms.detach(&name, &agent.metrics).await?;
+    Ok(done())
 }
 
 #[derive(Debug, Deserialize)]
@@ -466,7 +515,7 @@ async fn run(
             return;
         };
         // The run goes on whether or not the client still reads.
-        let outcome = match run_container(&agent.images, vm, options, progress).await {
+        let outcome = match run_container(&agent.images, &vm, options, progress).await {
             Ok(id) => RunUpdate::Started(id),
             Err(err) => RunUpdate::Failed(err.to_string()),
         };

@@ -129,7 +129,8 @@ type CurrentBackend = Arc<Mutex<Weak<BlkBackend>>>;
 pub struct LayerStoreDevice {
     config: LayerStoreConfig,
     store: LayerStore,
-    frontends: FrontendLoop,
+    /// Locked only to stop it ([`Self::shutdown`] takes `&self`: the VM is shared).
+    frontends: std::sync::Mutex<FrontendLoop>,
     /// Set when the agent leaves: the session's end then fails and clears nothing.
     leaving: Arc<AtomicBool>,
     current: CurrentBackend,
@@ -179,7 +180,7 @@ impl LayerStoreDevice {
         Ok(LayerStoreDevice {
             config,
             store,
-            frontends,
+            frontends: std::sync::Mutex::new(frontends),
             leaving,
             current,
         })
@@ -207,8 +208,8 @@ impl LayerStoreDevice {
 
     /// Stops the threads (the attached frontend, if any, is disconnected, its parked requests
     /// failed and the inflight record cleared) and removes the socket file.
-    pub fn shutdown(mut self) {
-        self.frontends.stop();
+    pub fn shutdown(&self) {
+        crate::sync::lock(&self.frontends).stop();
     }
 }
 
@@ -216,7 +217,7 @@ impl Drop for LayerStoreDevice {
     fn drop(&mut self) {
         // After `shutdown` the frontends are stopped already and this changes nothing.
         self.leaving.store(true, Ordering::SeqCst);
-        self.frontends.stop();
+        crate::sync::lock(&self.frontends).stop();
     }
 }
 

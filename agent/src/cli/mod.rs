@@ -220,6 +220,36 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Attach a VM at run time: the agent becomes its devices (and, with --launch, starts its
+    /// QEMU from agent.toml's [vm_template]) until `vm detach`, across its own restarts.
+    Attach {
+        /// The VM's name.
+        vm: String,
+        /// The guest's vsock context id (3 or more, unique on the card).
+        #[arg(long)]
+        cid: u64,
+        /// Start QEMU from the config's [vm_template].
+        #[arg(long)]
+        launch: bool,
+        /// Where the vsock device listens (default: in the VM's state directory).
+        #[arg(long)]
+        vsock_socket: Option<String>,
+        /// Where the layer store listens (default: in the VM's state directory).
+        #[arg(long)]
+        layer_socket: Option<String>,
+        /// Guest memory in MiB instead of the template's (with --launch).
+        #[arg(long)]
+        memory_mib: Option<u32>,
+        /// Guest CPUs instead of the template's (with --launch).
+        #[arg(long)]
+        cpus: Option<u32>,
+    },
+    /// Detach a VM attached at run time: stop its QEMU (if launched), unmap and unpin its
+    /// layers, and remove its state (container records and logs included).
+    Detach {
+        /// The VM's name.
+        vm: String,
+    },
     /// Kill a VM's QEMU and boot it again (VMs the agent launched).
     Restart {
         /// The VM's name.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use gantry_api::{ApiClient, GuestInfoReport, PingReport, VmStatus};
+use gantry_api::{ApiClient, AttachVm, GuestInfoReport, PingReport, VmStatus};
 
 use super::VmCommand;
 
@@ -82,6 +82,39 @@ pub async fn run(client: &ApiClient, command: VmCommand) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        VmCommand::Attach {
+            vm,
+            cid,
+            launch,
+            vsock_socket,
+            layer_socket,
+            memory_mib,
+            cpus,
+        } => {
+            let request = AttachVm {
+                name: vm,
+                guest_cid: cid,
+                launch,
+                vsock_socket,
+                layer_socket,
+                layer_queues: None,
+                memory_mib,
+                cpus,
+            };
+            let status: VmStatus = client.post_json("/v1/vms", &request).await?;
+            println!(
+                "{}: attached (cid {}, vsock {}, layers {}){}",
+                status.name,
+                status.guest_cid,
+                status.vsock_socket,
+                status.layer_socket,
+                if status.launched { ", booting" } else { "" }
+            );
+        }
+        VmCommand::Detach { vm } => {
+            let _: serde_json::Value = client.delete(&format!("/v1/vms/{vm}")).await?;
+            println!("{vm}: detached");
         }
         VmCommand::Restart { vm } => {
             let _: serde_json::Value = client.post(&format!("/v1/vms/{vm}/restart")).await?;

@@ -464,6 +464,47 @@ impl Metrics {
         }
     }
 
+    /// Drops every series of the VM `name` (detached: a VM attached and detached per pod must
+    /// not grow the exposition without bound). Handles still held count into nothing.
+    pub fn forget_vm(&self, name: &str) {
+        let families = &self.inner.families;
+        let vm = VmLabels {
+            vm: name.to_owned(),
+        };
+        for op in BlkOp::ALL {
+            families.blk_requests.remove(&BlkRequestLabels {
+                vm: name.to_owned(),
+                op: op.label(),
+            });
+        }
+        for direction in ["to_guest", "from_guest"] {
+            families.vsock_bytes.remove(&VsockBytesLabels {
+                vm: name.to_owned(),
+                direction,
+            });
+        }
+        for family in [
+            &families.blk_read_bytes,
+            &families.blk_errors,
+            &families.blk_parked,
+            &families.vsock_connections,
+            &families.vsock_credit_stalls,
+            &families.container_starts,
+            &families.container_start_failures,
+            &families.container_exits,
+            &families.container_ooms,
+        ] {
+            family.remove(&vm);
+        }
+        for family in [
+            &families.blk_duration,
+            &families.container_start_duration,
+            &families.container_first_output,
+        ] {
+            family.remove(&vm);
+        }
+    }
+
     /// The cache's handle.
     pub fn cache(&self) -> CacheMetrics {
         self.inner.cache.clone()

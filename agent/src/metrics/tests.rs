@@ -399,3 +399,33 @@ fn a_keepers_vsock_totals_are_absorbed_as_increases_and_a_new_keeper_counts_from
     assert_eq!(vsock.totals().from_guest, 160);
     assert_eq!(vsock.totals().to_guest, 85);
 }
+
+#[test]
+fn a_detached_vm_leaves_no_series_and_the_others_keep_theirs() {
+    let metrics = Metrics::new();
+    for name in ["gone", "stays"] {
+        let vm = metrics.vm(name);
+        vm.containers.counters.starts.inc();
+        vm.blk.counters.read_bytes.inc_by(4096);
+        vm.containers
+            .counters
+            .start_duration
+            .observe(Duration::from_millis(5));
+    }
+    metrics.forget_vm("gone");
+    let samples = scrape(&metrics).samples;
+    assert!(
+        samples.iter().all(|s| s.labels.get("vm") != Some("gone")),
+        "a series of the detached VM is left"
+    );
+    assert!(
+        samples.iter().any(|s| s.labels.get("vm") == Some("stays")),
+        "the other VM's series went too"
+    );
+    // Attached again under the same name, it counts from zero.
+    metrics.vm("gone").containers.counters.starts.inc();
+    assert_eq!(
+        sample(&metrics, "gantry_container_starts_total", &[("vm", "gone")]),
+        Some(1.0)
+    );
+}
