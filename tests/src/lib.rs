@@ -433,6 +433,11 @@ impl TestAgent {
         }
     }
 
+    /// The agent process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The agent's API socket.
     pub fn api_socket(&self) -> &Path {
         &self.api_socket

@@ -118,14 +118,17 @@ fn lazy_image(registry: &Registry, work: &Path, host: &str) -> (String, String) 
     )
 }
 
-/// Checks that `stream` holds the writer's lines `0, 1, 2, …` that `belongs` picks, each once
-/// and in order, through to its last line; prints how many.
+/// Checks that `stream` holds the writer's lines `0, 1, 2, …` that `belongs` picks (a line's
+/// first field; the rest is free), each once and in order, through to its last line; prints
+/// how many.
 fn check_numbered(stream: &str, belongs: impl Fn(u64) -> bool, name: &str) {
     let lines: Vec<u64> = stream
         .lines()
         .map(|line| {
-            line.parse()
-                .unwrap_or_else(|_| panic!("{name}: a torn or foreign line {line:?}"))
+            line.split(' ')
+                .next()
+                .and_then(|number| number.parse().ok())
+                .unwrap_or_else(|| panic!("{name}: a torn or foreign line {line:?}"))
         })
         .collect();
     let last = *lines.last().unwrap_or_else(|| panic!("{name}: no output"));
@@ -148,6 +151,24 @@ fn check_numbered(stream: &str, belongs: impl Fn(u64) -> bool, name: &str) {
     println!(
         "writer {name}: {} lines through {last}, each once and in order",
         lines.len()
+    );
+}
+
+/// The pause the writer saw: the largest step in guest uptime between its consecutive stdout
+/// lines (it sleeps 50 ms every 50 lines; a write that waited for the agent would show as a
+/// longer step), beside the 99th percentile step.
+fn print_output_gaps(stdout: &str) {
+    let uptimes: Vec<f64> = stdout
+        .lines()
+        .filter_map(|line| line.split(' ').nth(1)?.parse().ok())
+        .collect();
+    let mut steps: Vec<f64> = uptimes.windows(2).map(|pair| pair[1] - pair[0]).collect();
+    assert!(!steps.is_empty(), "the writer's lines carry no uptime");
+    steps.sort_by(f64::total_cmp);
+    println!(
+        "writer output gap (guest uptime between consecutive lines): p99 {:.0} ms, max {:.0} ms",
+        steps[steps.len() * 99 / 100] * 1000.0,
+        steps[steps.len() - 1] * 1000.0
     );
 }
 
@@ -201,10 +222,13 @@ fn containers_run_on_through_agent_crashes_and_an_upgrade() {
         ],
     );
     run_detached(&agent, "sleeper", &["default", "sleep", "100000"]);
-    // About a thousand numbered lines a second, on both streams (every tenth to stderr).
+    // Numbered lines, on both streams (every tenth to stderr), each stdout line with the
+    // guest's uptime when it was written (`read` is a shell builtin: no fork per line), so the
+    // log shows whether the writer ever waited for its output to be taken.
     let writer_script = "i=0; trap 'exit 0' TERM; while :; do \
          j=0; while [ $j -lt 50 ]; do \
-         if [ $((i % 10)) = 0 ]; then echo $i >&2; else echo $i; fi; \
+         if [ $((i % 10)) = 0 ]; then echo $i >&2; \
+         else read up idle < /proc/uptime; echo $i $up; fi; \
          i=$((i + 1)); j=$((j + 1)); done; sleep 0.05; done";
     run_detached(&agent, "writer", &["default", "sh", "-c", writer_script]);
     // Into the first pass: the reader is fetching.
@@ -303,6 +327,7 @@ fn containers_run_on_through_agent_crashes_and_an_upgrade() {
     let logs = agent.cli_within(&["logs", "--vm", VM, "writer"], Duration::from_secs(60));
     assert!(logs.status.success(), "logs: {}", text(&logs.stderr));
     check_numbered(&text(&logs.stdout), |i| i % 10 != 0, "stdout");
+    print_output_gaps(&text(&logs.stdout));
     check_numbered(&text(&logs.stderr), |i| i % 10 == 0, "stderr");
     // A flood while no agent runs: the shim keeps a full window (1 MiB) of it and the process
     // waits. The next agent is resent that window while it subscribes, and must acknowledge
