@@ -18,8 +18,8 @@ use crate::peer::routes::PeerSet;
 use crate::peer::server::PeerEndpoint;
 use crate::peer::{PeerError, PeerSettings};
 use crate::state::Agent;
-use crate::vm::{Vm, VmError};
-use crate::vms::{VmTable, qemu_config};
+use crate::vm::VmError;
+use crate::vms::VmTable;
 
 /// Errors running the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -276,25 +276,11 @@ pub async fn run(
         config.vm_template.clone(),
     );
     for vm_config in config.vms {
-        let qemu = vm_config
-            .launch
-            .as_ref()
-            .map(|launch| qemu_config(&vm_config, launch));
         let name = vm_config.name.clone();
         // A VM that fails to start stops the agent; VMs already attached keep running (their
         // guests are the workload), and the next start adopts them.
-        let vm_metrics = metrics.vm(&name);
-        let vm = Vm::start(
-            vm_config,
-            qemu,
-            &config.state_dir,
-            config.logs,
-            &images,
-            vm_metrics,
-        )
-        .await?;
+        vms.attach_configured(vm_config, &images, &metrics).await?;
         info!(vm = %name, "VM attached");
-        vms.insert_configured(vm);
     }
     // Then those attached at run time before: one that fails is logged, not fatal (the
     // operator detaches it).

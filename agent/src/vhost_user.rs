@@ -41,20 +41,24 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
         path: path.to_owned(),
         source,
     };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(fail)?,
-        Ok(_) => {
-            return Err(fail(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "exists and is not a socket",
-            )));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(e)),
-    }
+    remove_socket(path).map_err(fail)?;
     let listener = UnixListener::bind(path).map_err(fail)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
     Ok(listener)
+}
+
+/// Removes the socket file at `path` (one a device left); nothing there is fine, anything
+/// else there is an error and stays.
+pub fn remove_socket(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "exists and is not a socket",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Why a session could not be set up.

@@ -196,7 +196,7 @@ impl Vm {
         images: &ImageService,
         metrics: VmMetrics,
     ) -> Result<Self, VmError> {
-        let vm_dir = state_dir.join("vms").join(&config.name);
+        let vm_dir = vm_dir(state_dir, &config.name);
         std::fs::create_dir_all(&vm_dir).map_err(|source| VmError::State {
             vm: config.name.clone(),
             source,
@@ -626,12 +626,7 @@ impl Vm {
         self.unmap_all();
         self.layer_device.shutdown();
         // The keeper's device listened there; a keeper killed on its stop timeout leaves it.
-        let socket = &self.config.vsock_socket;
-        if std::fs::symlink_metadata(socket)
-            .is_ok_and(|meta| std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()))
-        {
-            let _ = std::fs::remove_file(socket);
-        }
+        let _ = crate::vhost_user::remove_socket(&self.config.vsock_socket);
         info!(vm = %self.config.name, "VM detached");
         Ok(())
     }
@@ -645,6 +640,11 @@ impl Drop for Vm {
         self.credit_task.abort();
         self.vsock_mirror.abort();
     }
+}
+
+/// The state directory of the VM `name` (a checked id: one path component).
+pub fn vm_dir(state_dir: &Path, name: &str) -> std::path::PathBuf {
+    state_dir.join("vms").join(name)
 }
 
 /// The name of an operation that needs a newer protocol, for the refusal's message.
@@ -677,6 +677,13 @@ struct Owed {
     received: Option<u64>,
 }
 
+impl Owed {
+    /// The log holds the output up to `position`: only the furthest position is kept.
+    fn received_up_to(&mut self, position: u64) {
+        self.received = Some(self.received.map_or(position, |had| had.max(position)));
+    }
+}
+
 impl CreditLedger {
     /// Records the credit `op` (from [`ContainerTable::on_event`]) until it is sent.
     fn owe(&self, op: Op) {
@@ -691,10 +698,10 @@ impl CreditLedger {
                 container_id,
                 exec_id,
                 position,
-            } => {
-                let received = &mut owed.entry((container_id, exec_id)).or_default().received;
-                *received = Some(received.map_or(position, |had| had.max(position)));
-            }
+            } => owed
+                .entry((container_id, exec_id))
+                .or_default()
+                .received_up_to(position),
             _ => return,
         }
         drop(owed);
@@ -704,9 +711,10 @@ impl CreditLedger {
     /// Puts back a position no session took, without waking [`give_credit`]: a new session
     /// does (a position is not lost, and no loop spins on a dead session).
     fn keep_received(&self, process: (ContainerId, Option<ExecId>), position: u64) {
-        let mut owed = lock(&self.owed);
-        let received = &mut owed.entry(process).or_default().received;
-        *received = Some(received.map_or(position, |had| had.max(position)));
+        lock(&self.owed)
+            .entry(process)
+            .or_default()
+            .received_up_to(position);
     }
 }
 

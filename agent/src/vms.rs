@@ -21,7 +21,7 @@ use crate::keeper::KeeperClient;
 use crate::metrics::Metrics;
 use crate::qemu::{LayerStoreDisk, QemuConfig};
 use crate::sync::lock;
-use crate::vm::{Vm, VmError};
+use crate::vm::{Vm, VmError, vm_dir};
 
 /// The record of a VM attached at run time, in its state directory.
 const ATTACHED_RECORD: &str = "attached.json";
@@ -59,7 +59,7 @@ pub enum VmTableError {
 }
 
 /// The QEMU recipe for a VM the agent launches itself.
-pub fn qemu_config(vm: &VmConfig, launch: &LaunchConfig) -> QemuConfig {
+fn qemu_config(vm: &VmConfig, launch: &LaunchConfig) -> QemuConfig {
     let console_log = launch.console_log.clone().unwrap_or_else(|| {
         vm.vsock_socket
             .with_file_name(format!("{}.console.log", vm.name))
@@ -80,20 +80,16 @@ pub fn qemu_config(vm: &VmConfig, launch: &LaunchConfig) -> QemuConfig {
     config
 }
 
-/// The state directory of the VM `name` (a checked id: one path component).
-pub fn vm_dir(state_dir: &Path, name: &str) -> PathBuf {
-    state_dir.join("vms").join(name)
-}
-
 /// Resolves an attach request into the VM's config, checked on its own (names, CID range,
-/// socket paths, template): `dir` is the VM's state directory, where its sockets go by default.
+/// socket paths, template); its sockets go in its state directory under `state_dir` by default.
 pub fn resolve(
     request: AttachVm,
     template: Option<&LaunchConfig>,
-    dir: &Path,
+    state_dir: &Path,
 ) -> Result<VmConfig, VmTableError> {
     let invalid = VmTableError::Invalid;
     gantry_proto::validate_id("VM name", &request.name).map_err(|err| invalid(err.to_string()))?;
+    let dir = vm_dir(state_dir, &request.name);
     if request.guest_cid < 3 || request.guest_cid >= u64::from(u32::MAX) {
         return Err(invalid(format!(
             "guest_cid {} is reserved; use 3 or more",
@@ -228,10 +224,17 @@ impl VmTable {
         }
     }
 
-    /// Adds a VM of `agent.toml`, started by the daemon.
-    pub fn insert_configured(&self, vm: Vm) {
-        let name = vm.name().to_owned();
-        lock(&self.vms).insert(name, Arc::new(vm));
+    /// Starts a VM of `agent.toml` and serves it.
+    pub async fn attach_configured(
+        &self,
+        config: VmConfig,
+        images: &ImageService,
+        metrics: &Metrics,
+    ) -> Result<(), VmError> {
+        let name = config.name.clone();
+        let vm = self.start(config, images, metrics).await?;
+        lock(&self.vms).insert(name, vm);
+        Ok(())
     }
 
     /// The VM `name`.
@@ -276,17 +279,13 @@ impl VmTable {
         metrics: &Metrics,
     ) -> Result<Arc<Vm>, VmTableError> {
         let _one_at_a_time = self.changes.lock().await;
-        gantry_proto::validate_id("VM name", &request.name)
-            .map_err(|err| VmTableError::Invalid(err.to_string()))?;
-        let dir = vm_dir(&self.state_dir, &request.name);
-        let config = resolve(request, self.template.as_ref(), &dir)?;
+        let config = resolve(request, self.template.as_ref(), &self.state_dir)?;
         let name = config.name.clone();
+        let dir = vm_dir(&self.state_dir, &name);
+        // The configured VMs are all served (one that fails to start stops the agent), so the
+        // table is every name and CID taken.
         if let Some(reason) = collision(&config, &lock(&self.vms)) {
             return Err(VmTableError::Conflict(reason));
-        }
-        if self.configured.contains(&name) {
-            // Configured but not served: it failed at the agent's start.
-            return Err(VmTableError::Configured(name));
         }
         if dir.join(ATTACHED_RECORD).exists() {
             return Err(VmTableError::Conflict(format!(
@@ -314,7 +313,7 @@ impl VmTable {
             Err(err) => {
                 let _ = remove_state(&dir, &name);
                 metrics.forget_vm(&name);
-                Err(err)
+                Err(err.into())
             }
         }
     }
@@ -325,7 +324,7 @@ impl VmTable {
         config: VmConfig,
         images: &ImageService,
         metrics: &Metrics,
-    ) -> Result<Arc<Vm>, VmTableError> {
+    ) -> Result<Arc<Vm>, VmError> {
         let qemu = config
             .launch
             .as_ref()
@@ -415,7 +414,7 @@ impl VmTable {
                 }
                 if let Ok(config) = read_record(&dir.join(ATTACHED_RECORD)) {
                     for socket in [&config.vsock_socket, &config.layer_socket] {
-                        remove_socket(socket);
+                        let _ = crate::vhost_user::remove_socket(socket);
                     }
                 }
             }
@@ -431,14 +430,6 @@ impl VmTable {
 fn read_record(record: &Path) -> Result<VmConfig, String> {
     let bytes = std::fs::read(record).map_err(|err| err.to_string())?;
     serde_json::from_slice(&bytes).map_err(|err| err.to_string())
-}
-
-/// Removes `path` if it is a socket (a device's, left behind).
-fn remove_socket(path: &Path) {
-    use std::os::unix::fs::FileTypeExt;
-    if std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket()) {
-        let _ = std::fs::remove_file(path);
-    }
 }
 
 /// Removes a VM's state directory (records, logs, keeper files).
@@ -479,11 +470,12 @@ mod tests {
 
     #[test]
     fn a_request_resolves_with_its_sockets_in_its_directory_and_the_template_sized() {
-        let dir = Path::new("/var/lib/gantry/vms/pod-1");
+        let state_dir = Path::new("/var/lib/gantry");
+        let dir = state_dir.join("vms/pod-1");
         let mut launched = request("pod-1", 7);
         launched.launch = true;
         launched.cpus = Some(2);
-        let config = resolve(launched, Some(&template()), dir).unwrap();
+        let config = resolve(launched, Some(&template()), state_dir).unwrap();
         assert_eq!(config.vsock_socket, dir.join("vsock.sock"));
         assert_eq!(config.layer_socket, dir.join("layers.sock"));
         let launch = config.launch.expect("launched");
@@ -492,14 +484,14 @@ mod tests {
 
         let mut attached = request("pod-2", 8);
         attached.vsock_socket = Some("/run/vmm/pod-2.vsock".into());
-        let config = resolve(attached, None, dir).unwrap();
+        let config = resolve(attached, None, state_dir).unwrap();
         assert_eq!(config.vsock_socket, Path::new("/run/vmm/pod-2.vsock"));
         assert!(config.launch.is_none());
     }
 
     #[test]
     fn bad_requests_are_refused_with_the_reason() {
-        let dir = Path::new("/var/lib/gantry/vms/x");
+        let dir = Path::new("/var/lib/gantry");
         for (name, bad, why) in [
             ("../etc", request("../etc", 5), "VM name"),
             ("reserved cid", request("a", 2), "reserved"),

@@ -738,6 +738,15 @@ mod tests {
         })
     }
 
+    /// Writes `data` as the process's last output, closes its pipe and waits for its pump to end.
+    async fn write_last(write: std::fs::File, data: Vec<u8>, pump: tokio::task::JoinHandle<()>) {
+        drop(write_in_background(write, data).await.unwrap());
+        tokio::time::timeout(Duration::from_secs(5), pump)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn output_stops_at_the_window_and_resumes_on_credit() {
         let sink = Arc::new(EventSink::default());
@@ -1152,15 +1161,7 @@ mod tests {
         let (old, old_rx) = mpsc::channel(1024);
         sink.subscribe(old, Some(Vec::new())).await;
         let (window, write, pump) = spawn_pump(&sink, "c");
-        drop(
-            write_in_background(write, pattern(0, 70_000))
-                .await
-                .unwrap(),
-        );
-        tokio::time::timeout(Duration::from_secs(5), pump)
-            .await
-            .unwrap()
-            .unwrap();
+        write_last(write, pattern(0, 70_000), pump).await;
         // The exit goes to a connection that dies before the agent reads it.
         sink.hand_over_exit(&window, ExitStatus::Code(3)).await;
         drop(old_rx);
@@ -1212,15 +1213,7 @@ mod tests {
         assert_eq!(window.kept_bytes(), 6_000);
         // The 1.2 agent dies with 6 000 bytes uncredited; the process writes on, exits.
         drop(old_rx);
-        drop(
-            write_in_background(write, pattern(10_000, 20_000))
-                .await
-                .unwrap(),
-        );
-        tokio::time::timeout(Duration::from_secs(5), pump)
-            .await
-            .unwrap()
-            .unwrap();
+        write_last(write, pattern(10_000, 20_000), pump).await;
         sink.hand_over_exit(&window, ExitStatus::Code(0)).await;
 
         let (new, mut new_rx) = mpsc::channel(1024);
