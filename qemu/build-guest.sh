@@ -28,7 +28,6 @@
 set -euo pipefail
 shopt -s inherit_errexit
 
-readonly TARGET_TRIPLE=x86_64-unknown-linux-gnu
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_root=$(cd "$script_dir/.." && pwd)
 out_dir=${1:-${GANTRY_GUEST_DIR:-$repo_root/target/guest}}
@@ -81,16 +80,9 @@ modules_dir=/lib/modules/$release
 
 # --- shim --------------------------------------------------------------------------------------
 note "building the static shim"
-target_dir=$(cd "$repo_root" && "$cargo" metadata --format-version 1 --no-deps |
-	sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-[[ -n $target_dir ]] || die "cannot find cargo's target directory"
-(cd "$repo_root" && RUSTFLAGS="-C target-feature=+crt-static" "$cargo" build --quiet --release \
-	-p gantry-shim --target "$TARGET_TRIPLE") || die "building gantry-shim failed"
-shim=$target_dir/$TARGET_TRIPLE/release/gantry-shim
-[[ -x $shim ]] || die "the shim was not built at $shim"
-if LC_ALL=C ldd "$shim" 2>&1 | grep -q '=>'; then
-	die "$shim is dynamically linked: it cannot run as /init"
-fi
+# shellcheck source=qemu/static-shim.sh
+source "$script_dir/static-shim.sh"
+shim=$(build_static_shim)
 
 # --- stage the initramfs -----------------------------------------------------------------------
 mkdir -p "$out_dir"

@@ -13,6 +13,7 @@ step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "guest build"
 qemu/build-guest.sh
+qemu/build-distro-guest.sh     # Debian bookworm with systemd starting the packaged shim (~2 min the first time)
 step "binaries"
 cargo build --workspace --bins --locked
 step "tests"

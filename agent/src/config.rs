@@ -128,6 +128,16 @@ pub struct LaunchConfig {
     pub accel: Accel,
     /// Where the guest's serial console goes.
     pub console_log: Option<PathBuf>,
+    /// Also offer the serial console on this Unix socket (`socat - UNIX-CONNECT:PATH`). A client
+    /// must keep reading: while its socket is full QEMU takes no console output, and a guest
+    /// kernel writing to its console (an OOM report, say) waits.
+    pub console_socket: Option<PathBuf>,
+    /// The guest's own boot disk (a distribution image whose init starts the shim), with
+    /// `kernel` and `initrd` the ones that image boots with.
+    pub root_disk: Option<crate::qemu::RootDisk>,
+    /// Kernel command-line words after Gantry's own (e.g. `root=UUID=…` for a root disk).
+    #[serde(default)]
+    pub cmdline: Vec<String>,
     /// The QEMU binary.
     #[serde(default = "default_qemu")]
     pub qemu: PathBuf,
@@ -198,16 +208,25 @@ impl AgentConfig {
                 )));
             }
         }
-        if self
-            .vm_template
-            .as_ref()
-            .is_some_and(|template| template.console_log.is_some())
-        {
-            return Err(ConfigError::Invalid(
-                "vm_template.console_log: each VM attached at run time has its console log in \
-                 its own state directory"
-                    .to_string(),
-            ));
+        if let Some(template) = &self.vm_template {
+            if template.console_log.is_some() || template.console_socket.is_some() {
+                return Err(ConfigError::Invalid(
+                    "vm_template.console_log/console_socket: each VM attached at run time has \
+                     its console in its own state directory"
+                        .to_string(),
+                ));
+            }
+            if template
+                .root_disk
+                .as_ref()
+                .is_some_and(|disk| !disk.snapshot)
+            {
+                return Err(ConfigError::Invalid(
+                    "vm_template.root_disk: VMs attached at run time share the template's disk; \
+                     set snapshot = true so that none writes to it"
+                        .to_string(),
+                ));
+            }
         }
         let mut names = std::collections::HashSet::new();
         let mut cids = std::collections::HashSet::new();
@@ -334,6 +353,18 @@ mod tests {
             AgentConfig::parse(&shared_console),
             Err(ConfigError::Invalid(m)) if m.contains("console_log")
         ));
+        let shared_disk = format!("{TWO_VMS}\n{template}root_disk = {{ path = \"/d.img\" }}\n");
+        assert!(matches!(
+            AgentConfig::parse(&shared_disk),
+            Err(ConfigError::Invalid(m)) if m.contains("snapshot = true")
+        ));
+        let snapshot = format!(
+            "{TWO_VMS}\n{template}root_disk = {{ path = \"/d.img\", snapshot = true }}\n\
+             cmdline = [\"root=UUID=x\"]\n"
+        );
+        let parsed = AgentConfig::parse(&snapshot).unwrap().vm_template.unwrap();
+        assert_eq!(parsed.root_disk.unwrap().path, PathBuf::from("/d.img"));
+        assert_eq!(parsed.cmdline, ["root=UUID=x"]);
     }
 
     #[test]

@@ -189,7 +189,14 @@ fn check_launch(
     whose: &str,
     launch: &crate::config::LaunchConfig,
 ) -> Result<std::path::PathBuf, DaemonError> {
-    for (what, path) in [("kernel", &launch.kernel), ("initrd", &launch.initrd)] {
+    let root_disk = launch
+        .root_disk
+        .as_ref()
+        .map(|disk| ("root disk", &disk.path));
+    for (what, path) in [("kernel", &launch.kernel), ("initrd", &launch.initrd)]
+        .into_iter()
+        .chain(root_disk)
+    {
         std::fs::File::open(path).map_err(|error| {
             DaemonError::Check(format!("{whose}: {what} {}: {error}", path.display()))
         })?;

@@ -119,6 +119,19 @@ impl LayerStoreDisk {
     }
 }
 
+/// A guest's own boot disk (a tenant's distribution image): a raw image attached as a plain
+/// QEMU `virtio-blk-pci` disk, besides the layer store.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootDisk {
+    /// The raw disk image.
+    pub path: PathBuf,
+    /// The guest's writes go to a temporary overlay QEMU drops when it exits, and the image is
+    /// left as it was (needed when several VMs boot one image).
+    #[serde(default)]
+    pub snapshot: bool,
+}
+
 /// Everything needed to start one guest VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuConfig {
@@ -140,6 +153,11 @@ pub struct QemuConfig {
     pub layer_store: Option<LayerStoreDisk>,
     /// File receiving the guest's serial console (kernel log and shim log).
     pub serial_log: PathBuf,
+    /// Also offer the serial console on this Unix socket (QEMU listens; whoever connects can
+    /// type at the guest's console, as at a physical one), still logged to `serial_log`.
+    pub console_socket: Option<PathBuf>,
+    /// The guest's own boot disk, if it has one.
+    pub root_disk: Option<RootDisk>,
     /// Kernel command-line words appended after [`BASE_KERNEL_CMDLINE`].
     pub extra_cmdline: Vec<String>,
 }
@@ -163,6 +181,8 @@ impl QemuConfig {
             vsock_socket: vsock_socket.into(),
             layer_store: None,
             serial_log: serial_log.into(),
+            console_socket: None,
+            root_disk: None,
             extra_cmdline: Vec::new(),
         }
     }
@@ -289,6 +309,25 @@ impl QemuConfig {
             ]);
         }
 
+        if let Some(root_disk) = &self.root_disk {
+            // The guest tells this disk from the layer store by serial (the shim) or by file
+            // system UUID (its init), never by probe order. A snapshot's overlay is thrown away
+            // anyway, so it need not reach the disk in order.
+            push(&[
+                "-drive",
+                &format!(
+                    "file={},if=none,id=root0,format=raw{}",
+                    qemu_option_value(&root_disk.path),
+                    if root_disk.snapshot {
+                        ",snapshot=on,cache=unsafe"
+                    } else {
+                        ""
+                    }
+                ),
+            ]);
+            push(&["-device", "virtio-blk-pci,drive=root0,serial=root"]);
+        }
+
         args.push("-kernel".into());
         args.push(self.kernel.clone().into_os_string());
         args.push("-initrd".into());
@@ -296,11 +335,25 @@ impl QemuConfig {
         args.push("-append".into());
         args.push(self.kernel_cmdline().into());
 
-        // `file:` takes the rest of the string verbatim, so the path needs no escaping here.
-        let mut serial = OsString::from("file:");
-        serial.push(&self.serial_log);
-        args.push("-serial".into());
-        args.push(serial);
+        if let Some(socket) = &self.console_socket {
+            args.push("-chardev".into());
+            args.push(
+                format!(
+                    "socket,id=console0,path={},server=on,wait=off,logfile={}",
+                    qemu_option_value(socket),
+                    qemu_option_value(&self.serial_log)
+                )
+                .into(),
+            );
+            args.push("-serial".into());
+            args.push("chardev:console0".into());
+        } else {
+            // `file:` takes the rest of the string verbatim, so the path needs no escaping here.
+            let mut serial = OsString::from("file:");
+            serial.push(&self.serial_log);
+            args.push("-serial".into());
+            args.push(serial);
+        }
         for flag in ["-nographic", "-nodefaults", "-no-reboot", "-no-user-config"] {
             args.push(flag.into());
         }
@@ -473,6 +526,52 @@ mod tests {
                 "{flag} missing from {args:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_root_disk_is_a_plain_virtio_disk_beside_the_layer_store() {
+        let mut config = config();
+        config.layer_store = Some(LayerStoreDisk::new("/run/vm1/blk.sock"));
+        config.root_disk = Some(RootDisk {
+            path: "/images/bookworm,1.img".into(),
+            snapshot: true,
+        });
+        let args = args_of(&config);
+        assert_eq!(
+            value_of(&args, "-drive"),
+            "file=/images/bookworm,,1.img,if=none,id=root0,format=raw,snapshot=on,cache=unsafe"
+        );
+        assert_eq!(
+            values_of(&args, "-device"),
+            [
+                "vhost-user-vsock-pci,chardev=vsock0",
+                "vhost-user-blk-pci,chardev=layers0,num-queues=1",
+                "virtio-blk-pci,drive=root0,serial=root",
+            ]
+        );
+        config.root_disk = Some(RootDisk {
+            path: "/images/tenant.img".into(),
+            snapshot: false,
+        });
+        let args = args_of(&config);
+        assert_eq!(
+            value_of(&args, "-drive"),
+            "file=/images/tenant.img,if=none,id=root0,format=raw",
+            "a persistent disk keeps QEMU's safe cache mode"
+        );
+    }
+
+    #[test]
+    fn a_console_socket_serves_the_serial_port_and_still_logs_it() {
+        let mut config = config();
+        config.console_socket = Some("/run/vm1/console.sock".into());
+        let args = args_of(&config);
+        assert_eq!(
+            values_of(&args, "-chardev")[1],
+            "socket,id=console0,path=/run/vm1/console.sock,server=on,wait=off,\
+             logfile=/run/vm1/serial.log"
+        );
+        assert_eq!(value_of(&args, "-serial"), "chardev:console0");
     }
 
     #[test]

@@ -77,6 +77,9 @@ fn qemu_config(vm: &VmConfig, launch: &LaunchConfig) -> QemuConfig {
     config.memory_mib = launch.memory_mib;
     config.cpus = launch.cpus;
     config.accel = launch.accel;
+    config.console_socket = launch.console_socket.clone();
+    config.root_disk = launch.root_disk.clone();
+    config.extra_cmdline = launch.cmdline.clone();
     config
 }
 

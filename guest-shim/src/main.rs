@@ -122,6 +122,22 @@ fn load_modules() {
     }
 }
 
+/// Where containers' cgroups go, prepared. A failure is logged and the shim serves anyway: the
+/// agent then sees each container creation fail with the reason, and can still ask the guest
+/// what is wrong.
+fn container_cgroups(pid1: bool) -> container::cgroup::CgroupTree {
+    use container::cgroup::CgroupTree;
+    let tree = CgroupTree::for_this_process(pid1).unwrap_or_else(|error| {
+        tracing::error!(%error, "cannot tell this process's cgroup; using the whole hierarchy");
+        CgroupTree::whole_hierarchy()
+    });
+    match tree.prepare() {
+        Ok(()) => tracing::info!(parent = %tree.parent().display(), "container cgroups"),
+        Err(error) => tracing::error!(%error, "container cgroups not prepared"),
+    }
+    tree
+}
+
 /// Runs the vsock server on a Tokio runtime; returns only if it fails.
 fn run_server(pid1: bool) -> Result<std::convert::Infallible, Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -130,7 +146,7 @@ fn run_server(pid1: bool) -> Result<std::convert::Infallible, Box<dyn std::error
         .build()?;
     runtime.block_on(async {
         let reaper = reaper::Reaper::start(pid1)?;
-        let runtime = container::Runtime::new(reaper);
+        let runtime = container::Runtime::new(reaper, container_cgroups(pid1));
         let never = server::run(server::ServerConfig::default(), runtime).await?;
         Ok(never)
     })

@@ -340,7 +340,10 @@ mod tests {
         Arc::new(ShimState {
             ready_uptime_ms: 1234,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
-            runtime: Runtime::new(Arc::new(crate::reaper::Reaper::default())),
+            runtime: Runtime::new(
+                Arc::new(crate::reaper::Reaper::default()),
+                crate::container::cgroup::CgroupTree::unprepared(std::env::temp_dir()),
+            ),
         })
     }
 

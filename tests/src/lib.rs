@@ -154,6 +154,50 @@ pub fn guest_image() -> GuestImage {
     image
 }
 
+/// A distribution guest built by `qemu/build-distro-guest.sh`: Debian bookworm on a root disk,
+/// whose systemd starts the packaged shim.
+#[derive(Debug, Clone)]
+pub struct DistroGuest {
+    /// The image's own kernel.
+    pub kernel: PathBuf,
+    /// The image's own initrd (initramfs-tools).
+    pub initrd: PathBuf,
+    /// The raw ext4 root disk.
+    pub disk: PathBuf,
+    /// The kernel command-line words that boot it (`root=UUID=… ro`).
+    pub cmdline: Vec<String>,
+    /// The release of its kernel.
+    pub kernel_release: String,
+}
+
+/// The distribution guest built for this checkout (`$GANTRY_DISTRO_GUEST_DIR` or
+/// `target/distro-guest`).
+pub fn distro_guest() -> DistroGuest {
+    let dir = std::env::var_os("GANTRY_DISTRO_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/distro-guest"));
+    let cmdline = std::fs::read_to_string(dir.join("cmdline")).unwrap_or_default();
+    let guest = DistroGuest {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.img"),
+        disk: dir.join("disk.img"),
+        cmdline: cmdline.split_whitespace().map(str::to_owned).collect(),
+        kernel_release: std::fs::read_to_string(dir.join("kernel-release"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+    };
+    assert!(
+        guest.kernel.exists()
+            && guest.initrd.exists()
+            && guest.disk.exists()
+            && !guest.cmdline.is_empty(),
+        "no distribution guest in {}: run qemu/build-distro-guest.sh first (tests/run.sh does)",
+        dir.display()
+    );
+    guest
+}
+
 /// The release of the kernel Debian's `linux-image-amd64` installs, asked of dpkg directly (not of
 /// the guest build), so a test can compare what the guest reports with what the host installed.
 pub fn installed_debian_kernel_release() -> Result<String> {
@@ -227,6 +271,9 @@ pub struct TestVm {
     pub guest_cid: u64,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// Boots this distribution guest (its root disk as a snapshot, its serial console on a
+    /// socket: [`TestAgent::console_socket`]) instead of Gantry's initramfs.
+    pub distro: Option<DistroGuest>,
 }
 
 impl TestVm {
@@ -236,7 +283,14 @@ impl TestVm {
             name: name.to_owned(),
             guest_cid,
             memory_mib: 256,
+            distro: None,
         }
+    }
+
+    /// The same, booting `guest`.
+    pub fn booting(mut self, guest: &DistroGuest) -> Self {
+        self.distro = Some(guest.clone());
+        self
     }
 
     /// The same with `memory_mib` MiB.
@@ -290,6 +344,10 @@ impl TestAgent {
             dir.path().join("state")
         );
         for vm in vms {
+            let (kernel, initrd) = match &vm.distro {
+                Some(distro) => (&distro.kernel, &distro.initrd),
+                None => (&guest.kernel, &guest.initrd),
+            };
             write!(
                 config,
                 "\n[[vm]]\nname = {:?}\nguest_cid = {}\nvsock_socket = {:?}\nlayer_socket = {:?}\n\
@@ -298,11 +356,21 @@ impl TestAgent {
                 vm.guest_cid,
                 dir.path().join(format!("{}.vsock", vm.name)),
                 dir.path().join(format!("{}.blk", vm.name)),
-                guest.kernel,
-                guest.initrd,
+                kernel,
+                initrd,
                 vm.memory_mib,
                 dir.path().join(format!("{}.console.log", vm.name)),
             )?;
+            if let Some(distro) = &vm.distro {
+                write!(
+                    config,
+                    "cmdline = {:?}\nconsole_socket = {:?}\n\
+                     root_disk = {{ path = {:?}, snapshot = true }}\n",
+                    distro.cmdline,
+                    dir.path().join(format!("{}.console.sock", vm.name)),
+                    distro.disk,
+                )?;
+            }
         }
         let config_path = dir.path().join("agent.toml");
         std::fs::write(&config_path, config)?;
@@ -461,6 +529,11 @@ impl TestAgent {
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The Unix socket of a distribution guest's serial console ([`TestVm::booting`]).
+    pub fn console_socket(&self, vm: &str) -> PathBuf {
+        self.dir.path().join(format!("{vm}.console.sock"))
     }
 
     /// A VM's serial console so far.

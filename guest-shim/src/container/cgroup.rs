@@ -5,8 +5,14 @@ use std::time::{Duration, Instant};
 
 use gantry_proto::{ContainerStats, Resources};
 
-/// Where the shim keeps its containers' cgroups.
-const GANTRY_CGROUP: &str = "/sys/fs/cgroup/gantry";
+/// Where cgroup2 is mounted, by the shim as PID 1 or by another init.
+const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+/// As PID 1, the containers' cgroups go under this child of the root.
+const PID1_CONTAINERS: &str = "gantry";
+/// Under another init, the shim moves itself into this leaf of the cgroup it was given…
+const SUPERVISOR_LEAF: &str = "supervisor";
+/// …and puts its containers' cgroups under this sibling.
+const DELEGATED_CONTAINERS: &str = "containers";
 /// The controllers containers get.
 const CONTROLLERS: &str = "+cpu +memory +pids";
 /// `cpu.max` period when only a quota is given.
@@ -32,6 +38,9 @@ pub enum CgroupError {
     /// The device filter could not be installed (the container would get every device).
     #[error(transparent)]
     Devices(#[from] super::device_filter::DeviceFilterError),
+    /// `/proc/self/cgroup` has no cgroup2 line.
+    #[error("/proc/self/cgroup names no cgroup v2 path (is cgroup2 mounted at {CGROUP_MOUNT}?)")]
+    NoUnifiedCgroup,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
@@ -70,6 +79,127 @@ pub fn validate(resources: &Resources) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// The cgroup v2 path of this process: the `0::PATH` line of `/proc/self/cgroup`.
+fn parse_own_cgroup(proc_self_cgroup: &str) -> Option<&str> {
+    proc_self_cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(str::trim_end)
+}
+
+/// Where the shim puts its containers' cgroups, decided once at start.
+///
+/// As PID 1 the shim owns the whole hierarchy and uses `/sys/fs/cgroup/gantry`. Under another
+/// init (systemd with `Delegate=yes`) it owns only the cgroup that init gave it: a cgroup can
+/// enable controllers for its children only while it holds no process itself (cgroup v2's "no
+/// internal processes" rule), so the shim moves itself into a `supervisor` leaf and puts
+/// containers under a `containers` sibling, never outside the subtree it was delegated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupTree {
+    /// Cgroups whose `cgroup.subtree_control` must enable [`CONTROLLERS`], top down.
+    enable_in: Vec<PathBuf>,
+    /// The containers' cgroups' parent (the last of `enable_in`).
+    parent: PathBuf,
+}
+
+impl CgroupTree {
+    /// The layout for a shim at cgroup `own` (its `/proc/self/cgroup` path) under `mount`.
+    /// A shim in the root cgroup (PID 1, or started by hand outside any service) owns the
+    /// hierarchy; one anywhere else was delegated `own`.
+    fn plan(mount: &Path, own: &str) -> Self {
+        let own = own.trim_start_matches('/');
+        if own.is_empty() {
+            let parent = mount.join(PID1_CONTAINERS);
+            return Self {
+                enable_in: vec![mount.to_owned(), parent.clone()],
+                parent,
+            };
+        }
+        let delegated = mount.join(own);
+        let parent = delegated.join(DELEGATED_CONTAINERS);
+        Self {
+            enable_in: vec![delegated, parent.clone()],
+            parent,
+        }
+    }
+
+    /// The supervisor leaf this process must move into first, for a delegated tree.
+    fn supervisor_leaf(&self) -> Option<PathBuf> {
+        let delegated = self.parent.parent()?;
+        (self.parent.file_name()? == DELEGATED_CONTAINERS).then(|| delegated.join(SUPERVISOR_LEAF))
+    }
+
+    /// The layout of a shim that owns the whole hierarchy (PID 1).
+    pub fn whole_hierarchy() -> Self {
+        Self::plan(Path::new(CGROUP_MOUNT), "/")
+    }
+
+    /// The layout for this process (`pid1`: the shim is init), from `/proc/self/cgroup`.
+    pub fn for_this_process(pid1: bool) -> Result<Self, CgroupError> {
+        if pid1 {
+            return Ok(Self::whole_hierarchy());
+        }
+        let mount = Path::new(CGROUP_MOUNT);
+        let path = Path::new("/proc/self/cgroup");
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let own = parse_own_cgroup(&text).ok_or(CgroupError::NoUnifiedCgroup)?;
+        Ok(Self::plan(mount, own))
+    }
+
+    /// Prepares the layout: moves the shim into its supervisor leaf when it was delegated a
+    /// cgroup, creates the containers' parent, enables the controllers and removes empty
+    /// container cgroups a previous shim left (a restarted service's containers die with it).
+    pub fn prepare(&self) -> Result<(), CgroupError> {
+        if let Some(leaf) = self.supervisor_leaf() {
+            std::fs::create_dir_all(&leaf).map_err(io(&leaf))?;
+            write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
+        }
+        std::fs::create_dir_all(&self.parent).map_err(io(&self.parent))?;
+        self.enable_controllers()?;
+        for name in self.existing() {
+            // Fails, and is left, while a process is still in it.
+            let _ = std::fs::remove_dir(self.parent.join(name));
+        }
+        Ok(())
+    }
+
+    /// A tree rooted at `parent` that enables nothing (unit tests of the runtime).
+    #[cfg(test)]
+    pub fn unprepared(parent: PathBuf) -> Self {
+        Self {
+            enable_in: Vec::new(),
+            parent,
+        }
+    }
+
+    fn enable_controllers(&self) -> Result<(), CgroupError> {
+        for cgroup in &self.enable_in {
+            write(&cgroup.join("cgroup.subtree_control"), CONTROLLERS)?;
+        }
+        Ok(())
+    }
+
+    /// The containers' cgroups' parent.
+    pub fn parent(&self) -> &Path {
+        &self.parent
+    }
+
+    /// The container cgroups that exist now.
+    pub fn existing(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.parent)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|entry| entry.path().is_dir())
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
 /// One container's cgroup.
 #[derive(Debug)]
 pub struct Cgroup {
@@ -77,19 +207,20 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
-    /// Creates the cgroup for `container_id` with `resources`.
-    pub fn create(container_id: &str, resources: &Resources) -> Result<Self, CgroupError> {
+    /// Creates the cgroup for `container_id` with `resources` in `tree`.
+    pub fn create(
+        tree: &CgroupTree,
+        container_id: &str,
+        resources: &Resources,
+    ) -> Result<Self, CgroupError> {
         validate(resources)?;
-        let parent = Path::new(GANTRY_CGROUP);
+        let parent = tree.parent();
         if !parent.exists() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
         }
-        // Controllers must be enabled on every level above the container's cgroup.
-        write(
-            Path::new("/sys/fs/cgroup/cgroup.subtree_control"),
-            CONTROLLERS,
-        )?;
-        write(&parent.join("cgroup.subtree_control"), CONTROLLERS)?;
+        // Controllers must be enabled on every level above the container's cgroup (again: a
+        // PID 1 shim's tree can be set up before anything else exists, and this is idempotent).
+        tree.enable_controllers()?;
         let path = parent.join(container_id);
         std::fs::create_dir(&path).map_err(io(&path))?;
         let cgroup = Self { path };
@@ -186,21 +317,6 @@ impl Cgroup {
     }
 }
 
-/// The container cgroups that exist now.
-pub fn existing() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(GANTRY_CGROUP)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter(|entry| entry.path().is_dir())
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 /// Reads `key value` lines (memory.events, cpu.stat) for one key.
 fn read_keyed(path: &Path, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -255,5 +371,64 @@ mod tests {
         ] {
             assert!(validate(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_unified_line_of_proc_self_cgroup_names_the_cgroup() {
+        let systemd = "0::/system.slice/gantry-shim.service\n";
+        assert_eq!(
+            parse_own_cgroup(systemd),
+            Some("/system.slice/gantry-shim.service")
+        );
+        let hybrid = "12:pids:/system.slice\n1:name=systemd:/init.scope\n0::/init.scope\n";
+        assert_eq!(parse_own_cgroup(hybrid), Some("/init.scope"));
+        assert_eq!(parse_own_cgroup("4:memory:/x\n"), None);
+    }
+
+    #[test]
+    fn a_shim_in_the_root_cgroup_owns_the_hierarchy() {
+        let tree = CgroupTree::plan(Path::new("/cg"), "/");
+        assert_eq!(tree.parent(), Path::new("/cg/gantry"));
+        assert_eq!(
+            tree.enable_in,
+            [PathBuf::from("/cg"), PathBuf::from("/cg/gantry")]
+        );
+        assert_eq!(tree.supervisor_leaf(), None);
+    }
+
+    #[test]
+    fn a_delegated_shim_stays_inside_its_cgroup() {
+        let tree = CgroupTree::plan(Path::new("/cg"), "/system.slice/gantry-shim.service");
+        let own = Path::new("/cg/system.slice/gantry-shim.service");
+        assert_eq!(tree.parent(), own.join("containers"));
+        assert_eq!(tree.enable_in, [own.to_owned(), own.join("containers")]);
+        assert_eq!(tree.supervisor_leaf(), Some(own.join("supervisor")));
+        assert!(tree.enable_in.iter().all(|cgroup| cgroup.starts_with(own)));
+    }
+
+    #[test]
+    fn preparing_moves_the_shim_to_its_leaf_and_clears_leftovers() {
+        // A plain directory stands in for the delegated cgroup: what is written where.
+        let mount = tempfile::tempdir().unwrap();
+        let own = mount.path().join("system.slice/gantry-shim.service");
+        let leftover = own.join("containers/old");
+        let busy = own.join("containers/busy");
+        std::fs::create_dir_all(&leftover).unwrap();
+        std::fs::create_dir_all(&busy).unwrap();
+        std::fs::write(busy.join("cgroup.procs"), "42\n").unwrap();
+        let tree = CgroupTree::plan(mount.path(), "/system.slice/gantry-shim.service");
+        tree.prepare().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(own.join("supervisor/cgroup.procs")).unwrap(),
+            std::process::id().to_string()
+        );
+        for cgroup in [&own, &own.join("containers")] {
+            assert_eq!(
+                std::fs::read_to_string(cgroup.join("cgroup.subtree_control")).unwrap(),
+                CONTROLLERS
+            );
+        }
+        assert!(!leftover.exists(), "an empty leftover cgroup is removed");
+        assert_eq!(tree.existing(), ["busy"], "one with a process stays");
     }
 }

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use crate::reaper::Reaper;
 use crate::storage::{LayerMounts, LayerRef, Rootfs, StorageError};
-use cgroup::{Cgroup, CgroupError};
+use cgroup::{Cgroup, CgroupError, CgroupTree};
 use io::{EventSink, OutputWindow, ProcessKey};
 use launch::{Helper, LaunchError, ProcessStdio, StatusReader};
 use nsinit::{DEFAULT_PATH, EXEC_ARG, ExecPlan, INIT_ARG, InitPlan, ProcessPlan};
@@ -210,6 +210,7 @@ pub struct Runtime {
     lifecycle: Mutex<()>,
     sink: Arc<EventSink>,
     reaper: Arc<Reaper>,
+    cgroups: CgroupTree,
 }
 
 fn not_found(id: &str) -> RuntimeError {
@@ -224,13 +225,15 @@ fn sys(what: &str) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
 }
 
 impl Runtime {
-    /// A runtime whose processes are reaped by `reaper`.
-    pub fn new(reaper: Arc<Reaper>) -> Arc<Self> {
+    /// A runtime whose processes are reaped by `reaper` and whose containers' cgroups go in
+    /// `cgroups`.
+    pub fn new(reaper: Arc<Reaper>, cgroups: CgroupTree) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner::default()),
             lifecycle: Mutex::new(()),
             sink: Arc::new(EventSink::default()),
             reaper,
+            cgroups,
         })
     }
 
@@ -362,7 +365,7 @@ impl Runtime {
         )?;
         let rootfs_path = rootfs.path();
         undo.rootfs = Some(rootfs);
-        let cgroup = Arc::new(Cgroup::create(&id, &spec.resources)?);
+        let cgroup = Arc::new(Cgroup::create(&self.cgroups, &id, &spec.resources)?);
         undo.cgroup = Some(Arc::clone(&cgroup));
 
         let process = plan_process(&rootfs_path, &spec.process, &spec.hostname, tty.is_some())?;
@@ -634,7 +637,7 @@ impl Runtime {
             layer_mounts,
             loop_devices: crate::storage::loop_devices_in_use(Path::new("/sys/block")),
             overlay_mounts: crate::storage::overlay_mount_count(),
-            container_cgroups: cgroup::existing(),
+            container_cgroups: self.cgroups.existing(),
         })
     }
 

@@ -183,9 +183,13 @@ fn set_cloexec(fd: RawFd) {
     }
 }
 
+/// Joins the container's cgroup and gives up the shim's OOM protection: under systemd the shim
+/// runs with `OOMScoreAdjust=-1000`, which children inherit, and a container process the OOM
+/// killer may not take would leave its cgroup stuck at its memory limit instead of OOM-killed.
 fn join_cgroup(cgroup: &Path) -> Result<(), Failure> {
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
-        .context("joining the container's cgroup")
+        .context("joining the container's cgroup")?;
+    std::fs::write("/proc/self/oom_score_adj", "0").context("resetting oom_score_adj")
 }
 
 /// Entry point of `__container-init`.
