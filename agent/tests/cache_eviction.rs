@@ -233,3 +233,43 @@ async fn a_corrupt_image_record_does_not_stop_removal_or_gc() {
     );
     assert_eq!(cache.images().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulling_a_cached_image_again_leaves_its_record_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let work = tempfile::tempdir().unwrap();
+    let layout = layout(&work.path().join("layout"), 2);
+    let cache_dir = work.path().join("cache");
+    let cache = Cache::open(&cache_dir, CacheConfig::default()).unwrap();
+    let record_file = |cache_dir: &Path| {
+        let mut files: Vec<_> = std::fs::read_dir(cache_dir.join("images"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        files.pop().unwrap()
+    };
+    let first = pull(&cache, &layout, "img0").await;
+    let path = record_file(&cache_dir);
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    // Across a second boundary, so the pull time would differ if it were written.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let again = pull(&cache, &layout, "img0").await;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().ino(),
+        inode,
+        "the record file was replaced"
+    );
+    let stored = cache.image(&first.name).unwrap().unwrap();
+    assert_eq!(stored.pulled_at_unix, first.pulled_at_unix);
+    assert_eq!(stored.manifest_digest, again.manifest_digest);
+
+    // A stored record that differs (here: unreadable) is replaced.
+    std::fs::write(&path, b"{ not a record").unwrap();
+    pull(&cache, &layout, "img0").await;
+    let rewritten = cache.image(&first.name).unwrap().unwrap();
+    assert!(
+        rewritten.pulled_at_unix > first.pulled_at_unix,
+        "{rewritten:?}"
+    );
+}

@@ -227,7 +227,8 @@ pub struct ImageRecord {
     pub config: ImageConfiguration,
     /// The layers, bottom first.
     pub layers: Vec<LayerRecord>,
-    /// When it was pulled (Unix seconds).
+    /// When it was first pulled as it is (Unix seconds): a pull that finds the same record
+    /// leaves it alone.
     pub pulled_at_unix: u64,
 }
 
@@ -714,7 +715,9 @@ impl Cache {
     /// Writes (or replaces) an image record, keeping `documents` (its manifest and config as
     /// fetched, content-addressed) first, so the image can be handed on byte for byte
     /// (bundles, peers). Both under the metadata lock: a GC never sees the documents without
-    /// the record that names them.
+    /// the record that names them. A record equal to the stored one but for its pull time is
+    /// not written again: every run of a cached image pulls it, and replacing the file costs
+    /// two fsyncs on the start path.
     pub async fn write_image(
         &self,
         record: &ImageRecord,
@@ -725,7 +728,8 @@ impl Cache {
             .into_iter()
             .map(|bytes| (self.document_path(&Digest::of(&bytes)), bytes))
             .collect();
-        let json = serde_json::to_vec_pretty(record).map_err(|e| CacheError::Corrupt {
+        let record = record.clone();
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| CacheError::Corrupt {
             path: path.clone(),
             reason: e.to_string(),
         })?;
@@ -733,6 +737,17 @@ impl Cache {
         tokio::task::spawn_blocking(move || {
             let _lock =
                 FileLock::acquire(&lock, LockMode::Exclusive, true).map_err(io_error(&lock))?;
+            if document_paths.iter().all(|(document, _)| document.exists())
+                && read_json::<ImageRecord>(&path).is_ok_and(|stored| {
+                    let candidate = ImageRecord {
+                        pulled_at_unix: stored.pulled_at_unix,
+                        ..record.clone()
+                    };
+                    candidate == stored
+                })
+            {
+                return Ok(());
+            }
             for (document, bytes) in &document_paths {
                 if !document.exists() {
                     write_atomic(document, bytes).map_err(io_error(document))?;
