@@ -1,8 +1,10 @@
 //! Layer storage in the guest: the layer-store disk, a read-only loop device per layer extent,
 //! one shared EROFS mount per layer, and each container's overlay root file system.
 //!
-//! Layers are reference counted: the first container that uses a layer mounts it, the last one
-//! to go unmounts it (and the loop device, set to auto-clear, detaches with the mount).
+//! Layers are reference counted: the first container that uses a layer mounts it; when the last
+//! one goes it stays mounted, idle, for the next start, up to [`IDLE_LAYER_MOUNTS_KEPT`] idle
+//! layers, the least recently released unmounted first (the loop device, set to auto-clear,
+//! detaches with the mount).
 //!
 //! Deep images: `mount(2)` takes at most one page of options, and an overlay names every lower
 //! directory in one `lowerdir=` option. So each layer is mounted under a short name (a small hex
@@ -240,6 +242,13 @@ fn attach_loop(disk: &Path, extent: &LayerExtent) -> Result<(PathBuf, File), Sto
     ))
 }
 
+/// Layers no container uses any more stay mounted for the next start, at most
+/// [`IDLE_LAYER_MOUNTS_KEPT`] (the least recently released go first): a warm start then finds its
+/// layers mounted and their pages cached, instead of rereading them cold through loop and
+/// virtio-blk. Safe because the agent keeps a VM's layers mapped and never maps another layer at
+/// an offset once used, so a kept mount never sees other bytes.
+pub use gantry_proto::IDLE_LAYER_MOUNTS_KEPT;
+
 #[derive(Debug)]
 struct LayerMount {
     /// Names the mount point (`LAYERS_DIR/<slot in hex>`); the smallest free one is taken, so
@@ -248,6 +257,8 @@ struct LayerMount {
     mount_point: PathBuf,
     loop_device: PathBuf,
     users: usize,
+    /// When its last user gave it back (a release count), while no container uses it.
+    idle_since: Option<u64>,
 }
 
 /// The layers mounted in this guest, shared between containers.
@@ -255,6 +266,8 @@ struct LayerMount {
 pub struct LayerMounts {
     disk: Option<PathBuf>,
     mounts: HashMap<(String, u64), LayerMount>,
+    /// Counts releases: orders idle mounts from least to most recently released.
+    releases: u64,
 }
 
 /// What a container holds of a layer; give it back with [`LayerMounts::release`].
@@ -274,6 +287,7 @@ impl LayerMounts {
         };
         if let Some(mount) = self.mounts.get_mut(&key) {
             mount.users += 1;
+            mount.idle_since = None;
             return Ok((reference, mount.mount_point.clone()));
         }
         let disk = match &self.disk {
@@ -316,6 +330,7 @@ impl LayerMounts {
                 mount_point: mount_point.clone(),
                 loop_device,
                 users: 1,
+                idle_since: None,
             },
         );
         Ok((reference, mount_point))
@@ -327,7 +342,8 @@ impl LayerMounts {
         (0..).find(|slot| !used.contains(slot)).unwrap_or(u32::MAX)
     }
 
-    /// Gives a layer back; the last user unmounts it.
+    /// Gives a layer back. Without users it stays mounted, idle, unless more than
+    /// [`IDLE_LAYER_MOUNTS_KEPT`] are: then the least recently released idle ones are unmounted.
     pub fn release(&mut self, reference: &LayerRef) -> Result<(), StorageError> {
         let key = (reference.digest.clone(), reference.offset);
         let Some(mount) = self.mounts.get_mut(&key) else {
@@ -337,11 +353,30 @@ impl LayerMounts {
         if mount.users > 0 {
             return Ok(());
         }
-        umount2(&mount.mount_point, MntFlags::empty())
-            .map_err(errno(format!("unmounting layer {}", reference.digest)))?;
-        let _ = std::fs::remove_dir(&mount.mount_point);
-        tracing::info!(digest = %reference.digest, loop_device = %mount.loop_device.display(), "layer unmounted");
-        self.mounts.remove(&key);
+        self.releases += 1;
+        mount.idle_since = Some(self.releases);
+        self.unmount_idle_beyond(IDLE_LAYER_MOUNTS_KEPT)
+    }
+
+    /// Unmounts idle layers, least recently released first, until at most `kept` are left.
+    fn unmount_idle_beyond(&mut self, kept: usize) -> Result<(), StorageError> {
+        let mut idle: Vec<(u64, (String, u64))> = self
+            .mounts
+            .iter()
+            .filter_map(|(key, mount)| Some((mount.idle_since?, key.clone())))
+            .collect();
+        idle.sort_unstable();
+        let excess = idle.len().saturating_sub(kept);
+        for (_, key) in idle.into_iter().take(excess) {
+            let Some(mount) = self.mounts.get(&key) else {
+                continue;
+            };
+            umount2(&mount.mount_point, MntFlags::empty())
+                .map_err(errno(format!("unmounting layer {}", key.0)))?;
+            let _ = std::fs::remove_dir(&mount.mount_point);
+            tracing::info!(digest = %key.0, loop_device = %mount.loop_device.display(), "layer unmounted");
+            self.mounts.remove(&key);
+        }
         Ok(())
     }
 }
@@ -709,10 +744,96 @@ mod tests {
                     mount_point: Path::new(LAYERS_DIR).join(format!("{slot:x}")),
                     loop_device: PathBuf::from("/dev/loop0"),
                     users: 1,
+                    idle_since: None,
                 },
             );
         }
         assert_eq!(layers.free_slot(), 2);
+    }
+
+    /// Idle layers stay mounted up to the bound, the least recently released unmounted first,
+    /// and a kept one is used again. tmpfs mounts stand in for the layers' EROFS mounts.
+    #[test]
+    fn released_layers_stay_mounted_up_to_the_bound_oldest_unmounted_first() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: mounting needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut layers = LayerMounts::default();
+        let count = IDLE_LAYER_MOUNTS_KEPT + 2;
+        let extent = |slot: usize| LayerRef {
+            digest: format!("sha256:{slot}"),
+            offset: (slot as u64) << 20,
+        };
+        let is_mounted = |path: &Path| {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .lines()
+                .any(|line| line.split(' ').nth(4) == Some(path.to_str().unwrap()))
+        };
+        for slot in 0..count {
+            let mount_point = dir.path().join(slot.to_string());
+            std::fs::create_dir(&mount_point).unwrap();
+            mount(
+                Some("tmpfs"),
+                &mount_point,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .unwrap();
+            let reference = extent(slot);
+            layers.mounts.insert(
+                (reference.digest.clone(), reference.offset),
+                LayerMount {
+                    slot: slot as u32,
+                    mount_point,
+                    loop_device: PathBuf::from("/dev/loop0"),
+                    users: 1,
+                    idle_since: None,
+                },
+            );
+        }
+        for slot in 0..count {
+            layers.release(&extent(slot)).unwrap();
+        }
+        // The two released first are gone; the rest stay, idle.
+        for slot in 0..count {
+            let mounted = is_mounted(&dir.path().join(slot.to_string()));
+            assert_eq!(mounted, slot >= 2, "slot {slot}");
+        }
+        assert_eq!(layers.report().len(), IDLE_LAYER_MOUNTS_KEPT);
+        assert!(layers.report().iter().all(|mount| mount.users == 0));
+        // Slot 2 is used again (not idle any more), so one more release unmounts slot 3.
+        let key = (extent(2).digest, extent(2).offset);
+        layers.mounts.get_mut(&key).unwrap().users = 1;
+        layers.mounts.get_mut(&key).unwrap().idle_since = None;
+        layers.releases += 1;
+        layers
+            .mounts
+            .get_mut(&(extent(4).digest, extent(4).offset))
+            .unwrap()
+            .idle_since = Some(layers.releases);
+        layers
+            .unmount_idle_beyond(IDLE_LAYER_MOUNTS_KEPT - 2)
+            .unwrap();
+        assert!(
+            is_mounted(&dir.path().join("2")),
+            "a used layer is never unmounted"
+        );
+        assert!(
+            !is_mounted(&dir.path().join("3")),
+            "the oldest idle one goes"
+        );
+        assert!(
+            is_mounted(&dir.path().join("4")),
+            "a re-released one is young again"
+        );
+        layers.unmount_idle_beyond(0).unwrap();
+        assert!(is_mounted(&dir.path().join("2")));
+        umount2(&dir.path().join("2"), MntFlags::empty()).unwrap();
     }
 
     /// The real thing on the host kernel: an overlay of overlayfs's 500 lower directories, with a

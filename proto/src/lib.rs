@@ -24,9 +24,9 @@ pub use frame::{
 pub use handshake::{VersionError, negotiate};
 pub use messages::{
     ContainerId, ContainerSpec, ContainerState, ContainerStats, ContainerSummary, ErrorKind,
-    ErrorReply, Event, ExecId, ExitStatus, GuestInfo, GuestResources, Hello, LayerExtent,
-    LayerMountInfo, Message, Op, OutputPosition, OutputStream, ProcessSpec, Reply, Request,
-    RequestId, Resources, Response, TtySize,
+    ErrorReply, Event, ExecId, ExitStatus, GuestInfo, GuestResources, Hello,
+    IDLE_LAYER_MOUNTS_KEPT, LayerExtent, LayerMountInfo, Message, Op, OutputPosition, OutputStream,
+    ProcessSpec, Reply, Request, RequestId, Resources, Response, TtySize,
 };
 pub use names::{IdError, MAX_ID_LEN, validate_id};
 pub use version::{

@@ -287,6 +287,10 @@ pub struct GuestResources {
     pub container_cgroups: Vec<String>,
 }
 
+/// At most this many layers no container uses stay mounted in a guest for the next start (the
+/// shim unmounts the least recently released beyond it); they are reported with 0 users.
+pub const IDLE_LAYER_MOUNTS_KEPT: usize = 16;
+
 /// One mounted layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
@@ -295,7 +299,7 @@ pub struct LayerMountInfo {
     pub digest: String,
     /// Its extent's offset on the layer-store disk.
     pub offset: u64,
-    /// Containers using the mount.
+    /// Containers using the mount; 0 for a layer kept mounted for the next start.
     pub users: u32,
 }
 

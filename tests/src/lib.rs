@@ -154,6 +154,35 @@ pub fn guest_image() -> GuestImage {
     image
 }
 
+/// Checks a guest's `vm resources` report after its containers are gone: no layer mount in use,
+/// at most [`gantry_proto::IDLE_LAYER_MOUNTS_KEPT`] kept idle for the next start (one loop device
+/// each), no overlay, no container cgroup. Returns how many idle layer mounts there are.
+pub fn assert_no_container_resources(resources: &serde_json::Value, context: &str) -> usize {
+    let mounts = resources["layer_mounts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{context}: no layer_mounts in {resources}"));
+    assert!(
+        mounts.iter().all(|mount| mount["users"] == 0),
+        "{context}: a layer is still in use: {resources}"
+    );
+    assert!(
+        mounts.len() <= gantry_proto::IDLE_LAYER_MOUNTS_KEPT,
+        "{context}: more idle layer mounts than kept: {resources}"
+    );
+    assert_eq!(
+        resources["loop_devices"].as_array().map(Vec::len),
+        Some(mounts.len()),
+        "{context}: a loop device per kept mount and none else: {resources}"
+    );
+    assert_eq!(resources["overlay_mounts"], 0, "{context}: {resources}");
+    assert_eq!(
+        resources["container_cgroups"],
+        serde_json::json!([]),
+        "{context}: {resources}"
+    );
+    mounts.len()
+}
+
 /// A distribution guest built by `qemu/build-distro-guest.sh`: Debian bookworm on a root disk,
 /// whose systemd starts the packaged shim.
 #[derive(Debug, Clone)]

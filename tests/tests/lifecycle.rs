@@ -427,19 +427,24 @@ fn containers_sharing_a_base_layer_mount_it_once() {
             .success()
     );
     let resources = guest_resources(COUNTED);
+    let idle = gantry_e2e::assert_no_container_resources(&resources, "after rm");
     assert_eq!(
-        resources["layer_mounts"],
-        serde_json::json!([]),
-        "{resources}"
+        idle, 1,
+        "the shared layer stays mounted for the next start: {resources}"
     );
 }
 
 #[test]
-fn twenty_containers_in_a_row_leave_no_mount_loop_device_or_cgroup() {
+fn twenty_containers_in_a_row_leave_only_their_layer_kept_mounted() {
     let _counted = fixture()
         .counted_lock
         .lock()
         .unwrap_or_else(|e| e.into_inner());
+    let mounted_before = fixture()
+        .agent
+        .console(COUNTED)
+        .matches("layer mounted")
+        .count();
     for round in 0..20 {
         let name = format!("loop-{round}");
         let output = run(
@@ -462,21 +467,17 @@ fn twenty_containers_in_a_row_leave_no_mount_loop_device_or_cgroup() {
         assert_eq!(text(&output.stdout), format!("{name}\n"));
     }
     let resources = guest_resources(COUNTED);
-    assert_eq!(
-        resources["layer_mounts"],
-        serde_json::json!([]),
-        "{resources}"
-    );
-    assert_eq!(
-        resources["loop_devices"],
-        serde_json::json!([]),
-        "{resources}"
-    );
-    assert_eq!(resources["overlay_mounts"], 0, "{resources}");
-    assert_eq!(
-        resources["container_cgroups"],
-        serde_json::json!([]),
-        "{resources}"
+    let idle = gantry_e2e::assert_no_container_resources(&resources, "after 20 runs");
+    assert_eq!(idle, 1, "one busybox layer, kept mounted: {resources}");
+    let mounted = fixture()
+        .agent
+        .console(COUNTED)
+        .matches("layer mounted")
+        .count()
+        - mounted_before;
+    assert!(
+        mounted <= 1,
+        "the 20 runs mounted the layer {mounted} times, not once"
     );
     let ps = cli(&["ps", "--vm", COUNTED, "-a", "--json"]);
     assert_eq!(text(&ps.stdout).trim(), "[]");
