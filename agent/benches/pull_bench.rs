@@ -6,7 +6,11 @@
 //! The image is a Debian bookworm minbase root file system with python3 (made with
 //! `debootstrap --variant=minbase --include=python3`, kept in `$GANTRY_BENCH_DIR`, default
 //! `/var/tmp/gantry-bench`, and reused), packed as one tar+gzip layer into an OCI layout and
-//! pushed with `skopeo`. Needs root, debootstrap, docker-registry and skopeo.
+//! pushed with `skopeo`. When debootstrap fails (no mirror reachable), or with
+//! `GANTRY_BENCH_ROOT=host`, the root is instead the same packages copied from the host's
+//! installed files (`qemu/host-root.sh`, kept as `host-rootfs`); `GANTRY_BENCH_ROOT=debootstrap`
+//! refuses that fallback. The `root:` line of the output says which root was measured. Needs
+//! root, debootstrap (or a Debian host with python3), docker-registry and skopeo.
 
 #[path = "../tests/registry_common/mod.rs"]
 #[allow(unused_imports)]
@@ -28,33 +32,99 @@ fn run(command: &mut Command) {
     assert!(status.success(), "{command:?} failed");
 }
 
-/// The debootstrapped root file system, made on first use.
-fn rootfs(work: &Path) -> PathBuf {
+/// Debootstrap's mirror (a fixed one: this benchmark measures the pull, not the mirror).
+const MIRROR: &str = "http://deb.debian.org/debian";
+
+/// The packages the root holds besides minbase's (debootstrap's `--include`).
+const PACKAGES: &str = "python3";
+
+/// The debootstrapped root file system, made on first use; why not, when debootstrap fails.
+fn debootstrap_rootfs(work: &Path) -> Result<PathBuf, String> {
     let rootfs = work.join("rootfs");
-    if !rootfs.join("usr/bin/python3").exists() {
-        eprintln!(
-            "debootstrap (minbase + python3) into {} …",
-            rootfs.display()
-        );
-        let partial = work.join("rootfs.partial");
-        let _ = std::fs::remove_dir_all(&partial);
-        run(Command::new("debootstrap").args([
-            "--variant=minbase",
-            "--include=python3",
-            "bookworm",
-            partial.to_str().unwrap_or_default(),
-            "http://deb.debian.org/debian",
-        ]));
-        std::fs::rename(&partial, &rootfs).expect("renaming the root file system");
+    if rootfs.join("usr/bin/python3").exists() {
+        return Ok(rootfs);
     }
-    rootfs
+    eprintln!(
+        "debootstrap (minbase + {PACKAGES}) into {} …",
+        rootfs.display()
+    );
+    let partial = work.join("rootfs.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    let output = Command::new("debootstrap")
+        .arg("--variant=minbase")
+        .arg(format!("--include={PACKAGES}"))
+        .arg("bookworm")
+        .arg(&partial)
+        .arg(MIRROR)
+        .output()
+        .map_err(|e| format!("running debootstrap: {e}"))?;
+    if !output.status.success() {
+        let log = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+        eprintln!("debootstrap failed ({}):\n{log}", output.status);
+        let _ = std::fs::remove_dir_all(&partial);
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(format!("debootstrap {}: {}", output.status, last.trim()));
+    }
+    std::fs::rename(&partial, &rootfs).map_err(|e| format!("renaming the root: {e}"))?;
+    Ok(rootfs)
 }
 
-/// One tar+gzip layer of the root file system (made once).
-fn layer(work: &Path, rootfs: &Path) -> Vec<u8> {
-    let path = work.join("layer.tar.gz");
+/// The same packages copied from the host's installed files (`qemu/host-root.sh`, which keeps
+/// the tree and describes it again on later runs), and that description.
+fn host_rootfs(work: &Path) -> (PathBuf, String) {
+    let rootfs = work.join("host-rootfs");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qemu/host-root.sh");
+    let output = Command::new(&script)
+        .arg(&rootfs)
+        .arg(PACKAGES)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        output.status.success(),
+        "{} failed ({})",
+        script.display(),
+        output.status
+    );
+    let description = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    (rootfs, description)
+}
+
+/// The root file system and the `root:` line saying which it is: debootstrap's, else (no
+/// mirror reachable, or `GANTRY_BENCH_ROOT=host`) the host's files.
+fn rootfs(work: &Path) -> (PathBuf, String) {
+    let why = match std::env::var("GANTRY_BENCH_ROOT").as_deref() {
+        Ok("host") => "GANTRY_BENCH_ROOT=host".to_owned(),
+        Ok("debootstrap") => match debootstrap_rootfs(work) {
+            Ok(rootfs) => return (rootfs, debootstrap_line()),
+            Err(why) => panic!("{why} (and GANTRY_BENCH_ROOT=debootstrap)"),
+        },
+        Err(_) | Ok("") | Ok("auto") => match debootstrap_rootfs(work) {
+            Ok(rootfs) => return (rootfs, debootstrap_line()),
+            Err(why) => format!("no mirror reachable: {why}"),
+        },
+        Ok(other) => panic!("GANTRY_BENCH_ROOT must be auto, debootstrap or host (got {other:?})"),
+    };
+    let (rootfs, description) = host_rootfs(work);
+    (
+        rootfs,
+        format!("root: {description} (not debootstrap: {why})"),
+    )
+}
+
+fn debootstrap_line() -> String {
+    format!("root: debootstrap bookworm minbase+{PACKAGES} from {MIRROR}")
+}
+
+/// One tar+gzip layer of the root file system, `NAME.tar.gz` (made once).
+fn layer(work: &Path, rootfs: &Path, name: &str) -> Vec<u8> {
+    let path = work.join(format!("{name}.tar.gz"));
     if !path.exists() {
-        let partial = work.join("layer.tar.gz.partial");
+        let partial = work.join(format!("{name}.tar.gz.partial"));
         let script = format!(
             "tar --numeric-owner --xattrs -C '{}' -cf - . | gzip -6 > '{}'",
             rootfs.display(),
@@ -75,8 +145,14 @@ fn main() {
         std::env::var("GANTRY_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/gantry-bench".into()),
     );
     std::fs::create_dir_all(&work).expect("creating the bench directory");
-    let rootfs = rootfs(&work);
-    let layer = layer(&work, &rootfs);
+    let (rootfs, root_line) = rootfs(&work);
+    // Each root's layer has a name of its own, so a cached one is never taken for the other's.
+    let layer_name = if rootfs.ends_with("rootfs") {
+        "layer"
+    } else {
+        "host-layer"
+    };
+    let layer = layer(&work, &rootfs, layer_name);
     let scratch = tempfile::tempdir_in(&work).expect("scratch directory");
     let mut layout = LayoutBuilder::new(&scratch.path().join("layout"));
     let (descriptor, _) = layout.image(
@@ -121,7 +197,8 @@ fn main() {
     let skopeo = started.elapsed().as_secs_f64();
 
     let erofs_mb = record.erofs_size() as f64 / 1e6;
-    println!("image: debian bookworm minbase + python3, one tar+gzip layer of {size_mb:.1} MB");
+    println!("{root_line}");
+    println!("image: that root, one tar+gzip layer of {size_mb:.1} MB");
     println!(
         "gantry pull + convert: {gantry:.2} s, {:.1} MB/s compressed in, {erofs_mb:.1} MB EROFS out",
         size_mb / gantry

@@ -3,17 +3,22 @@
 //! (erofs-utils) on the tree, in one run on the same machine.
 //!
 //! ```text
-//! cargo bench -p gantry-agent --bench convert_layer
-//! GANTRY_BENCH_TAR=/path/to/rootfs.tar cargo bench -p gantry-agent --bench convert_layer
+//! cargo bench -p gantry-oci --bench convert_layer
+//! GANTRY_BENCH_TAR=/path/to/rootfs.tar cargo bench -p gantry-oci --bench convert_layer
+//! GANTRY_BENCH_ROOT=host cargo bench -p gantry-oci --bench convert_layer
 //! ```
 //!
 //! Without `GANTRY_BENCH_TAR`, the input is a Debian bookworm minbase root made with
 //! `debootstrap` and cached under the target directory (built on the first run, which needs
-//! network and a few minutes). Every figure is the best of `GANTRY_BENCH_RUNS` (default 3)
+//! network and a few minutes). When debootstrap fails (no mirror reachable), or with
+//! `GANTRY_BENCH_ROOT=host`, the input is instead the same package set copied from the host's
+//! installed files (`qemu/host-root.sh`, cached under `gantry-test-cache/host-root`);
+//! `GANTRY_BENCH_ROOT=debootstrap` refuses that fallback. The `root:` line of the output says
+//! which input was measured. Every figure is the best of `GANTRY_BENCH_RUNS` (default 3)
 //! runs, with all inputs in the page cache; MB/s is uncompressed tar bytes per second.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -36,25 +41,12 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
-/// The debootstrap minbase tarball, built once and cached (shared with the rootfs test).
-fn debootstrap_tarball() -> PathBuf {
-    let cache = target_dir().join("gantry-test-cache/debootstrap");
-    let tarball = cache.join("bookworm-minbase.tar");
-    if tarball.exists() {
-        return tarball;
-    }
-    fs::create_dir_all(&cache).unwrap();
-    eprintln!(
-        "building {} with debootstrap (first run only)...",
-        tarball.display()
-    );
-    let root = cache.join("root");
-    let _ = fs::remove_dir_all(&root);
-    run(Command::new("debootstrap")
-        .args(["--variant=minbase", "bookworm"])
-        .arg(&root)
-        .arg("http://deb.debian.org/debian"));
-    let partial = cache.join("bookworm-minbase.tar.partial");
+/// Debootstrap's mirror, as the rootfs test (`tests/erofs_rootfs.rs`) uses it.
+const MIRROR: &str = "http://deb.debian.org/debian";
+
+/// A root file system tree packed as a pax tarball at `tarball` (through a `.partial` file).
+fn pack(root: &Path, tarball: &Path) {
+    let partial = tarball.with_extension("tar.partial");
     run(Command::new("tar")
         .args([
             "--format=posix",
@@ -65,10 +57,100 @@ fn debootstrap_tarball() -> PathBuf {
         .arg("-cf")
         .arg(&partial)
         .arg("-C")
-        .arg(&root)
+        .arg(root)
         .arg("."));
-    fs::rename(&partial, &tarball).unwrap();
-    tarball
+    fs::rename(&partial, tarball).unwrap();
+}
+
+/// The debootstrap minbase tarball, built once and cached (shared with the rootfs test); why
+/// not, when debootstrap fails.
+fn debootstrap_tarball() -> Result<PathBuf, String> {
+    let cache = target_dir().join("gantry-test-cache/debootstrap");
+    let tarball = cache.join("bookworm-minbase.tar");
+    if tarball.exists() {
+        return Ok(tarball);
+    }
+    fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
+    eprintln!(
+        "building {} with debootstrap (first run only)...",
+        tarball.display()
+    );
+    let root = cache.join("root");
+    let _ = fs::remove_dir_all(&root);
+    let output = Command::new("debootstrap")
+        .args(["--variant=minbase", "bookworm"])
+        .arg(&root)
+        .arg(MIRROR)
+        .output()
+        .map_err(|e| format!("running debootstrap: {e}"))?;
+    if !output.status.success() {
+        let log = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+        eprintln!("debootstrap failed ({}):\n{log}", output.status);
+        let _ = fs::remove_dir_all(&root);
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        return Err(format!("debootstrap {}: {}", output.status, last.trim()));
+    }
+    pack(&root, &tarball);
+    Ok(tarball)
+}
+
+/// The same package set (Priority required, apt) copied from the host's installed files with
+/// `qemu/host-root.sh`, as a tarball cached beside debootstrap's, and the script's description.
+fn host_tarball() -> (PathBuf, String) {
+    let cache = target_dir().join("gantry-test-cache/host-root");
+    fs::create_dir_all(&cache).unwrap();
+    let root = cache.join("root");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qemu/host-root.sh");
+    // Idempotent: it keeps the tree and only describes it again.
+    let output = Command::new(&script)
+        .arg(&root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        output.status.success(),
+        "{} failed ({})",
+        script.display(),
+        output.status
+    );
+    let description = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let tarball = cache.join("host-minbase.tar");
+    if !tarball.exists() {
+        pack(&root, &tarball);
+    }
+    (tarball, description)
+}
+
+/// The input tarball and the `root:` line saying what it is: `GANTRY_BENCH_TAR`, else
+/// debootstrap's minbase, else (no mirror reachable, or `GANTRY_BENCH_ROOT=host`) the host's.
+fn input_tarball() -> (PathBuf, String) {
+    if let Some(tarball) = std::env::var_os("GANTRY_BENCH_TAR") {
+        let tarball = PathBuf::from(tarball);
+        let line = format!("root: GANTRY_BENCH_TAR={}", tarball.display());
+        return (tarball, line);
+    }
+    let debootstrap_line = || format!("root: debootstrap bookworm minbase from {MIRROR}");
+    let why = match std::env::var("GANTRY_BENCH_ROOT").as_deref() {
+        Ok("host") => "GANTRY_BENCH_ROOT=host".to_owned(),
+        Ok("debootstrap") => match debootstrap_tarball() {
+            Ok(tarball) => return (tarball, debootstrap_line()),
+            Err(why) => panic!("{why} (and GANTRY_BENCH_ROOT=debootstrap)"),
+        },
+        Err(_) | Ok("") | Ok("auto") => match debootstrap_tarball() {
+            Ok(tarball) => return (tarball, debootstrap_line()),
+            Err(why) => format!("no mirror reachable: {why}"),
+        },
+        Ok(other) => panic!("GANTRY_BENCH_ROOT must be auto, debootstrap or host (got {other:?})"),
+    };
+    let (tarball, description) = host_tarball();
+    (
+        tarball,
+        format!("root: {description} (not debootstrap: {why})"),
+    )
 }
 
 fn best_of<T>(runs: usize, mut f: impl FnMut() -> (Duration, T)) -> (Duration, T) {
@@ -91,9 +173,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let tarball = std::env::var_os("GANTRY_BENCH_TAR")
-        .map(PathBuf::from)
-        .unwrap_or_else(debootstrap_tarball);
+    let (tarball, root_line) = input_tarball();
     let runs: usize = std::env::var("GANTRY_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -145,6 +225,7 @@ fn main() {
     let extract_and_mkfs = extract_time + mkfs_time;
     let mkfs_size = fs::metadata(&mkfs_image).unwrap().len();
 
+    println!("{root_line}");
     println!(
         "input: {} ({} bytes, {} entries)",
         tarball.display(),

@@ -13,7 +13,8 @@
 //! `flock /tmp/gantry-guests.lock cargo bench -p gantry-e2e --bench cluster_prefetch`).
 //!
 //! The images: the lazy-start benchmark's root file system (`debootstrap --variant=minbase
-//! --include=python3-minimal bookworm`, kept in `target/bench-data/`, made on the first run),
+//! --include=python3-minimal bookworm`, or the host's files when no mirror is reachable; kept
+//! in `target/bench-data/`, made on the first run; the `root:` line says which),
 //! each with a file of its own appended (so no two share a layer) and, for `web` and `worker`,
 //! application data; one tar+gzip layer each, converted with `gantry-agent image convert`. The
 //! registry is `docker-registry` on loopback behind one shaping proxy, the registry's uplink
@@ -285,12 +286,11 @@ fn bench() -> Result<()> {
         "cluster manifest (issue 13): {CARDS} cards (agents on loopback sharing only the \
          registry), one manifest of 3 images, prefetch = \"all\""
     );
+    println!("{}", base.root_line());
     println!(
-        "input: debootstrap --variant=minbase --include={PACKAGES} {SUITE} from {} (tar {:.1} MB, \
-         kept in {}); per image a marker file appended, `web` +24 MiB, `worker` +12 MiB and \
+        "input: that root (tar {:.1} MB, kept in {}); per image a marker file appended, `web` +24 MiB, `worker` +12 MiB and \
          `{LOCAL_BATCH}` +48 MiB of app data; converted with `gantry-agent image convert` ({} s \
          for all {}, not timed below)",
-        base.mirror,
         mb(base.tar_size),
         base.path.display(),
         seconds(prepare_time),

@@ -18,8 +18,11 @@
 //! mirror this machine is configured with (`/etc/apt/sources.list{,.d}`, or
 //! `$GANTRY_BENCH_MIRROR`), packed as one tar+gzip layer (no device nodes, no downloaded
 //! packages: as a published base image) and kept in `$GANTRY_BENCH_DATA` (default
-//! `target/bench-data/`), so reruns skip debootstrap. Needs root, debootstrap, docker-registry,
-//! skopeo and GNU tar. Without a root file system it stops with an error: it makes none up.
+//! `target/bench-data/`), so reruns skip debootstrap. When debootstrap fails (no mirror
+//! reachable), or with `GANTRY_BENCH_ROOT=host`, the root is instead the same packages copied
+//! from the host's own installed files (`qemu/host-root.sh`); `GANTRY_BENCH_ROOT=debootstrap`
+//! refuses that fallback. The output's `root:` line says which root was used. Needs root,
+//! debootstrap (or a Debian host), docker-registry, skopeo and GNU tar.
 
 mod common;
 
@@ -341,10 +344,9 @@ fn bench() -> Result<()> {
          empty cache, fresh agent per variant",
         shell_words(&COMMAND)
     );
+    println!("{}", layer.root_line());
     println!(
-        "input: debootstrap --variant=minbase --include={PACKAGES} {SUITE} from {} \
-         ({} entries, tar {:.1} MB; kept in {})",
-        layer.mirror,
+        "input: that root, one tar+gzip layer ({} entries, tar {:.1} MB; kept in {})",
         layer.entries,
         mb(layer.tar_size),
         layer.path.display()

@@ -11,7 +11,8 @@
 //! --bench peer_cache` (on a shared machine under the guests' lock:
 //! `flock /tmp/gantry-guests.lock cargo bench -p gantry-e2e --bench peer_cache`). No network:
 //! the root file system is the lazy-start benchmark's, kept in `target/bench-data/` (made with
-//! debootstrap from the configured apt mirror on the first run of either).
+//! debootstrap from the configured apt mirror on the first run of either, or from the host's
+//! files when no mirror is reachable; the `root:` line says which).
 //!
 //! The image: `debootstrap --variant=minbase --include=python3-minimal bookworm` as one
 //! tar+gzip layer with a marker file appended per round (so every round is cold on every card),
@@ -247,11 +248,10 @@ fn bench() -> Result<()> {
         "peer cache (issue 14): N cards start one image cold at once, default pull mode (fill); \
          with peers, the N cards are each other's peers (manifest [[peer]])"
     );
+    println!("{}", base.root_line());
     println!(
-        "input: debootstrap --variant=minbase --include={PACKAGES} {SUITE} from {} (tar {:.1} MB, \
-         kept in {}), a marker file appended per round, converted with `gantry-agent image \
+        "input: that root (tar {:.1} MB, kept in {}), a marker file appended per round, converted with `gantry-agent image \
          convert` ({:.1} s for {} rounds, not timed below); command `{}`",
-        base.mirror,
         mb(base.tar_size),
         base.path.display(),
         prepare_time.as_secs_f64(),

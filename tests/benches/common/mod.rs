@@ -1,5 +1,6 @@
 //! What the benchmarks that boot guests share: the realistic root file system (debootstrap,
-//! kept between runs), OCI layouts of it, and a measured `run`.
+//! else the host's own files when no mirror is reachable; kept between runs), OCI layouts of
+//! it, and a measured `run`.
 
 #![allow(dead_code)]
 
@@ -136,6 +137,35 @@ pub fn one_line_mirror(content: &str) -> Option<String> {
     })
 }
 
+/// Which root file system the benchmarks use (`GANTRY_BENCH_ROOT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootChoice {
+    /// Unset or `auto`: debootstrap, and the host's files when that fails (no mirror reachable).
+    DebootstrapFirst,
+    /// `debootstrap`: debootstrap or nothing, for figures that must be about the Debian root.
+    Debootstrap,
+    /// `host`: the host's files (`qemu/host-root.sh`), without trying a mirror.
+    Host,
+}
+
+impl RootChoice {
+    pub fn from_env() -> Result<RootChoice> {
+        match std::env::var("GANTRY_BENCH_ROOT").as_deref() {
+            Err(_) | Ok("") | Ok("auto") => Ok(RootChoice::DebootstrapFirst),
+            Ok("debootstrap") => Ok(RootChoice::Debootstrap),
+            Ok("host") => Ok(RootChoice::Host),
+            Ok(other) => {
+                bail!("GANTRY_BENCH_ROOT must be auto, debootstrap or host (got {other:?})")
+            }
+        }
+    }
+}
+
+/// How a debootstrapped root is described ([`RootfsLayer::root`]).
+pub fn debootstrap_origin(mirror: &str) -> String {
+    format!("debootstrap {SUITE} minbase+{PACKAGES} from {mirror}")
+}
+
 /// The root file system as one tar+gzip layer, and what the image's config says of it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RootfsLayer {
@@ -152,21 +182,86 @@ pub struct RootfsLayer {
     pub tar_size: u64,
     /// Files and directories in it.
     pub entries: u64,
-    /// The mirror debootstrap used.
+    /// Where the root file system came from: [`debootstrap_origin`], or what
+    /// `qemu/host-root.sh` said of the host files it copied ("host files: N packages (…), N MB").
+    /// Facts cached before this field existed are all debootstrap's (filled in on load).
+    #[serde(default)]
+    pub root: String,
+    /// The mirror debootstrap used; empty for a root made from the host's files.
     pub mirror: String,
+    /// Why this run did not use debootstrap's root, when it did not.
+    #[serde(skip)]
+    pub fallback: Option<String>,
 }
 
-/// The cached root file system layer, made with debootstrap when missing.
-pub fn rootfs_layer(data: &Path) -> Result<RootfsLayer> {
-    let stem = format!("{SUITE}-minbase-{PACKAGES}");
-    let path = data.join(format!("{stem}.tar.gz"));
-    let facts = data.join(format!("{stem}.json"));
-    if path.exists()
-        && let Ok(bytes) = std::fs::read(&facts)
-        && let Ok(layer) = serde_json::from_slice::<RootfsLayer>(&bytes)
-    {
-        return Ok(RootfsLayer { path, ..layer });
+impl RootfsLayer {
+    /// The `root:` line the benchmarks print beside their figures.
+    pub fn root_line(&self) -> String {
+        match &self.fallback {
+            Some(why) => format!("root: {} (not debootstrap: {why})", self.root),
+            None => format!("root: {}", self.root),
+        }
     }
+}
+
+/// The cached layer named `stem` in `data`, when it and its facts are complete.
+fn cached_layer(data: &Path, stem: &str) -> Option<RootfsLayer> {
+    let path = data.join(format!("{stem}.tar.gz"));
+    let bytes = std::fs::read(data.join(format!("{stem}.json"))).ok()?;
+    let mut layer = serde_json::from_slice::<RootfsLayer>(&bytes).ok()?;
+    if !path.exists() {
+        return None;
+    }
+    if layer.root.is_empty() {
+        layer.root = debootstrap_origin(&layer.mirror);
+    }
+    Some(RootfsLayer { path, ..layer })
+}
+
+/// The cached root file system layer: debootstrap's, made when missing, or (see [`RootChoice`])
+/// one of the host's files when debootstrap cannot make it.
+pub fn rootfs_layer(data: &Path) -> Result<RootfsLayer> {
+    let choice = RootChoice::from_env()?;
+    let debootstrap_stem = format!("{SUITE}-minbase-{PACKAGES}");
+    // The host root has a name of its own so it is never taken for debootstrap's.
+    let host_stem = format!("host-{PACKAGES}");
+    let why = match choice {
+        RootChoice::Host => "GANTRY_BENCH_ROOT=host".to_owned(),
+        RootChoice::Debootstrap | RootChoice::DebootstrapFirst => {
+            if let Some(layer) = cached_layer(data, &debootstrap_stem) {
+                return Ok(layer);
+            }
+            match debootstrap_layer(data, &debootstrap_stem) {
+                Ok(layer) => return Ok(layer),
+                Err(error) if choice == RootChoice::DebootstrapFirst => {
+                    eprintln!("{error:#}\nfalling back to a root of the host's files");
+                    format!("no mirror reachable: {}", last_line(&format!("{error:#}")))
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    };
+    let layer = match cached_layer(data, &host_stem) {
+        Some(layer) => layer,
+        None => host_layer(data, &host_stem)?,
+    };
+    Ok(RootfsLayer {
+        fallback: Some(why),
+        ..layer
+    })
+}
+
+/// The last non-empty line of `text` (what a failed debootstrap says last is why).
+fn last_line(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or(text)
+}
+
+/// Makes debootstrap's root and packs it as the layer `stem`.
+fn debootstrap_layer(data: &Path, stem: &str) -> Result<RootfsLayer> {
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let mirror = apt_mirror()?;
     let root = data.join(format!("{stem}.root"));
@@ -190,14 +285,50 @@ pub fn rootfs_layer(data: &Path) -> Result<RootfsLayer> {
     if !output.status.success() {
         let log = text(&output.stdout) + &text(&output.stderr);
         let lines: Vec<&str> = log.lines().collect();
+        let _ = std::fs::remove_dir_all(&root);
         bail!(
-            "debootstrap failed ({}); the benchmark needs this Debian root file system and \
-             makes none up. Its last lines:\n{}",
+            "debootstrap failed ({}). Its last lines:\n{}",
             output.status,
             lines[lines.len().saturating_sub(25)..].join("\n")
         );
     }
     eprintln!("debootstrap took {:.0} s", started.elapsed().as_secs_f64());
+    pack_layer(data, stem, &root, debootstrap_origin(&mirror), mirror)
+}
+
+/// Copies the host's files for the same packages with `qemu/host-root.sh` and packs them as the
+/// layer `stem`.
+fn host_layer(data: &Path, stem: &str) -> Result<RootfsLayer> {
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let root = data.join(format!("{stem}.root"));
+    let script = workspace_root().join("qemu/host-root.sh");
+    let output = Command::new(&script)
+        .arg(&root)
+        .arg(PACKAGES)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    ensure!(
+        output.status.success(),
+        "{} {} {PACKAGES} failed ({})",
+        script.display(),
+        root.display(),
+        output.status
+    );
+    let origin = last_line(&text(&output.stdout)).to_owned();
+    pack_layer(data, stem, &root, origin, String::new())
+}
+
+/// Packs the tree `root` as the layer `stem` (tar+gzip and its facts) and removes the tree.
+fn pack_layer(
+    data: &Path,
+    stem: &str,
+    root: &Path,
+    origin: String,
+    mirror: String,
+) -> Result<RootfsLayer> {
+    let path = data.join(format!("{stem}.tar.gz"));
+    let facts = data.join(format!("{stem}.json"));
     let tar = data.join(format!("{stem}.tar"));
     let partial = data.join(format!("{stem}.tar.gz.partial"));
     // What a published base image leaves out: device nodes (the runtime makes /dev), mounts'
@@ -216,7 +347,7 @@ pub fn rootfs_layer(data: &Path) -> Result<RootfsLayer> {
             "--exclude=./var/lib/apt/lists/*",
             "-C",
         ])
-        .arg(&root)
+        .arg(root)
         .arg("-cf")
         .arg(&tar)
         .arg(".")
@@ -243,12 +374,14 @@ pub fn rootfs_layer(data: &Path) -> Result<RootfsLayer> {
         diff_id: Digest::of(&tar_bytes),
         tar_size: tar_bytes.len() as u64,
         entries: entries.stdout.iter().filter(|&&b| b == b'\n').count() as u64,
+        root: origin,
         mirror,
+        fallback: None,
     };
     std::fs::rename(&partial, &path)?;
     std::fs::write(&facts, serde_json::to_vec_pretty(&layer)?)?;
     std::fs::remove_file(&tar)?;
-    std::fs::remove_dir_all(&root)?;
+    std::fs::remove_dir_all(root)?;
     Ok(layer)
 }
 
@@ -438,7 +571,9 @@ pub fn variant_layer(
         diff_id: Digest::of(&tar_bytes),
         tar_size: tar_bytes.len() as u64,
         entries: base.entries + added.len() as u64,
+        root: base.root.clone(),
         mirror: base.mirror.clone(),
+        fallback: base.fallback.clone(),
     })
 }
 
