@@ -67,9 +67,17 @@ base_key="$SUITE $PACKAGES $mirror"
 if [[ ! -f $root/.gantry-base || $(cat "$root/.gantry-base") != "$base_key" ]]; then
 	note "debootstrap $SUITE ($PACKAGES) from $mirror: a few minutes"
 	rm -rf "$root" "$root.new"
-	debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$root.new" "$mirror" \
-		>"$out_dir/debootstrap.log" 2>&1 ||
-		die "debootstrap failed; see $out_dir/debootstrap.log"
+	# A mirror can fail a download now and then; one more try from scratch before giving up.
+	for attempt in 1 2; do
+		rm -rf "$root.new"
+		if debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$root.new" "$mirror" \
+			>"$out_dir/debootstrap.log" 2>&1; then
+			break
+		fi
+		[[ $attempt == 1 ]] || die "debootstrap failed twice; see $out_dir/debootstrap.log"
+		note "debootstrap failed ($(tail -n 1 "$out_dir/debootstrap.log")); trying again in 10 s"
+		sleep 10
+	done
 	# A VM image's initrd needs only what mounts its root: the virtio disk and ext4 (Debian's
 	# default, MODULES=most, makes it 30 MB, unpacked by an emulated CPU at every boot).
 	sed -i 's/^MODULES=.*/MODULES=list/' "$root.new/etc/initramfs-tools/initramfs.conf"
@@ -93,7 +101,7 @@ if [[ -f $out_dir/disk.img && $(cat "$out_dir/.disk-inputs" 2>/dev/null) == "$in
 	disk_state=unchanged
 else
 	cp "$package" "$root/tmp/gantry-shim.deb"
-	chroot "$root" dpkg -i /tmp/gantry-shim.deb >/dev/null || die "installing the shim package failed"
+	chroot "$root" dpkg -i /tmp/gantry-shim.deb >/dev/null 2>&1 || die "installing the shim package failed"
 	rm -f "$root/tmp/gantry-shim.deb"
 	[[ -L $root/etc/systemd/system/sysinit.target.wants/gantry-shim.service ]] ||
 		die "the package did not enable gantry-shim.service"
