@@ -24,6 +24,7 @@ use gantry_agent::cache::{Cache, CacheConfig};
 use gantry_agent::images::pull::{no_progress, pull};
 use gantry_oci::reference::Reference;
 use gantry_oci::registry::{RegistryClient, RegistryConfig, RegistrySource};
+use gantry_testkit::bench_root::{RootChoice, debootstrap_minbase, host_root};
 use registry_common::{LayoutBuilder, Registry};
 use serde_json::json;
 
@@ -49,67 +50,28 @@ fn debootstrap_rootfs(work: &Path) -> Result<PathBuf, String> {
         rootfs.display()
     );
     let partial = work.join("rootfs.partial");
-    let _ = std::fs::remove_dir_all(&partial);
-    let output = Command::new("debootstrap")
-        .arg("--variant=minbase")
-        .arg(format!("--include={PACKAGES}"))
-        .arg("bookworm")
-        .arg(&partial)
-        .arg(MIRROR)
-        .output()
-        .map_err(|e| format!("running debootstrap: {e}"))?;
-    if !output.status.success() {
-        let log = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
-        eprintln!("debootstrap failed ({}):\n{log}", output.status);
-        let _ = std::fs::remove_dir_all(&partial);
-        let last = log
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        return Err(format!("debootstrap {}: {}", output.status, last.trim()));
-    }
+    debootstrap_minbase(&partial, &[PACKAGES], MIRROR)?;
     std::fs::rename(&partial, &rootfs).map_err(|e| format!("renaming the root: {e}"))?;
     Ok(rootfs)
 }
 
-/// The same packages copied from the host's installed files (`qemu/host-root.sh`, which keeps
-/// the tree and describes it again on later runs), and that description.
-fn host_rootfs(work: &Path) -> (PathBuf, String) {
-    let rootfs = work.join("host-rootfs");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qemu/host-root.sh");
-    let output = Command::new(&script)
-        .arg(&rootfs)
-        .arg(PACKAGES)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(
-        output.status.success(),
-        "{} failed ({})",
-        script.display(),
-        output.status
-    );
-    let description = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    (rootfs, description)
-}
-
 /// The root file system and the `root:` line saying which it is: debootstrap's, else (no
-/// mirror reachable, or `GANTRY_BENCH_ROOT=host`) the host's files.
+/// mirror reachable, or `GANTRY_BENCH_ROOT=host`) the same packages from the host's files.
 fn rootfs(work: &Path) -> (PathBuf, String) {
-    let why = match std::env::var("GANTRY_BENCH_ROOT").as_deref() {
-        Ok("host") => "GANTRY_BENCH_ROOT=host".to_owned(),
-        Ok("debootstrap") => match debootstrap_rootfs(work) {
+    let choice = RootChoice::from_env().unwrap_or_else(|why| panic!("{why}"));
+    let why = match choice {
+        RootChoice::Host => "GANTRY_BENCH_ROOT=host".to_owned(),
+        RootChoice::Debootstrap | RootChoice::DebootstrapFirst => match debootstrap_rootfs(work) {
             Ok(rootfs) => return (rootfs, debootstrap_line()),
+            Err(why) if choice == RootChoice::DebootstrapFirst => {
+                format!("no mirror reachable: {why}")
+            }
             Err(why) => panic!("{why} (and GANTRY_BENCH_ROOT=debootstrap)"),
         },
-        Err(_) | Ok("") | Ok("auto") => match debootstrap_rootfs(work) {
-            Ok(rootfs) => return (rootfs, debootstrap_line()),
-            Err(why) => format!("no mirror reachable: {why}"),
-        },
-        Ok(other) => panic!("GANTRY_BENCH_ROOT must be auto, debootstrap or host (got {other:?})"),
     };
-    let (rootfs, description) = host_rootfs(work);
+    // Kept beside debootstrap's under its own name, so it is never taken for it.
+    let rootfs = work.join("host-rootfs");
+    let description = host_root(&rootfs, &[PACKAGES]).unwrap_or_else(|why| panic!("{why}"));
     (
         rootfs,
         format!("root: {description} (not debootstrap: {why})"),

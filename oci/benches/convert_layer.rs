@@ -17,11 +17,17 @@
 //! which input was measured. Every figure is the best of `GANTRY_BENCH_RUNS` (default 3)
 //! runs, with all inputs in the page cache; MB/s is uncompressed tar bytes per second.
 
+// The root choice and the host-root builder the other benchmarks use (gantry-testkit, which
+// depends on this crate, so it is included by path rather than depended on).
+#[path = "../../testkit/src/bench_root.rs"]
+mod bench_root;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use bench_root::{RootChoice, debootstrap_minbase, host_root};
 use gantry_oci::{ConvertOptions, convert_layer};
 
 fn run(command: &mut Command) {
@@ -76,24 +82,7 @@ fn debootstrap_tarball() -> Result<PathBuf, String> {
         tarball.display()
     );
     let root = cache.join("root");
-    let _ = fs::remove_dir_all(&root);
-    let output = Command::new("debootstrap")
-        .args(["--variant=minbase", "bookworm"])
-        .arg(&root)
-        .arg(MIRROR)
-        .output()
-        .map_err(|e| format!("running debootstrap: {e}"))?;
-    if !output.status.success() {
-        let log = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
-        eprintln!("debootstrap failed ({}):\n{log}", output.status);
-        let _ = fs::remove_dir_all(&root);
-        let last = log
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        return Err(format!("debootstrap {}: {}", output.status, last.trim()));
-    }
+    debootstrap_minbase(&root, &[], MIRROR)?;
     pack(&root, &tarball);
     Ok(tarball)
 }
@@ -104,20 +93,7 @@ fn host_tarball() -> (PathBuf, String) {
     let cache = target_dir().join("gantry-test-cache/host-root");
     fs::create_dir_all(&cache).unwrap();
     let root = cache.join("root");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qemu/host-root.sh");
-    // Idempotent: it keeps the tree and only describes it again.
-    let output = Command::new(&script)
-        .arg(&root)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(
-        output.status.success(),
-        "{} failed ({})",
-        script.display(),
-        output.status
-    );
-    let description = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let description = host_root(&root, &[]).unwrap_or_else(|why| panic!("{why}"));
     let tarball = cache.join("host-minbase.tar");
     if !tarball.exists() {
         pack(&root, &tarball);
@@ -134,17 +110,16 @@ fn input_tarball() -> (PathBuf, String) {
         return (tarball, line);
     }
     let debootstrap_line = || format!("root: debootstrap bookworm minbase from {MIRROR}");
-    let why = match std::env::var("GANTRY_BENCH_ROOT").as_deref() {
-        Ok("host") => "GANTRY_BENCH_ROOT=host".to_owned(),
-        Ok("debootstrap") => match debootstrap_tarball() {
+    let choice = RootChoice::from_env().unwrap_or_else(|why| panic!("{why}"));
+    let why = match choice {
+        RootChoice::Host => "GANTRY_BENCH_ROOT=host".to_owned(),
+        RootChoice::Debootstrap | RootChoice::DebootstrapFirst => match debootstrap_tarball() {
             Ok(tarball) => return (tarball, debootstrap_line()),
+            Err(why) if choice == RootChoice::DebootstrapFirst => {
+                format!("no mirror reachable: {why}")
+            }
             Err(why) => panic!("{why} (and GANTRY_BENCH_ROOT=debootstrap)"),
         },
-        Err(_) | Ok("") | Ok("auto") => match debootstrap_tarball() {
-            Ok(tarball) => return (tarball, debootstrap_line()),
-            Err(why) => format!("no mirror reachable: {why}"),
-        },
-        Ok(other) => panic!("GANTRY_BENCH_ROOT must be auto, debootstrap or host (got {other:?})"),
     };
     let (tarball, description) = host_tarball();
     (

@@ -2,6 +2,7 @@
 //! `docker-registry` ([`Registry`]), a fault-injecting proxy in front of it ([`FaultProxy`]),
 //! and a shaping proxy that imitates a slower, longer link ([`ShapingProxy`]).
 
+pub mod bench_root;
 pub mod proxy;
 pub mod registry;
 pub mod shaping;

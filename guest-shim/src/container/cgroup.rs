@@ -154,8 +154,7 @@ impl CgroupTree {
             std::fs::create_dir_all(&leaf).map_err(io(&leaf))?;
             write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
         }
-        std::fs::create_dir_all(&self.parent).map_err(io(&self.parent))?;
-        self.enable_controllers()?;
+        self.ensure_parent()?;
         for name in self.existing() {
             // Fails, and is left, while a process is still in it.
             let _ = std::fs::remove_dir(self.parent.join(name));
@@ -172,7 +171,10 @@ impl CgroupTree {
         }
     }
 
-    fn enable_controllers(&self) -> Result<(), CgroupError> {
+    /// Creates the containers' parent if missing and enables the controllers on every level
+    /// above a container's cgroup (idempotent).
+    fn ensure_parent(&self) -> Result<(), CgroupError> {
+        std::fs::create_dir_all(&self.parent).map_err(io(&self.parent))?;
         for cgroup in &self.enable_in {
             write(&cgroup.join("cgroup.subtree_control"), CONTROLLERS)?;
         }
@@ -214,14 +216,10 @@ impl Cgroup {
         resources: &Resources,
     ) -> Result<Self, CgroupError> {
         validate(resources)?;
-        let parent = tree.parent();
-        if !parent.exists() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
-        }
-        // Controllers must be enabled on every level above the container's cgroup (again: a
-        // PID 1 shim's tree can be set up before anything else exists, and this is idempotent).
-        tree.enable_controllers()?;
-        let path = parent.join(container_id);
+        // Again at each creation, as before the tree was prepared at start: a preparation that
+        // failed then (logged) is retried here, and this creation fails with its reason.
+        tree.ensure_parent()?;
+        let path = tree.parent().join(container_id);
         std::fs::create_dir(&path).map_err(io(&path))?;
         let cgroup = Self { path };
         // Before any process joins, and fatal: a container without it could open the layer

@@ -137,29 +137,8 @@ pub fn one_line_mirror(content: &str) -> Option<String> {
     })
 }
 
-/// Which root file system the benchmarks use (`GANTRY_BENCH_ROOT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RootChoice {
-    /// Unset or `auto`: debootstrap, and the host's files when that fails (no mirror reachable).
-    DebootstrapFirst,
-    /// `debootstrap`: debootstrap or nothing, for figures that must be about the Debian root.
-    Debootstrap,
-    /// `host`: the host's files (`qemu/host-root.sh`), without trying a mirror.
-    Host,
-}
-
-impl RootChoice {
-    pub fn from_env() -> Result<RootChoice> {
-        match std::env::var("GANTRY_BENCH_ROOT").as_deref() {
-            Err(_) | Ok("") | Ok("auto") => Ok(RootChoice::DebootstrapFirst),
-            Ok("debootstrap") => Ok(RootChoice::Debootstrap),
-            Ok("host") => Ok(RootChoice::Host),
-            Ok(other) => {
-                bail!("GANTRY_BENCH_ROOT must be auto, debootstrap or host (got {other:?})")
-            }
-        }
-    }
-}
+pub use gantry_testkit::bench_root::RootChoice;
+use gantry_testkit::bench_root::{host_root, last_line};
 
 /// How a debootstrapped root is described ([`RootfsLayer::root`]).
 pub fn debootstrap_origin(mirror: &str) -> String {
@@ -221,7 +200,7 @@ fn cached_layer(data: &Path, stem: &str) -> Option<RootfsLayer> {
 /// The cached root file system layer: debootstrap's, made when missing, or (see [`RootChoice`])
 /// one of the host's files when debootstrap cannot make it.
 pub fn rootfs_layer(data: &Path) -> Result<RootfsLayer> {
-    let choice = RootChoice::from_env()?;
+    let choice = RootChoice::from_env().map_err(anyhow::Error::msg)?;
     let debootstrap_stem = format!("{SUITE}-minbase-{PACKAGES}");
     // The host root has a name of its own so it is never taken for debootstrap's.
     let host_stem = format!("host-{PACKAGES}");
@@ -249,15 +228,6 @@ pub fn rootfs_layer(data: &Path) -> Result<RootfsLayer> {
         fallback: Some(why),
         ..layer
     })
-}
-
-/// The last non-empty line of `text` (what a failed debootstrap says last is why).
-fn last_line(text: &str) -> &str {
-    text.lines()
-        .rev()
-        .map(str::trim)
-        .find(|line| !line.is_empty())
-        .unwrap_or(text)
 }
 
 /// Makes debootstrap's root and packs it as the layer `stem`.
@@ -301,21 +271,7 @@ fn debootstrap_layer(data: &Path, stem: &str) -> Result<RootfsLayer> {
 fn host_layer(data: &Path, stem: &str) -> Result<RootfsLayer> {
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let root = data.join(format!("{stem}.root"));
-    let script = workspace_root().join("qemu/host-root.sh");
-    let output = Command::new(&script)
-        .arg(&root)
-        .arg(PACKAGES)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    ensure!(
-        output.status.success(),
-        "{} {} {PACKAGES} failed ({})",
-        script.display(),
-        root.display(),
-        output.status
-    );
-    let origin = last_line(&text(&output.stdout)).to_owned();
+    let origin = host_root(&root, &[PACKAGES]).map_err(anyhow::Error::msg)?;
     pack_layer(data, stem, &root, origin, String::new())
 }
 
