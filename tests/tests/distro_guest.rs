@@ -4,8 +4,9 @@
 //! serves the layer store as the second disk and runs the lifecycle essentials there, confined as
 //! under Gantry's initramfs. Then systemd restarts a killed shim, and the agent reconnects.
 //!
-//! One booted guest, driven in order by one test: the restart at the end would disturb anything
-//! running beside it. The guest's serial console is a root shell (the test image logs root in),
+//! One distribution guest, booted once and driven in order by one test: the restart at the end
+//! would disturb anything running beside it. Afterwards Gantry's initramfs guest is attached and
+//! booted too, so that the boot figure has its reference from the same run. The guest's serial console is a root shell (the test image logs root in),
 //! reached through the agent's console socket: it shows what the guest's systemd sees.
 
 use std::io::{Read, Write};
