@@ -17,6 +17,8 @@ packages=(
     skopeo              # pushes test images, and the pull benchmark's yardstick
     apache2-utils       # htpasswd for the registry auth tests
     openssl             # certificates for the registry HTTPS tests
+    containerd          # Debian's containerd and ctr (and runc): the runtime v2 shim's tests
+    protobuf-compiler   # protoc: the CRI client the containerd tests use is generated at build time
 )
 
 missing=()
