@@ -194,6 +194,12 @@ fn collision(new: &VmConfig, served: &BTreeMap<String, Arc<Vm>>) -> Option<Strin
     })
 }
 
+/// The lowest guest CID (3 or more) no served VM has.
+fn free_cid(served: &BTreeMap<String, Arc<Vm>>) -> u64 {
+    let taken: BTreeSet<u64> = served.values().map(|vm| vm.config().guest_cid).collect();
+    (3..).find(|cid| !taken.contains(cid)).unwrap_or(3)
+}
+
 /// The VMs the agent serves, by name.
 #[derive(Debug)]
 pub struct VmTable {
@@ -265,6 +271,11 @@ impl VmTable {
         self.len() == 0
     }
 
+    /// Whether VMs can be launched at run time (`agent.toml` has a `[vm_template]`).
+    pub fn has_template(&self) -> bool {
+        self.template.is_some()
+    }
+
     /// The operator's view of `vm`.
     pub fn status(&self, vm: &Vm) -> VmStatus {
         let mut status = vm.status();
@@ -282,6 +293,10 @@ impl VmTable {
         metrics: &Metrics,
     ) -> Result<Arc<Vm>, VmTableError> {
         let _one_at_a_time = self.changes.lock().await;
+        let mut request = request;
+        if request.guest_cid == 0 {
+            request.guest_cid = free_cid(&lock(&self.vms));
+        }
         let config = resolve(request, self.template.as_ref(), &self.state_dir)?;
         let name = config.name.clone();
         let dir = vm_dir(&self.state_dir, &name);

@@ -7,6 +7,7 @@
 //!
 //! | method | path | answer |
 //! |---|---|---|
+//! | GET | `/v1/agent` | [`AgentInfo`] |
 //! | GET | `/v1/vms` | `[VmStatus]` |
 //! | POST | `/v1/vms` (body [`AttachVm`]) | `VmStatus`: a VM attached at run time |
 //! | GET | `/v1/vms/{vm}` | `VmStatus` |
@@ -20,6 +21,7 @@
 //! | POST | `/v1/vms/{vm}/containers` (body `RunOptions`) | NDJSON [`RunUpdate`]s |
 //! | GET | `/v1/vms/{vm}/containers` | `[ContainerView]` |
 //! | GET | `/v1/vms/{vm}/containers/{id}/logs?follow=B&exec=E` | log records ([`records`]) |
+//! | POST | `/v1/vms/{vm}/containers/{id}/start` | `{}`: starts a container made with `create_only` |
 //! | POST | `/v1/vms/{vm}/containers/{id}/exec` (body [`ExecRequest`]) | `{"exec_id": …}` |
 //! | POST | `/v1/vms/{vm}/containers/{id}/kill?signal=N&exec=E` | `{}` |
 //! | GET | `/v1/vms/{vm}/containers/{id}/wait?exec=E` | `ExitRecord` |
@@ -127,6 +129,9 @@ pub enum RunUpdate {
     Progress(String),
     /// The container runs under this name.
     Started(String),
+    /// With [`RunOptions::create_only`]: the container is made under this name, its process
+    /// not started (`POST …/start` starts it).
+    Created(String),
     /// It failed; nothing was left behind.
     Failed(String),
     /// A layer's download, for a live display (plain output shows the `Progress` lines). The
@@ -265,7 +270,9 @@ pub struct VmStatus {
 pub struct AttachVm {
     /// Its name (a directory name under the agent's state: letters, digits, `-`, `_`, `.`).
     pub name: String,
-    /// The guest's vsock context id (3 or more), unique on the card.
+    /// The guest's vsock context id (3 or more), unique on the card; 0 or absent: the agent
+    /// picks the lowest free one (the answer's `guest_cid` says which).
+    #[serde(default)]
     pub guest_cid: u64,
     /// Start QEMU from the config's `[vm_template]`; otherwise the operator's VMM connects to
     /// the sockets.
@@ -332,6 +339,23 @@ pub struct RunOptions {
     /// How layers in the lazy format are brought in (default: the agent's `lazy.mode`).
     #[serde(default)]
     pub pull_mode: Option<PullMode>,
+    /// Make the container but do not start its process: the stream ends with
+    /// [`RunUpdate::Created`], and `POST …/start` starts it (runtimes such as containerd
+    /// create and start in two steps, with the output plumbing set up between them).
+    #[serde(default)]
+    pub create_only: bool,
+}
+
+/// `GET /v1/agent`: what a client needs to know of the agent before it asks for VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// The agent's software version.
+    pub version: String,
+    /// Whether `agent.toml` has a `[vm_template]`, so that `POST /v1/vms` with `launch` can
+    /// boot VMs.
+    pub vm_template: bool,
+    /// The VMs served now, by name.
+    pub vms: Vec<String>,
 }
 
 /// How the layers of an image in the lazy format (`application/vnd.erofs+zstd`) are brought

@@ -38,6 +38,7 @@ async fn container_start(client: &ApiClient, name: &str) -> Duration {
         let line = updates.line().await.unwrap().expect("a run result");
         match serde_json::from_slice::<RunUpdate>(&line).unwrap() {
             RunUpdate::Progress(_) | RunUpdate::Layer(_) => {}
+            RunUpdate::Created(id) => panic!("{id} was only created"),
             RunUpdate::Started(_) => break,
             RunUpdate::Failed(error) => panic!("run failed: {error}"),
         }

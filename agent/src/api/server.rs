@@ -15,14 +15,16 @@ use serde::Deserialize;
 
 use gantry_api::records::{ExitRecord, encode_record};
 use gantry_api::{
-    ApiErrorBody, AttachVm, ContainerView, ErrorCode, ExecRequest, GuestInfoReport, PingReport,
-    RunOptions, RunUpdate, VmStatus,
+    AgentInfo, ApiErrorBody, AttachVm, ContainerView, ErrorCode, ExecRequest, GuestInfoReport,
+    PingReport, RunOptions, RunUpdate, VmStatus,
 };
 
 use super::access::{AccessError, ApiAccess, CheckedListener};
 use super::progress::UpdateQueue;
 use crate::containers::ContainerTableError;
-use crate::containers::run::{RunError, RunProgress, expect_done, generate_name, run_container};
+use crate::containers::run::{
+    RunError, RunProgress, expect_done, generate_name, run_container, start_created,
+};
 use crate::containers::spec::merge_env;
 use crate::images::ImageError;
 use crate::metrics::endpoint;
@@ -57,6 +59,7 @@ pub fn bind(path: &Path, access: ApiAccess) -> Result<CheckedListener, ApiServer
 /// The API's routes.
 pub fn router(agent: AgentState) -> Router {
     Router::new()
+        .route("/v1/agent", get(agent_info))
         .route("/v1/vms", get(list_vms).post(attach_vm))
         .route("/v1/vms/{vm}", get(vm_status).delete(detach_vm))
         .route("/v1/vms/{vm}/guest-info", get(guest_info))
@@ -72,6 +75,7 @@ pub fn router(agent: AgentState) -> Router {
             axum::routing::delete(remove),
         )
         .route("/v1/vms/{vm}/containers/{id}/logs", get(logs))
+        .route("/v1/vms/{vm}/containers/{id}/start", post(start))
         .route("/v1/vms/{vm}/containers/{id}/exec", post(exec))
         .route("/v1/vms/{vm}/containers/{id}/kill", post(kill))
         .route("/v1/vms/{vm}/containers/{id}/wait", get(wait))
@@ -319,6 +323,14 @@ fn done() -> Json<serde_json::Value> {
     Json(serde_json::json!({}))
 }
 
+async fn agent_info(State(agent): State<AgentState>) -> Json<AgentInfo> {
+    Json(AgentInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        vm_template: agent.vms.has_template(),
+        vms: agent.vms.names(),
+    })
+}
+
 async fn list_vms(State(agent): State<AgentState>) -> Json<Vec<VmStatus>> {
     Json(
         agent
@@ -514,8 +526,10 @@ async fn run(
             queue.close();
             return;
         };
+        let create_only = options.create_only;
         // The run goes on whether or not the client still reads.
         let outcome = match run_container(&agent.images, &vm, options, progress).await {
+            Ok(id) if create_only => RunUpdate::Created(id),
             Ok(id) => RunUpdate::Started(id),
             Err(err) => RunUpdate::Failed(err.to_string()),
         };
@@ -624,6 +638,24 @@ async fn logs(
         .header("content-type", "application/octet-stream")
         .body(Body::from_stream(stream))
         .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))
+}
+
+/// `POST …/start`: starts the main process of a container made with `create_only`.
+async fn start(
+    State(agent): State<AgentState>,
+    ContainerPath { vm: name, id }: ContainerPath,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let vm = find(&agent, &name)?;
+    let entry = vm
+        .containers()
+        .get(&id)
+        .map_err(|err| ApiError(StatusCode::NOT_FOUND, err.to_string()))?;
+    entry.await_first_output(
+        std::time::Instant::now(),
+        tracing::info_span!("start", vm = %name, container = %id),
+    );
+    start_created(&vm, &id).await?;
+    Ok(done())
 }
 
 async fn exec(

@@ -190,6 +190,7 @@ pub async fn run(client: &ApiClient, args: RunArgs) -> anyhow::Result<ExitCode> 
         tty: args.interactive.tty,
         tty_size: None,
         pull_mode: args.pull_mode,
+        create_only: false,
     };
     let window_changes = args.interactive.window_changes()?;
     let options = RunOptions {

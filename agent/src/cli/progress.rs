@@ -42,7 +42,7 @@ impl RunDisplay {
                 None => eprintln!("{line}"),
             },
             RunUpdate::Layer(progress) => self.layer(progress),
-            RunUpdate::Started(_) | RunUpdate::Failed(_) => {}
+            RunUpdate::Started(_) | RunUpdate::Created(_) | RunUpdate::Failed(_) => {}
         }
     }
 

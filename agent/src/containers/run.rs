@@ -198,18 +198,12 @@ async fn run_phases(
     }
     entry.mark_created();
     progress(RunUpdate::Progress(format!("created {id}")));
+    if options.create_only {
+        return Ok(());
+    }
     // Watched before the start is asked for: the first output may come before its answer.
     entry.await_first_output(since, tracing::Span::current());
-    let started = vm
-        .request(
-            Op::StartContainer {
-                container_id: id.to_owned(),
-            },
-            SHIM_WAIT,
-        )
-        .instrument(info_span!("start"))
-        .await;
-    if let Err(err) = expect_done(started) {
+    if let Err(err) = start_created(vm, id).await {
         // Leave nothing half-made behind: the container never ran.
         let _ = vm
             .request(
@@ -223,6 +217,20 @@ async fn run_phases(
         return Err(err);
     }
     Ok(())
+}
+
+/// Starts the main process of a created container, in a `start` span.
+pub async fn start_created(vm: &Vm, id: &str) -> Result<(), RunError> {
+    let started = vm
+        .request(
+            Op::StartContainer {
+                container_id: id.to_owned(),
+            },
+            SHIM_WAIT,
+        )
+        .instrument(info_span!("start"))
+        .await;
+    expect_done(started)
 }
 
 /// Accepts only `Reply::Done`.
