@@ -1,7 +1,6 @@
 //! A process's standard streams between containerd's FIFOs and the agent: output records from
 //! `GET …/logs?follow=true` to the stdout/stderr FIFOs, the stdin FIFO to `POST …/stdin`.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use gantry_api::records::{ExitRecord, LogItem};
@@ -156,9 +155,12 @@ pub struct StdinTarget {
     pub exec_id: Option<String>,
 }
 
-/// Copies the stdin FIFO `name` to the process until `close` is notified (containerd's
-/// `CloseIO`), then sends what is left and closes the process's input. The FIFO is opened
-/// read-write: reads then wait for a writer instead of ending before one came.
+/// Copies the stdin FIFO `name` to the process until its writer (the client) closes it or
+/// `close` is notified (containerd's `CloseIO`), then closes the process's input.
+///
+/// The FIFO is opened read-only: reads wait for the client's end, and end when the client
+/// closes it, as with runc's shim. A copy still waiting for a client that never came ends
+/// with the task ([`release_stdin`]).
 pub async fn copy_stdin(
     name: &str,
     target: StdinTarget,
@@ -167,18 +169,9 @@ pub async fn copy_stdin(
     let Some(path) = local_path(name)? else {
         return Ok(());
     };
-    let open = |source| IoError::Open {
-        path: path.to_owned(),
-        source,
-    };
-    let mut fifo = if Path::new(path).exists() && is_fifo(path) {
-        pipe::OpenOptions::new()
-            .read_write(true)
-            .open_receiver(path)
-            .map_err(open)?
-    } else {
+    if !is_fifo(path) {
         return Err(IoError::Unsupported(name.to_owned()));
-    };
+    }
     let send = |bytes: Vec<u8>, last: bool| {
         let target = target.clone();
         async move {
@@ -194,6 +187,10 @@ pub async fn copy_stdin(
                 .await
         }
     };
+    let mut fifo = open_stdin_fifo(path).map_err(|source| IoError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut buffer = vec![0u8; STDIN_CHUNK];
     loop {
         tokio::select! {
@@ -210,20 +207,7 @@ pub async fn copy_stdin(
                     break;
                 }
             },
-            () = close.notified() => {
-                // What the client wrote before it closed is in the FIFO still.
-                loop {
-                    match fifo.try_read(&mut buffer) {
-                        Ok(n) if n > 0 => {
-                            if send(buffer[..n].to_vec(), false).await.is_err() {
-                                break;
-                            }
-                        }
-                        _ => break,
-                    }
-                }
-                break;
-            }
+            () = close.notified() => break,
         }
     }
     if let Err(error) = send(Vec::new(), true).await {
@@ -232,9 +216,56 @@ pub async fn copy_stdin(
     Ok(())
 }
 
+/// Opens a stdin FIFO for reading without waiting for its writer. Reads wait for the writer
+/// and end once it has come and gone: Linux reports no hang-up to a reader that has seen no
+/// writer yet, and the non-blocking descriptor is only read when epoll says so.
+fn open_stdin_fifo(path: &str) -> std::io::Result<pipe::Receiver> {
+    pipe::OpenOptions::new().open_receiver(path)
+}
+
+/// Releases a [`copy_stdin`] still waiting for its client: opening the FIFO's writing end
+/// (without waiting) completes its open, and closing it ends its reads. Nothing happens when
+/// no reader waits.
+pub fn release_stdin(name: &str) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Ok(Some(path)) = local_path(name)
+        && is_fifo(path)
+    {
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
     use super::*;
+
+    #[tokio::test]
+    async fn stdin_reads_wait_for_the_writer_and_end_when_it_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdin");
+        nix_mkfifo(&path);
+        let mut fifo = open_stdin_fifo(path.to_str().unwrap()).unwrap();
+        let mut buffer = [0u8; 16];
+        let early = tokio::time::timeout(Duration::from_millis(200), fifo.read(&mut buffer)).await;
+        assert!(early.is_err(), "no end before a writer came: {early:?}");
+        let mut writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut writer, b"in").unwrap();
+        drop(writer);
+        let mut read = Vec::new();
+        fifo.read_to_end(&mut read).await.unwrap();
+        assert_eq!(read, b"in");
+        // A writer that comes and goes at once releases a waiting reader.
+        let mut waiting = open_stdin_fifo(path.to_str().unwrap()).unwrap();
+        release_stdin(path.to_str().unwrap());
+        let end = tokio::time::timeout(Duration::from_secs(5), waiting.read(&mut buffer)).await;
+        assert!(matches!(end, Ok(Ok(0))), "{end:?}");
+    }
 
     #[test]
     fn stdio_names_map_to_paths_or_are_refused() {
@@ -260,17 +291,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_fifo_without_a_reader_opens_and_its_reader_sees_the_end() {
+    async fn a_fifo_sink_delivers_everything_then_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stdout");
         nix_mkfifo(&path);
         let name = path.to_str().unwrap().to_owned();
-        // The reader's open waits for a writer: the sink's open is one.
-        let reader = std::thread::spawn(move || std::fs::read(path).unwrap());
+        // The reader is there first (opened without waiting), as containerd's is.
+        let mut reader = open_stdin_fifo(&name).unwrap();
         let mut sink = open_sink(&name).await.unwrap();
         write_or_drop(&mut sink, b"hello").await;
         sink.unwrap().shutdown().await.unwrap();
-        assert_eq!(reader.join().unwrap(), b"hello", "all of it, then the end");
+        let mut read = Vec::new();
+        reader.read_to_end(&mut read).await.unwrap();
+        assert_eq!(read, b"hello", "all of it, then the end");
     }
 
     fn nix_mkfifo(path: &Path) {

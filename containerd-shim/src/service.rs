@@ -22,6 +22,9 @@ use crate::task::TaskService;
 pub struct GantryShim {
     exit: Arc<ExitSignal>,
     namespace: String,
+    /// containerd's socket (shim socket addresses derive from it).
+    address: String,
+    id: String,
     bundle: PathBuf,
 }
 
@@ -31,6 +34,24 @@ impl std::fmt::Debug for GantryShim {
             .field("namespace", &self.namespace)
             .field("bundle", &self.bundle)
             .finish_non_exhaustive()
+    }
+}
+
+impl GantryShim {
+    /// The serving socket of the task's group, left by a shim that died: removed when nothing
+    /// answers on it (a live shim of the group keeps it).
+    async fn remove_dead_socket(&self) {
+        let grouping = match read_spec(&self.bundle).await {
+            Ok(oci) => spec::grouping(&oci, &self.id),
+            Err(_) => self.id.clone(),
+        };
+        let address = containerd_shim::socket_address(&self.address, &self.namespace, &grouping);
+        let Some(path) = address.strip_prefix("unix://") else {
+            return;
+        };
+        if std::os::unix::net::UnixStream::connect(path).is_err() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -48,6 +69,8 @@ impl Shim for GantryShim {
         Self {
             exit: Arc::new(ExitSignal::default()),
             namespace: flags.namespace.clone(),
+            address: flags.address.clone(),
+            id: flags.id.clone(),
             bundle,
         }
     }
@@ -88,6 +111,7 @@ impl Shim for GantryShim {
             Ok(None) => {}
             Err(error) => warn!(%error, "the task's record"),
         }
+        self.remove_dead_socket().await;
         Ok(DeleteResponse {
             exit_status: killed.status,
             exited_at: MessageField::some(killed.timestamp()),

@@ -34,7 +34,7 @@ use gantry_api::ErrorCode;
 use tracing::{info, warn};
 
 use crate::agent::{Agent, AgentError};
-use crate::io::{Outputs, StdinTarget, copy_stdin};
+use crate::io::{Outputs, StdinTarget, copy_stdin, release_stdin};
 use crate::placement::{Placement, place};
 use crate::process::{Exited, Process, ProcessState, Stdio};
 use crate::record::TaskRecord;
@@ -680,11 +680,16 @@ impl Task for TaskService {
                     .map_err(agent_error)?;
             }
             lock(&self.inner.tasks).remove(&req.id);
+            release_stdin(&task.init.stdio.stdin);
+            for exec in lock(&task.execs).values() {
+                release_stdin(&exec.stdio.stdin);
+            }
             let _ =
                 std::fs::remove_file(PathBuf::from(&task.bundle).join(crate::record::RECORD_FILE));
             info!(task = %req.id, "deleted");
         } else {
             lock(&task.execs).remove(&req.exec_id);
+            release_stdin(&process.stdio.stdin);
         }
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,

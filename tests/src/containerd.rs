@@ -324,6 +324,22 @@ impl TestContainerd {
         output_within(&mut command, timeout, || {}).with_context(|| self.failed_ctr(args))
     }
 
+    /// [`Self::ctr_within`] with standard input read from the file `input` (ctr copies it
+    /// into the task's stdin FIFO and closes that at its end).
+    pub fn ctr_with_input(&self, args: &[&str], input: &Path, timeout: Duration) -> Result<Output> {
+        let ctr = self.ctr_command(&self.namespace, args);
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("exec \"$@\" < \"$GANTRY_CTR_INPUT\"")
+            .arg("sh")
+            .arg(ctr.get_program())
+            .args(ctr.get_args())
+            .env("GANTRY_CTR_INPUT", input)
+            .env("CONTAINERD_SNAPSHOTTER", &self.snapshotter);
+        output_within(&mut command, timeout, || {}).with_context(|| self.failed_ctr(args))
+    }
+
     /// Runs `ctr ARGS` (e.g. `run --rm …`) in this instance's namespace; returns how long after
     /// spawning `ctr` its first byte of standard output arrived, and its output. Fails if it
     /// prints nothing or takes longer than `timeout`.

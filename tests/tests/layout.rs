@@ -16,7 +16,15 @@ use std::path::{Path, PathBuf};
 use gantry_e2e::workspace_root;
 
 /// The crates whose modules are checked.
-const CRATES: [&str; 6] = ["proto", "erofs", "oci", "api", "agent", "guest-shim"];
+const CRATES: [&str; 7] = [
+    "proto",
+    "erofs",
+    "oci",
+    "api",
+    "agent",
+    "guest-shim",
+    "containerd-shim",
+];
 
 type Module = Vec<String>;
 
@@ -344,6 +352,13 @@ fn library_crates_depend_only_on_what_they_may() {
     );
     let oci = gantry_dependencies("oci");
     assert_eq!(oci, BTreeSet::from(["gantry-erofs".to_owned()]));
+    // The containerd shim is an API client: it never links the agent.
+    let shim = gantry_dependencies("containerd-shim");
+    assert_eq!(
+        shim,
+        BTreeSet::from(["gantry-api".to_owned(), "gantry-proto".to_owned()]),
+        "containerd-shim-gantry depends on {shim:?}"
+    );
     // And the agent does use them (the parser above reads real manifests).
     assert!(gantry_dependencies("agent").contains("gantry-oci"));
 }
