@@ -10,6 +10,8 @@
 //! - [`builder`]: tar layers and OCI layouts described in code (default images, tests, bundles).
 //! - [`compression`]: tar / tar+gzip / tar+zstd detection and the decompression cap.
 //! - [`tar_stream`]: a streaming tar reader hardened for untrusted layers.
+//! - [`ztoc`]: random access into gzip layers (checkpoints, span digests) for lazy loading
+//!   without conversion.
 //! - [`convert`]: an OCI layer converted into an EROFS image ([`convert_layer`]), with
 //!   whiteouts and opaque directories for overlayfs.
 //! - [`chunked`]: the lazy EROFS layer format (erofs-image-spec v1): media types, the chunk
@@ -22,6 +24,7 @@
 //! Imports point one way: `reference` ← `manifest` ← {`source`, `destination`} ←
 //! {`layout`, `registry`};
 //! `compression`, `tar_stream` ← `convert` (which writes through `gantry-erofs`);
+//! `tar_stream` ← `ztoc`;
 //! `reference`, `manifest` ← `chunked`; everything but `builder` ← `image_convert`.
 
 pub mod builder;
@@ -39,6 +42,7 @@ pub mod reference;
 pub mod registry;
 pub mod source;
 pub mod tar_stream;
+pub mod ztoc;
 
 pub use convert::{ConvertError, ConvertOptions, ConvertSummary, convert_layer};
 pub use destination::{BlobData, BlobOutcome, EncodedManifest, ImageDestination};
