@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target of the repository for a bounded time each, one after the other:
 #   fuzz/run-all.sh [SECONDS] [TARGET...]      (default 60 seconds; default every target)
-# Targets: proto frame_decode; agent blk_queue, vsock_packets; oci tar_convert, manifest_parse, chunk_index.
+# Targets: proto frame_decode; agent blk_queue, vsock_packets; oci tar_convert, manifest_parse, chunk_index, gzip_index.
 # New coverage lands in each crate's fuzz/corpus/TARGET; crashes in its fuzz/artifacts/TARGET.
 # Commit interesting inputs and every crash (as a regression seed): the normal test suite
 # replays the corpora (proto/tests, agent/tests and oci/tests fuzz_corpus.rs).
@@ -28,6 +28,7 @@ all_targets=(
   "oci tar_convert 4096"
   "oci manifest_parse 8192"
   "oci chunk_index 8192"
+  "oci gzip_index 65536"
 )
 wanted=("$@")
 status=0

@@ -29,6 +29,7 @@ use crate::manifest::{
 use crate::tar_stream::{TarError, TarStream};
 
 pub mod chunk_index;
+pub mod gzip_index;
 pub use chunk_index::{ChunkIndexOutcome, check_chunk_index};
 
 /// First input byte asking [`check_tar_layer`] to gzip the rest before reading it.

@@ -149,12 +149,43 @@ fn edge_case_seeds_are_refused() {
 }
 
 #[test]
+fn the_gzip_index_corpus_replays_and_valid_seeds_extract() {
+    let mut valid = 0;
+    let mut replayed = 0;
+    for (name, data) in files("gzip_index") {
+        let outcome = fuzzing::gzip_index::check_gzip_index(&data);
+        if name.starts_with("valid-") {
+            let (checkpoints, _) = outcome
+                .built
+                .clone()
+                .unwrap_or_else(|e| panic!("{name} was refused: {e}"));
+            assert!(outcome.spans_equal > 0, "{name}: {outcome:?}");
+            assert_eq!(outcome.tampered_refused, outcome.spans_equal, "{name}");
+            if name == "valid-spans" {
+                assert!(checkpoints > 2, "{name}: {outcome:?}");
+            }
+            valid += 1;
+        }
+        if matches!(
+            name.as_str(),
+            "truncated" | "two-members" | "not-a-tar" | "not-gzip"
+        ) {
+            assert!(outcome.built.is_err(), "{name}: {outcome:?}");
+        }
+        replayed += 1;
+    }
+    assert_eq!(valid, 2, "the committed valid seeds");
+    assert!(replayed >= 6, "the committed edge-case seeds");
+}
+
+#[test]
 #[ignore = "writes the named seeds into the committed corpus"]
 fn write_seeds() {
     for (target, seeds) in [
         ("tar_convert", fuzzing::seeds::tar()),
         ("manifest_parse", fuzzing::seeds::manifest()),
         ("chunk_index", fuzzing::chunk_index::seeds()),
+        ("gzip_index", fuzzing::gzip_index::seeds()),
     ] {
         let dir = corpus(target);
         std::fs::create_dir_all(&dir).unwrap();
