@@ -6,10 +6,12 @@
 //! - [`zinfo`]: gzip checkpoints every span, built in one pass, span digests, and extraction of
 //!   any uncompressed range from its spans alone.
 //! - [`toc`]: the tar's file table with each member's data offset, read in the same pass.
+//! - [`soci`]: SOCI's zinfo checkpoint blob (versions 1 and 2), written and read.
 //!
-//! Still to come (issue 17): the SOCI flatbuffer format (read and write), the synthesized
+//! Still to come (issue 17): the SOCI zTOC flatbuffer around them, the synthesized
 //! EROFS layer laid out from the table, and its lazy block source.
 
 pub mod inflate;
+pub mod soci;
 pub mod toc;
 pub mod zinfo;
