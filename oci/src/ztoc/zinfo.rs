@@ -47,13 +47,18 @@ pub enum ZinfoError {
     /// A request outside the index.
     #[error("{0}")]
     OutOfRange(String),
+    /// The bytes asked for end in the last bits of a span, which lie in the next span's first
+    /// byte: extract again with the next span too (its digest then covers that byte).
+    #[error("the range ends in span {0}'s last bits, which are in span {next}'s first byte", next = .0 + 1)]
+    NeedsNextSpan(usize),
 }
 
 /// Where inflating can start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     /// The compressed byte offset just after the checkpoint's position; with `bits` > 0 the
-    /// position is `bits` bits before it, inside byte `compressed - 1`.
+    /// position is `bits` bits before it, inside byte `compressed - 1` (whose other bits end
+    /// the previous block).
     pub compressed: u64,
     /// The bits of byte `compressed - 1` that belong to the block starting here (0–7).
     pub bits: u8,
@@ -85,7 +90,9 @@ pub struct GzipIndex {
     pub uncompressed_size: u64,
 }
 
-/// A span: the compressed and uncompressed bytes from one checkpoint to the next.
+/// A span: the compressed and uncompressed bytes from one checkpoint to the next. When the next
+/// checkpoint starts inside a byte, that byte is the next span's (SOCI's cut), and the last
+/// bits of this span's output are only known with it: see [`ZinfoError::NeedsNextSpan`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Span {
     /// Its number.
@@ -97,14 +104,14 @@ pub struct Span {
 }
 
 /// Hashes compressed bytes into the spans they belong to, as the builder meets checkpoints.
+/// Spans are cut as SOCI cuts them: span *i* is the bytes from its checkpoint's first byte to
+/// the next checkpoint's first byte, so a byte shared by two blocks is the next span's. The
+/// last byte seen is held back until it is known whose it is.
 #[derive(Debug)]
 struct SpanHasher {
     current: Sha256,
     digests: Vec<[u8; 32]>,
-    /// Compressed bytes hashed into the current span so far (its end).
-    hashed_to: u64,
-    /// The last compressed byte seen: the first byte of a span that starts mid-byte.
-    last_byte: Option<u8>,
+    pending: Option<u8>,
 }
 
 impl SpanHasher {
@@ -112,35 +119,47 @@ impl SpanHasher {
         Self {
             current: Sha256::new(),
             digests: Vec::new(),
-            hashed_to: 0,
-            last_byte: None,
+            pending: None,
         }
     }
 
-    /// Hashes `bytes`, the blob's bytes from `self.hashed_to` on.
+    /// Hashes the next `bytes` of the blob (all but the last, which is held back).
     fn feed(&mut self, bytes: &[u8]) {
-        self.current.update(bytes);
-        self.hashed_to += bytes.len() as u64;
-        if let Some(last) = bytes.last() {
-            self.last_byte = Some(*last);
+        let Some((last, rest)) = bytes.split_last() else {
+            return;
+        };
+        if let Some(pending) = self.pending.take() {
+            self.current.update([pending]);
         }
+        self.current.update(rest);
+        self.pending = Some(*last);
     }
 
-    /// A checkpoint at `checkpoint` (everything before `checkpoint.compressed` was fed): closes
-    /// the span before it, if any, and opens the checkpoint's.
+    /// A checkpoint after every byte fed: closes the span before it (unless this is the first
+    /// checkpoint, which only starts one) and opens its own, which owns the held-back byte when
+    /// the checkpoint starts inside it.
     fn cut(&mut self, checkpoint: &Checkpoint, first: bool) {
+        let pending = self.pending.take();
+        if checkpoint.bits == 0
+            && let Some(byte) = pending
+        {
+            self.current.update([byte]);
+        }
         let previous = std::mem::replace(&mut self.current, Sha256::new());
         if !first {
             self.digests.push(previous.finalize().into());
         }
         if checkpoint.bits > 0
-            && let Some(shared) = self.last_byte
+            && let Some(byte) = pending
         {
-            self.current.update([shared]);
+            self.current.update([byte]);
         }
     }
 
     fn finish(mut self) -> Vec<[u8; 32]> {
+        if let Some(byte) = self.pending.take() {
+            self.current.update([byte]);
+        }
         self.digests.push(self.current.finalize().into());
         self.digests
     }
@@ -248,7 +267,8 @@ impl GzipIndex {
         let next = self.checkpoints.get(index + 1);
         Some(Span {
             index,
-            compressed: start.first_byte()..next.map_or(self.compressed_size, |n| n.compressed),
+            compressed: start.first_byte()
+                ..next.map_or(self.compressed_size, Checkpoint::first_byte),
             uncompressed: start.uncompressed
                 ..next.map_or(self.uncompressed_size, |n| n.uncompressed),
         })
@@ -353,6 +373,9 @@ impl GzipIndex {
                 break;
             }
         }
+        if out.len() < wanted && spans.end < self.checkpoints.len() {
+            return Err(ZinfoError::NeedsNextSpan(spans.end - 1));
+        }
         if out.len() < wanted {
             return Err(ZinfoError::OutOfRange(format!(
                 "the spans yielded {} of the {wanted} bytes asked for",
@@ -360,6 +383,36 @@ impl GzipIndex {
             )));
         }
         Ok(out)
+    }
+}
+
+impl GzipIndex {
+    /// The compressed bytes spans `spans` are fetched as.
+    pub fn compressed_range(&self, spans: Range<usize>) -> Result<Range<u64>, ZinfoError> {
+        let missing = || ZinfoError::OutOfRange(format!("no spans {spans:?}"));
+        let first = self.span(spans.start).ok_or_else(missing)?;
+        let last = self.span(spans.end.wrapping_sub(1)).ok_or_else(missing)?;
+        Ok(first.compressed.start..last.compressed.end)
+    }
+
+    /// Uncompressed bytes `range`, fetching the compressed bytes of the spans that hold them
+    /// with `fetch` (a range of the blob): once, or twice when the range ends in bits its last
+    /// span shares with the next one. Every span is verified before it is inflated.
+    pub fn read_range(
+        &self,
+        range: Range<u64>,
+        mut fetch: impl FnMut(Range<u64>) -> std::io::Result<Vec<u8>>,
+    ) -> Result<Vec<u8>, ZinfoError> {
+        let spans = self.spans_for(range.clone())?;
+        let bytes = fetch(self.compressed_range(spans.clone())?)?;
+        match self.extract(spans.clone(), &bytes, range.clone()) {
+            Err(ZinfoError::NeedsNextSpan(_)) => {
+                let wider = spans.start..spans.end + 1;
+                let bytes = fetch(self.compressed_range(wider.clone())?)?;
+                self.extract(wider, &bytes, range)
+            }
+            other => other,
+        }
     }
 }
 
@@ -404,12 +457,13 @@ mod tests {
         encoder.finish().unwrap()
     }
 
+    /// Extracts `range` as a lazy reader would, from the blob's bytes.
     fn fetch(index: &GzipIndex, blob: &[u8], range: Range<u64>) -> Vec<u8> {
-        let spans = index.spans_for(range.clone()).unwrap();
-        let first = index.span(spans.start).unwrap();
-        let last = index.span(spans.end - 1).unwrap();
-        let bytes = &blob[first.compressed.start as usize..last.compressed.end as usize];
-        index.extract(spans, bytes, range).unwrap()
+        index
+            .read_range(range.clone(), |bytes| {
+                Ok(blob[bytes.start as usize..bytes.end as usize].to_vec())
+            })
+            .unwrap_or_else(|error| panic!("{range:?}: {error}"))
     }
 
     #[test]
