@@ -6,11 +6,14 @@
 //! - [`zinfo`]: gzip checkpoints every span, built in one pass, span digests, and extraction of
 //!   any uncompressed range from its spans alone.
 //! - [`toc`]: the tar's file table with each member's data offset, read in the same pass.
-//! - [`soci`]: SOCI's zinfo checkpoint blob (versions 1 and 2), written and read.
+//! - [`soci`]: SOCI's zinfo checkpoint blob (versions 1 and 2), and the mapping between a zTOC
+//!   document and [`toc::Ztoc`] (types, times, PAX xattrs, span digests), checked both ways.
+//! - [`fbs`]: SOCI's zTOC flatbuffer, verified, read and written field for field.
 //!
-//! Still to come (issue 17): the SOCI zTOC flatbuffer around them, the synthesized
+//! Still to come (issue 17): the synthesized
 //! EROFS layer laid out from the table, and its lazy block source.
 
+pub mod fbs;
 pub mod inflate;
 pub mod soci;
 pub mod toc;
