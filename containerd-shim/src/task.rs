@@ -792,7 +792,14 @@ impl Task for TaskService {
         if !req.now && !lock(&self.inner.tasks).is_empty() {
             return Ok(api::Empty::default());
         }
-        lock(&self.inner.tasks).clear();
+        // Told to go now with tasks left: their containers go too (a VM this shim launched goes
+        // whole below; one it was given must not keep them).
+        let left: Vec<Arc<ShimTask>> = lock(&self.inner.tasks).drain().map(|(_, t)| t).collect();
+        for task in left.iter().filter(|t| t.kind == TaskKind::Container) {
+            if let Err(error) = self.inner.agent.remove(&task.vm, &task.id, true).await {
+                warn!(task = %task.id, %error, "removing a task's container at shutdown");
+            }
+        }
         self.release_vm_if_idle().await;
         self.inner.exit.signal();
         Ok(api::Empty::default())

@@ -340,6 +340,26 @@ impl TestContainerd {
         output_within(&mut command, timeout, || {}).with_context(|| self.failed_ctr(args))
     }
 
+    /// [`Self::ctr_within`] on a pseudo-terminal (`script`), for `ctr run -t`, which wants its
+    /// standard input to be a terminal. The output is what the terminal showed; the exit
+    /// status is ctr's.
+    pub fn ctr_on_terminal(&self, args: &[&str], timeout: Duration) -> Result<Output> {
+        let ctr = self.ctr_command(&self.namespace, args);
+        let quote =
+            |word: &std::ffi::OsStr| format!("'{}'", word.to_string_lossy().replace('\'', "'\\''"));
+        let line: Vec<String> = std::iter::once(ctr.get_program())
+            .chain(ctr.get_args())
+            .map(quote)
+            .collect();
+        let mut command = Command::new("script");
+        command
+            .args(["--quiet", "--return", "--command"])
+            .arg(line.join(" "))
+            .arg("/dev/null")
+            .env("CONTAINERD_SNAPSHOTTER", &self.snapshotter);
+        output_within(&mut command, timeout, || {}).with_context(|| self.failed_ctr(args))
+    }
+
     /// Runs `ctr ARGS` (e.g. `run --rm …`) in this instance's namespace; returns how long after
     /// spawning `ctr` its first byte of standard output arrived, and its output. Fails if it
     /// prints nothing or takes longer than `timeout`.

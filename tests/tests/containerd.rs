@@ -547,6 +547,25 @@ fn ctr_run_with_gantry(
         "stdin in, its end seen",
     );
 
+    // A terminal: `ctr run -t` gives the process one (stdout and stderr merged on it).
+    let mut args = gantry_run_args(false, &annotations, rootfs, "g-tty");
+    args.insert(2, "-t");
+    args.extend([
+        "sh",
+        "-c",
+        "[ -t 0 ] && [ -t 1 ] && echo on-a-terminal; echo to-stderr-on-tty >&2; exit 7",
+    ]);
+    let output = containerd
+        .ctr_on_terminal(&args, BOOT_RUN_TIMEOUT)
+        .expect("ctr run -t");
+    let shown = text(&output.stdout);
+    assert!(
+        shown.contains("on-a-terminal") && shown.contains("to-stderr-on-tty"),
+        "the process runs on a terminal, stderr on it too: {shown:?} (stderr: {})",
+        text(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(7), "{shown:?}");
+
     // runc on the same machine, in the same run, for the figure beside.
     let runc = runc_first_outputs(containerd, Path::new(rootfs), "r", 3);
     println!(
