@@ -91,6 +91,13 @@ impl PositionedWriter {
         Ok(())
     }
 
+    /// Moves to `target` without writing: what lies between stays a hole in the file.
+    fn skip_to(&mut self, target: u64) -> io::Result<()> {
+        self.inner.seek(SeekFrom::Start(target))?;
+        self.pos = target;
+        Ok(())
+    }
+
     /// Writes zeros up to `target`.
     fn pad_to(&mut self, target: u64) -> io::Result<()> {
         const ZEROS: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
@@ -219,6 +226,39 @@ impl ImageWriter {
         self.out.write(bytes)?;
         self.next_block = end;
         Ok(start)
+    }
+
+    /// Places `size` bytes of one regular file without their bytes: whole blocks at the next
+    /// free address (the last one zero padded, no inline tail, no holes detected), left as a
+    /// hole in the image file. For a layer whose file data is filled in later, block by block,
+    /// from elsewhere (a gzip layer read lazily): the caller keeps where each file's blocks are.
+    /// The finished image's digest then covers those blocks as zeros, not the filled image.
+    pub fn reserve_file_data(&mut self, size: u64) -> Result<FileData, WriterError> {
+        let blocks = size.div_ceil(BLOCK_SIZE_U64);
+        if blocks == 0 {
+            return Ok(FileData {
+                size,
+                placement: DataPlacement::Flat {
+                    start_block: 0,
+                    tail: None,
+                },
+            });
+        }
+        let count = u32::try_from(blocks).map_err(|_| WriterError::ImageTooLarge)?;
+        let start = self.next_block;
+        let end = start
+            .checked_add(count)
+            .filter(|&end| end < NULL_ADDR)
+            .ok_or(WriterError::ImageTooLarge)?;
+        self.out.skip_to(u64::from(end) * BLOCK_SIZE_U64)?;
+        self.next_block = end;
+        Ok(FileData {
+            size,
+            placement: DataPlacement::Flat {
+                start_block: start,
+                tail: None,
+            },
+        })
     }
 
     /// Streams `size` bytes of one regular file from `data` into the image.
@@ -1132,6 +1172,91 @@ fn hash_file(file: &File, size: u64) -> io::Result<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Extracts `image` with `fsck.erofs` (the reference reader) into a new directory.
+    fn extract(image: &std::path::Path) -> tempfile::TempDir {
+        let out = tempfile::tempdir().unwrap();
+        let target = out.path().join("root");
+        let status = std::process::Command::new("fsck.erofs")
+            .arg(format!("--extract={}", target.display()))
+            .arg(image)
+            .status()
+            .expect("fsck.erofs runs (erofs-utils; qemu/setup-host.sh installs it)");
+        assert!(status.success(), "fsck.erofs --extract: {status}");
+        out
+    }
+
+    #[test]
+    fn reserved_file_data_is_a_hole_until_filled_and_then_reads_back() {
+        use std::os::unix::fs::FileExt as _;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.erofs");
+        let output = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let mut writer = ImageWriter::new(output, tempfile::tempfile().unwrap(), true).unwrap();
+        let files: [(&[u8], Vec<u8>); 3] = [
+            (
+                b"big",
+                (0..20_000u32).flat_map(|i| i.to_le_bytes()).collect(),
+            ),
+            (b"empty", Vec::new()),
+            (b"small", b"hello\n".to_vec()),
+        ];
+        let mut tree = Tree::new();
+        let mut placed = Vec::new();
+        for (name, content) in &files {
+            let data = writer.reserve_file_data(content.len() as u64).unwrap();
+            let DataPlacement::Flat { start_block, tail } = data.placement else {
+                panic!("reserved data is flat");
+            };
+            assert_eq!(tail, None, "no inline tail: the bytes are not here");
+            placed.push(start_block);
+            let node = Node {
+                meta: crate::tree::Metadata {
+                    permissions: 0o644,
+                    ..crate::tree::Metadata::implicit_directory()
+                },
+                kind: NodeKind::Regular(data),
+            };
+            let id = tree.add(node).unwrap();
+            assert!(tree.set_child(crate::tree::ROOT, name, id));
+        }
+        let finished = writer.finish(&tree).unwrap();
+        // The reserved blocks are holes: the image takes less disk than its size.
+        let allocated =
+            std::os::unix::fs::MetadataExt::blocks(&finished.file.metadata().unwrap()) * 512;
+        assert!(
+            allocated < finished.size,
+            "{allocated} bytes allocated of {}",
+            finished.size
+        );
+        // Filled in later, block-aligned, the files read back through the reference reader.
+        for ((_, content), start_block) in files.iter().zip(&placed) {
+            if !content.is_empty() {
+                finished
+                    .file
+                    .write_all_at(content, u64::from(*start_block) * BLOCK_SIZE_U64)
+                    .unwrap();
+            }
+        }
+        let extracted = extract(&path);
+        for (name, content) in &files {
+            let read = std::fs::read(
+                extracted
+                    .path()
+                    .join("root")
+                    .join(std::str::from_utf8(name).unwrap()),
+            )
+            .unwrap();
+            assert_eq!(&read, content, "{}", String::from_utf8_lossy(name));
+        }
+    }
 
     #[test]
     fn extents_merge_consecutive_runs_only() {
