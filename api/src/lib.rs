@@ -46,6 +46,12 @@ use serde::{Deserialize, Serialize};
 
 pub use client::{ApiClient, ApiClientError};
 
+/// Where clients find the agent when nothing names its socket.
+pub const DEFAULT_API_SOCKET: &str = "/run/gantry/agent.sock";
+/// The environment variable that names the agent's socket (the CLI's `--api-socket`, and the
+/// containerd shim, which inherits containerd's environment).
+pub const API_SOCKET_ENV: &str = "GANTRY_API_SOCKET";
+
 /// The body of every error answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiErrorBody {

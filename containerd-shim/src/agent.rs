@@ -3,18 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use gantry_api::records::ExitRecord;
 use gantry_api::stream::{BodyStream, StreamError};
 use gantry_api::{
-    AgentInfo, ApiClient, ApiClientError, AttachVm, ContainerView, ErrorCode, ExecRequest,
-    RunOptions, RunUpdate, VmStatus,
+    API_SOCKET_ENV, AgentInfo, ApiClient, ApiClientError, AttachVm, ContainerView,
+    DEFAULT_API_SOCKET, ErrorCode, ExecRequest, RunOptions, RunUpdate, VmStatus,
 };
 use gantry_proto::ContainerStats;
 use hyper::Method;
-
-/// Where the agent listens when nothing says otherwise (as for the CLI).
-pub const DEFAULT_API_SOCKET: &str = "/run/gantry/agent.sock";
-/// The environment variable naming the agent's socket (containerd passes its environment on).
-pub const API_SOCKET_ENV: &str = "GANTRY_API_SOCKET";
 
 /// Errors of agent calls.
 #[derive(Debug, thiserror::Error)]
@@ -46,11 +42,24 @@ impl AgentError {
     }
 }
 
-/// The socket from the environment, else the default.
+/// The socket from the environment (containerd passes its own on), else the default, as for
+/// the CLI.
 pub fn socket_from_env() -> PathBuf {
     std::env::var_os(API_SOCKET_ENV)
         .filter(|value| !value.is_empty())
         .map_or_else(|| PathBuf::from(DEFAULT_API_SOCKET), PathBuf::from)
+}
+
+/// A deletion's outcome, where what is gone already counts as deleted.
+fn gone_is_fine(result: Result<serde_json::Value, ApiClientError>) -> Result<(), AgentError> {
+    match result {
+        Ok(_)
+        | Err(ApiClientError::Status {
+            code: ErrorCode::NotFound,
+            ..
+        }) => Ok(()),
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// A client of one agent.
@@ -106,18 +115,7 @@ impl Agent {
 
     /// Removes VM `name` (attached at run time); one that is gone already is no error.
     pub async fn remove_vm(&self, name: &str) -> Result<(), AgentError> {
-        match self
-            .client
-            .delete::<serde_json::Value>(&format!("/v1/vms/{name}"))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(ApiClientError::Status {
-                code: ErrorCode::NotFound,
-                ..
-            }) => Ok(()),
-            Err(err) => Err(err.into()),
-        }
+        gone_is_fine(self.client.delete(&format!("/v1/vms/{name}")).await)
     }
 
     /// Pulls, maps and creates a container (`create_only`), without starting it.
@@ -230,17 +228,24 @@ impl Agent {
         Ok(BodyStream::new(body))
     }
 
+    /// Waits for the main process or an exec to end.
+    pub async fn wait(
+        &self,
+        vm: &str,
+        id: &str,
+        exec_id: Option<&str>,
+    ) -> Result<ExitRecord, AgentError> {
+        let exec = exec_id.map_or_else(String::new, |exec| format!("?exec={exec}"));
+        Ok(self
+            .client
+            .get(&format!("{}/wait{exec}", container_path(vm, id)))
+            .await?)
+    }
+
     /// Removes a container (killing it first with `force`); one that is gone is no error.
     pub async fn remove(&self, vm: &str, id: &str, force: bool) -> Result<(), AgentError> {
         let path = format!("{}?force={force}", container_path(vm, id));
-        match self.client.delete::<serde_json::Value>(&path).await {
-            Ok(_) => Ok(()),
-            Err(ApiClientError::Status {
-                code: ErrorCode::NotFound,
-                ..
-            }) => Ok(()),
-            Err(err) => Err(err.into()),
-        }
+        gone_is_fine(self.client.delete(&path).await)
     }
 
     /// The container's cgroup figures.

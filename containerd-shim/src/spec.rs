@@ -104,21 +104,20 @@ pub fn parse(spec: &Spec, id: &str, terminal: bool, stdin: bool) -> Result<TaskS
         .process()
         .as_ref()
         .ok_or_else(|| SpecError::NoProcess(id.to_owned()))?;
-    let args = process.args().clone().unwrap_or_default();
-    let user = process.user();
+    let fields = ProcessFields::of(process, terminal);
     let mut run = RunOptions {
         image,
         name: Some(id.to_owned()),
         // The spec's arguments are the whole command line (containerd and CRI have already
         // combined the image's entrypoint and command): they replace both. Without any, the
         // image's own apply.
-        entrypoint: (!args.is_empty()).then_some(args),
-        env: process.env().clone().unwrap_or_default(),
-        workdir: Some(process.cwd().to_string_lossy().into_owned()).filter(|cwd| !cwd.is_empty()),
-        user: Some(format!("{}:{}", user.uid(), user.gid())),
+        entrypoint: (!fields.args.is_empty()).then_some(fields.args),
+        env: fields.env,
+        workdir: fields.workdir,
+        user: Some(fields.user),
         hostname: spec.hostname().clone().filter(|name| !name.is_empty()),
         stdin,
-        tty: terminal || process.terminal().unwrap_or(false),
+        tty: fields.tty,
         create_only: true,
         ..RunOptions::default()
     };
@@ -167,24 +166,49 @@ pub fn parse_exec(
             task: id.to_owned(),
             what: format!("exec {exec_id}: its process spec: {err}"),
         })?;
-    let args = process.args().clone().unwrap_or_default();
-    if args.is_empty() {
+    let fields = ProcessFields::of(&process, terminal);
+    if fields.args.is_empty() {
         return Err(SpecError::Invalid {
             task: id.to_owned(),
             what: format!("exec {exec_id}: no command"),
         });
     }
-    let user = process.user();
     Ok(gantry_api::ExecRequest {
         exec_id: Some(exec_id.to_owned()),
-        command: args,
-        env: process.env().clone().unwrap_or_default(),
-        workdir: Some(process.cwd().to_string_lossy().into_owned()).filter(|cwd| !cwd.is_empty()),
-        user: Some(format!("{}:{}", user.uid(), user.gid())),
+        command: fields.args,
+        env: fields.env,
+        workdir: fields.workdir,
+        user: Some(fields.user),
         stdin,
-        tty: terminal || process.terminal().unwrap_or(false),
+        tty: fields.tty,
         tty_size: None,
     })
+}
+
+/// What a task's and an exec's OCI `Process` both say, as the agent's requests take it.
+struct ProcessFields {
+    args: Vec<String>,
+    env: Vec<String>,
+    /// `None` when the spec leaves it empty (the image's applies).
+    workdir: Option<String>,
+    /// `uid:gid`, numeric (containerd and CRI resolved names already).
+    user: String,
+    /// On a terminal: as the create request says, or the spec.
+    tty: bool,
+}
+
+impl ProcessFields {
+    fn of(process: &oci_spec::runtime::Process, terminal: bool) -> Self {
+        let user = process.user();
+        Self {
+            args: process.args().clone().unwrap_or_default(),
+            env: process.env().clone().unwrap_or_default(),
+            workdir: Some(process.cwd().to_string_lossy().into_owned())
+                .filter(|cwd| !cwd.is_empty()),
+            user: format!("{}:{}", user.uid(), user.gid()),
+            tty: terminal || process.terminal().unwrap_or(false),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -271,20 +271,10 @@ impl TaskService {
             status: gantry_proto::ExitStatus::Code(255),
             oom_killed: false,
         };
-        let path = format!(
-            "/v1/vms/{}/containers/{}/wait{}",
-            task.vm,
-            task.id,
-            exec_id.map_or_else(String::new, |exec| format!("?exec={exec}"))
-        );
-        let client = gantry_api::ApiClient::new(self.inner.agent.socket());
         loop {
-            match client.get::<gantry_api::records::ExitRecord>(&path).await {
+            match self.inner.agent.wait(&task.vm, &task.id, exec_id).await {
                 Ok(exit) => return exit,
-                Err(gantry_api::ApiClientError::Status {
-                    code: ErrorCode::NotFound,
-                    ..
-                }) => return lost,
+                Err(error) if error.code() == Some(ErrorCode::NotFound) => return lost,
                 Err(error) => {
                     warn!(task = %task.id, %error, "waiting for the process in the agent");
                     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -302,9 +302,7 @@ impl TestContainerd {
 
     /// The log's last `lines` lines, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = self.log();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        last_lines(&self.log(), lines)
     }
 
     /// `ctr --address SOCK --namespace NS ARGS` in this instance's namespace, bounded by
@@ -908,6 +906,12 @@ fn image_archive(dir: &Path, name: &str, config: &ImageConfigSpec) -> Result<Pat
     archive.into_inner()?.sync_all()?;
     std::fs::remove_dir_all(&layout)?;
     Ok(archive_path)
+}
+
+/// The last `lines` lines of `text` (a log, for error messages).
+pub fn last_lines(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Unpacks the busybox layer into `dir/rootfs` for `ctr run --rootfs`; returns that path.

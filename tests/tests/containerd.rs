@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gantry_e2e::containerd::{
-    CRI_NAMESPACE, ContainerdOptions, TestContainerd, busybox_rootfs, mounts_under, shims_serving,
+    CRI_NAMESPACE, ContainerdOptions, TestContainerd, busybox_rootfs, last_lines, mounts_under,
+    shims_serving,
 };
 use gantry_e2e::cri::{ContainerSpec, CriClient, parse_cri_log};
 use k8s_cri::v1::ContainerState;
@@ -358,7 +359,7 @@ fn wait_no_shim_vms(agent: &gantry_e2e::TestAgent, context: &str) {
         assert!(
             std::time::Instant::now() < deadline,
             "{context}: shim VMs left: {left:?}\n--- agent log ---\n{}",
-            tail(&agent.log(), 40)
+            last_lines(&agent.log(), 40)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -388,11 +389,6 @@ fn work_file(name: &str, bytes: &[u8]) -> tempfile::NamedTempFile {
         .expect("temp file");
     std::fs::write(file.path(), bytes).expect("write");
     file
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -503,7 +499,7 @@ fn ctr_run_with_gantry(
                 panic!(
                     "ctr run: {error:#}\n--- containerd log ---\n{}\n--- agent log ---\n{}",
                     containerd.log_tail(40),
-                    tail(&agent.log(), 40)
+                    last_lines(&agent.log(), 40)
                 )
             });
         assert_eq!(
@@ -512,7 +508,7 @@ fn ctr_run_with_gantry(
             "ctr run's output (stderr: {})\n--- containerd log ---\n{}\n--- agent log ---\n{}",
             text(&output.stderr),
             containerd.log_tail(40),
-            tail(&agent.log(), 40)
+            last_lines(&agent.log(), 40)
         );
         assert!(
             text(&output.stderr).contains("to-stderr"),
@@ -789,7 +785,7 @@ fn cri_pod_with_gantry(containerd: &TestContainerd, agent: &gantry_e2e::TestAgen
             panic!(
                 "RunPodSandbox: {error:#}\n--- containerd log ---\n{}\n--- agent log ---\n{}",
                 containerd.log_tail(40),
-                tail(&agent.log(), 40)
+                last_lines(&agent.log(), 40)
             )
         });
     let pod_vms = shim_vms(agent);
@@ -803,7 +799,7 @@ fn cri_pod_with_gantry(containerd: &TestContainerd, agent: &gantry_e2e::TestAgen
                 panic!(
                     "CreateContainer: {error:#}\n--- containerd log ---\n{}\n--- agent log ---\n{}",
                     containerd.log_tail(40),
-                    tail(&agent.log(), 40)
+                    last_lines(&agent.log(), 40)
                 )
             });
         cri.start_container(&container).expect("StartContainer");

@@ -22,13 +22,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gantry_api::ApiClient;
+use gantry_api::{API_SOCKET_ENV, ApiClient, DEFAULT_API_SOCKET};
 
 use crate::config::AgentConfig;
 use crate::images::default_image::DEFAULT_BUSYBOX;
 pub use crate::units::{SizeError, parse_limit, parse_size};
-
-const DEFAULT_API_SOCKET: &str = "/run/gantry/agent.sock";
 
 /// `gantry-agent`'s command line.
 #[derive(Debug, Parser)]
@@ -40,7 +38,7 @@ const DEFAULT_API_SOCKET: &str = "/run/gantry/agent.sock";
 pub struct Cli {
     /// The agent's operator API socket [default: the config file's for `serve`, else
     /// /run/gantry/agent.sock].
-    #[arg(long, global = true, env = "GANTRY_API_SOCKET")]
+    #[arg(long, global = true, env = API_SOCKET_ENV)]
     pub api_socket: Option<PathBuf>,
     /// How the log on standard error is written: text for a person, json (one object per
     /// line, with the spans it happened in) for a log collector.

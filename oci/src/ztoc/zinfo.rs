@@ -323,20 +323,16 @@ impl GzipIndex {
         compressed: &[u8],
         range: Range<u64>,
     ) -> Result<Vec<u8>, ZinfoError> {
-        let first = self
-            .span(spans.start)
-            .ok_or_else(|| ZinfoError::OutOfRange(format!("no span {}", spans.start)))?;
-        let last = self
-            .span(spans.end - 1)
-            .ok_or_else(|| ZinfoError::OutOfRange(format!("no span {}", spans.end - 1)))?;
-        let fetched = first.compressed.start..last.compressed.end;
+        let fetched = self.compressed_range(spans.clone())?;
+        let uncompressed = |index: usize| self.span(index).expect("in range").uncompressed;
+        let (first, last) = (uncompressed(spans.start), uncompressed(spans.end - 1));
         if compressed.len() as u64 != fetched.end - fetched.start {
             return Err(ZinfoError::OutOfRange(format!(
                 "{} compressed bytes given for spans {spans:?}, which are {fetched:?}",
                 compressed.len()
             )));
         }
-        if range.start < first.uncompressed.start || range.end > last.uncompressed.end {
+        if range.start < first.start || range.end > last.end {
             return Err(ZinfoError::OutOfRange(format!(
                 "uncompressed bytes {range:?} are not in spans {spans:?}"
             )));
@@ -390,6 +386,9 @@ impl GzipIndex {
     /// The compressed bytes spans `spans` are fetched as.
     pub fn compressed_range(&self, spans: Range<usize>) -> Result<Range<u64>, ZinfoError> {
         let missing = || ZinfoError::OutOfRange(format!("no spans {spans:?}"));
+        if spans.is_empty() {
+            return Err(missing());
+        }
         let first = self.span(spans.start).ok_or_else(missing)?;
         let last = self.span(spans.end.wrapping_sub(1)).ok_or_else(missing)?;
         Ok(first.compressed.start..last.compressed.end)
