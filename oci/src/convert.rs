@@ -26,7 +26,9 @@ use tracing::{debug, warn};
 use crate::compression::{self, CappedReader, Compression, CompressionError, SizeCapExceeded};
 use crate::tar_stream::{TarEntry, TarError, TarStream};
 use gantry_erofs::format::{self, BLOCK_SIZE, EXTENDED_INODE_SIZE, MAX_NAME_LEN};
-use gantry_erofs::tree::{Directory, Metadata, Node, NodeId, NodeKind, ROOT, Tree, Xattr};
+use gantry_erofs::tree::{
+    Directory, FileData, Metadata, Node, NodeId, NodeKind, ROOT, Tree, Xattr,
+};
 use gantry_erofs::writer::{self, ImageWriter, WriterError};
 
 /// Limits and switches for [`convert_layer`].
@@ -282,22 +284,13 @@ pub fn convert_to_file(
     let (compression, decoded) = compression::decoder(input)?;
     let (capped, limits) = CappedReader::new(decoded, options.max_uncompressed_size);
     let writer = ImageWriter::new(image, spool, options.detect_holes).map_err(WriterError::Io)?;
-    let mut converter = Converter {
-        tree: Tree::new(),
-        writer,
-        options,
-        tar: TarStream::new(capped, options.max_entry_metadata),
-        entries: 0,
-        last_path: Vec::new(),
-    };
-    converter.run()?;
-    let Converter {
+    let tar = TarStream::new(capped, options.max_entry_metadata);
+    let LayerTree {
         tree,
         writer,
-        tar,
+        members: tar,
         entries,
-        ..
-    } = converter;
+    } = build_tree(tar, writer, options)?;
 
     // Read to the end so a corrupt gzip/zstd trailer or checksum is noticed.
     let mut rest = tar.into_inner();
@@ -342,19 +335,86 @@ const XATTR_NAME_MAX: usize = 255;
 /// An xattr's prefix index and name.
 type XattrKey = (u8, Box<[u8]>);
 
-struct Converter<'o, R: Read> {
+/// Where the converter's tar members and their file data come from: the tar stream itself
+/// (data copied into the image), or a layer's file table (data placed, fetched later).
+pub(crate) trait Members {
+    /// The next member; `None` at the end of the archive.
+    fn next_member(&mut self) -> Result<Option<TarEntry>, TarError>;
+
+    /// Places the data of the member just returned, `size` bytes, in the image; the last
+    /// partial block may go inline if it is at most `max_inline_tail` bytes.
+    fn place_data(
+        &mut self,
+        writer: &mut ImageWriter,
+        size: u64,
+        max_inline_tail: usize,
+    ) -> Result<FileData, WriterError>;
+}
+
+impl<R: Read> Members for TarStream<R> {
+    fn next_member(&mut self) -> Result<Option<TarEntry>, TarError> {
+        self.next_entry()
+    }
+
+    fn place_data(
+        &mut self,
+        writer: &mut ImageWriter,
+        size: u64,
+        max_inline_tail: usize,
+    ) -> Result<FileData, WriterError> {
+        writer.write_file_data(&mut self.data(), size, max_inline_tail)
+    }
+}
+
+/// A layer's tree, with the writer holding its data blocks, ready for
+/// [`ImageWriter::finish`].
+pub(crate) struct LayerTree<M> {
+    /// The file tree, with OCI layer semantics applied.
+    pub tree: Tree,
+    /// The writer, data placed.
+    pub writer: ImageWriter,
+    /// The member source, at the end of the archive.
+    pub members: M,
+    /// Members read.
+    pub entries: u64,
+}
+
+/// Reads every member of `members` into a tree, placing file data through `writer`.
+pub(crate) fn build_tree<M: Members>(
+    members: M,
+    writer: ImageWriter,
+    options: &ConvertOptions,
+) -> Result<LayerTree<M>, ConvertError> {
+    let mut converter = Converter {
+        tree: Tree::new(),
+        writer,
+        options,
+        members,
+        entries: 0,
+        last_path: Vec::new(),
+    };
+    converter.run()?;
+    Ok(LayerTree {
+        tree: converter.tree,
+        writer: converter.writer,
+        members: converter.members,
+        entries: converter.entries,
+    })
+}
+
+struct Converter<'o, M> {
     tree: Tree,
     writer: ImageWriter,
     options: &'o ConvertOptions,
-    tar: TarStream<CappedReader<R>>,
+    members: M,
     entries: u64,
     last_path: Vec<u8>,
 }
 
-impl<R: Read> Converter<'_, R> {
+impl<M: Members> Converter<'_, M> {
     fn run(&mut self) -> Result<(), ConvertError> {
         loop {
-            let entry = match self.tar.next_entry() {
+            let entry = match self.members.next_member() {
                 Ok(Some(entry)) => entry,
                 Ok(None) => return Ok(()),
                 Err(source) => return Err(self.tar_error(source)),
@@ -483,8 +543,8 @@ impl<R: Read> Converter<'_, R> {
                 let max_inline = BLOCK_SIZE
                     .saturating_sub(EXTENDED_INODE_SIZE + writer::inline_xattr_size(&meta.xattrs));
                 let data = self
-                    .writer
-                    .write_file_data(&mut self.tar.data(), entry.size, max_inline)
+                    .members
+                    .place_data(&mut self.writer, entry.size, max_inline)
                     .map_err(EntryError::Data)?;
                 NodeKind::Regular(data)
             }

@@ -9,12 +9,14 @@
 //! - [`soci`]: SOCI's zinfo checkpoint blob (versions 1 and 2), and the mapping between a zTOC
 //!   document and [`toc::Ztoc`] (types, times, PAX xattrs, span digests), checked both ways.
 //! - [`fbs`]: SOCI's zTOC flatbuffer, verified, read and written field for field.
+//! - [`synth`]: the synthesized EROFS layer laid out from the table (metadata complete, data
+//!   blocks holes), and the map from its chunks to gzip spans that fills them.
 //!
-//! Still to come (issue 17): the synthesized
-//! EROFS layer laid out from the table, and its lazy block source.
+//! Imports point one way: `synth` → `toc` → `zinfo` → `inflate`; `soci` → `fbs`, `toc`, `zinfo`.
 
 pub mod fbs;
 pub mod inflate;
 pub mod soci;
+pub mod synth;
 pub mod toc;
 pub mod zinfo;

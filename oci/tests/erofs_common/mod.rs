@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod roots;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CString, OsStr};
 use std::fs;
