@@ -353,12 +353,7 @@ enum FillTake {
 /// The key rendezvous hashing places a chunk by: its checksum (the same on every card), or,
 /// in an index without checksums, the layer and the chunk's number.
 fn chunk_key(layer: &LazyLayer, chunk: usize) -> Vec<u8> {
-    match layer
-        .index()
-        .entries()
-        .get(chunk)
-        .and_then(|entry| entry.checksum)
-    {
+    match layer.index().chunk_checksum(chunk) {
         Some(checksum) => checksum.to_vec(),
         None => format!("{}#{chunk}", layer.digest()).into_bytes(),
     }
@@ -1024,6 +1019,7 @@ async fn stream_job(
         next: job.chunks.start,
         received: 0,
         pending: Vec::new(),
+        pending_start: 0,
     };
     counters.requests.fetch_add(1, Ordering::Relaxed);
     let result = origin.stream_blob(&mut receiver).await;
@@ -1048,8 +1044,10 @@ struct ChunkStream {
     next: usize,
     /// Blob bytes seen in this download.
     received: u64,
-    /// Bytes of chunk `next` so far.
+    /// Blob bytes from `pending_start` to `received`: those of chunk `next` so far (and of the
+    /// chunk before it that the next one shares).
     pending: Vec<u8>,
+    pending_start: u64,
 }
 
 /// What ends a stream early once the job's chunks are in (not an error).
@@ -1057,17 +1055,46 @@ const STREAM_DONE: &str = "the job's chunks are stored";
 
 impl StreamReceiver for ChunkStream {
     fn receive(&mut self, mut bytes: &[u8]) -> Result<(), String> {
-        while !bytes.is_empty() {
+        loop {
             if self.next >= self.chunks.end {
-                return Err(STREAM_DONE.into());
+                return if bytes.is_empty() {
+                    Ok(())
+                } else {
+                    Err(STREAM_DONE.into())
+                };
             }
             let range = self.layer.index().blob_range(self.next);
+            // Bytes before the chunk go (the chunk before may have shared some of what is kept).
+            if self.pending_start < range.start {
+                let drop = usize::try_from(range.start - self.pending_start)
+                    .map_or(self.pending.len(), |drop| drop.min(self.pending.len()));
+                self.pending.drain(..drop);
+                self.pending_start += drop as u64;
+            }
+            if self.received >= range.end {
+                // Every byte of the chunk is in: `pending` starts at or before it.
+                let from = (range.start - self.pending_start) as usize;
+                let to = (range.end - self.pending_start) as usize;
+                let layer = Arc::clone(&self.layer);
+                let chunk = self.next;
+                let stored = &self.pending[from..to];
+                // The download runs on the runtime: the store (a sync and a bitmap write) is
+                // blocking work.
+                tokio::task::block_in_place(|| layer.store_chunks(chunk..chunk + 1, stored))
+                    .map_err(|error| error.to_string())?;
+                self.next += 1;
+                continue;
+            }
+            if bytes.is_empty() {
+                return Ok(());
+            }
             if self.received < range.start {
                 // Before the chunk: skipped (present, or before the job).
                 let skip = usize::try_from(range.start - self.received)
                     .map_or(bytes.len(), |skip| skip.min(bytes.len()));
                 bytes = bytes.get(skip..).unwrap_or_default();
                 self.received += skip as u64;
+                self.pending_start = self.received;
                 continue;
             }
             let want = usize::try_from(range.end - self.received).unwrap_or(usize::MAX);
@@ -1076,23 +1103,13 @@ impl StreamReceiver for ChunkStream {
             self.pending.extend_from_slice(head);
             self.received += take as u64;
             bytes = rest;
-            if self.received == range.end {
-                let layer = Arc::clone(&self.layer);
-                let chunk = self.next;
-                let stored = std::mem::take(&mut self.pending);
-                // The download runs on the runtime: the store (a sync and a bitmap write) is
-                // blocking work.
-                tokio::task::block_in_place(|| layer.store_chunks(chunk..chunk + 1, &stored))
-                    .map_err(|error| error.to_string())?;
-                self.next += 1;
-            }
         }
-        Ok(())
     }
 
     fn reset(&mut self) {
         self.received = 0;
         self.pending.clear();
+        self.pending_start = 0;
     }
 }
 

@@ -21,11 +21,11 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use gantry_oci::Digest;
-use gantry_oci::chunked::ChunkIndex;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 use vm_memory::VolatileSlice;
 
+use super::index::LayerIndex;
 use super::origin::BlobOrigin;
 use crate::blk::BlockSource;
 use crate::blk::source::preadv_exact;
@@ -91,7 +91,7 @@ pub struct LayerCounters {
 pub struct LazyLayer {
     /// The layer blob's digest (the cache key).
     digest: Digest,
-    index: ChunkIndex,
+    index: LayerIndex,
     /// The cache's sparse image, opened for reading and writing.
     image: File,
     /// The cache's sparse copy of the blob (each stored frame at its offset), when the layer
@@ -154,7 +154,7 @@ impl LazyLayer {
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         digest: Digest,
-        index: ChunkIndex,
+        index: LayerIndex,
         image_path: &Path,
         bitmap_path: &Path,
         blob_path: Option<&Path>,
@@ -171,7 +171,7 @@ impl LazyLayer {
             .write(true)
             .open(image_path)
             .map_err(io_error)?;
-        if image.metadata().map_err(io_error)?.len() != index.uncompressed_size() {
+        if image.metadata().map_err(io_error)?.len() != index.image_size() {
             return Err(io_error(io::Error::other(
                 "the image file's size is not the chunk index's uncompressed size",
             )));
@@ -231,8 +231,8 @@ impl LazyLayer {
         &self.digest
     }
 
-    /// The verified chunk index.
-    pub fn index(&self) -> &ChunkIndex {
+    /// The verified chunk map.
+    pub fn index(&self) -> &LayerIndex {
         &self.index
     }
 
@@ -267,7 +267,7 @@ impl LazyLayer {
         (0..self.index.len())
             .filter(|&chunk| !self.is_present(chunk))
             .map(|chunk| {
-                let range = self.index.uncompressed_range(chunk);
+                let range = self.index.image_range(chunk);
                 range.end - range.start
             })
             .sum()
@@ -449,13 +449,13 @@ impl LazyLayer {
                 .zip(usize::try_from(range.end - span.start).ok())
                 .and_then(|(start, end)| stored.get(start..end))
                 .ok_or_else(|| verify_error(chunk, "chunk outside the span".into()))?;
-            let target = self.index.uncompressed_range(chunk);
+            let target = self.index.image_range(chunk);
             let len = usize::try_from(target.end - target.start)
                 .map_err(|_| verify_error(chunk, "chunk too large".into()))?;
             let mut out = vec![0u8; len];
             self.index
                 .decode_chunk_into(chunk, bytes, &mut out)
-                .map_err(|error| verify_error(chunk, error.to_string()))?;
+                .map_err(|error| verify_error(chunk, error))?;
             decoded.push((chunk, target.start, out, range.start, bytes));
         }
         if decoded.is_empty() {
@@ -536,7 +536,7 @@ impl LazyLayer {
 
 impl BlockSource for LazyLayer {
     fn len(&self) -> u64 {
-        self.index.uncompressed_size()
+        self.index.image_size()
     }
 
     fn read_at(

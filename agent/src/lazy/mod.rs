@@ -2,15 +2,18 @@
 //! downloaded, and their chunks are fetched when the guest reads them.
 //!
 //! - `origin`: where a layer blob's byte ranges come from (a registry, a local file);
+//! - `index`: a layer's chunk map, chunked EROFS or synthesized gzip (which chunk holds which
+//!   image bytes, which blob bytes hold it, how they are verified and decoded);
 //! - `layer`: one lazily fetched layer, the [`BlockSource`](crate::blk::BlockSource) the layer
 //!   store reads (present chunks straight from the cache file, missing ones parked);
 //! - `fetcher`: priorities, single flight, coalescing, read-ahead, fill, verification;
 //! - this module: the settings and [`LazyLayers`], the agent's table of open lazy layers (one
 //!   per layer, shared by every VM that maps it).
 //!
-//! Imports point one way: `fetcher` → `layer` → `origin`.
+//! Imports point one way: `fetcher` → `layer` → `origin`, `index`.
 
 pub mod fetcher;
+pub mod index;
 pub mod layer;
 pub mod origin;
 
@@ -135,7 +138,7 @@ pub fn open_cached(
     let blob = cache.lazy_blob_path(&record.blob_digest)?;
     Ok(LazyLayer::open(
         record.blob_digest.clone(),
-        index,
+        index.into(),
         &record.erofs_path,
         &record.bitmap_path,
         blob.as_deref(),
@@ -225,7 +228,7 @@ impl LazyLayers {
                 chunks: layer.index().len() as u64,
                 present_chunks: layer.present_chunks(),
                 fetched_bytes: layer.counters.bytes_fetched.load(Ordering::Relaxed),
-                blob_bytes: layer.index().section_start(),
+                blob_bytes: layer.index().blob_data_size(),
             })
             .collect();
         stats.layers.sort_by(|a, b| a.digest.cmp(&b.digest));

@@ -722,3 +722,203 @@ async fn a_fill_keeps_quiet_while_a_guest_reads() {
     assert!(yielding >= Duration::from_millis(350), "{yielding:?}");
     assert!(eager < Duration::from_millis(300), "{eager:?}");
 }
+
+/// A gzip layer read as it is: a synthesized EROFS image (metadata written, data holes) whose
+/// data chunks come from gzip spans that neighbouring chunks may share.
+struct GzipFixture {
+    dir: tempfile::TempDir,
+    blob: Vec<u8>,
+    /// The image every chunk filled from the blob directly (what the lazy reads must show).
+    filled: Vec<u8>,
+    map: gantry_oci::ztoc::synth::LayerMap,
+}
+
+fn gzip_fixture() -> GzipFixture {
+    use std::io::Write as _;
+
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, len) in [
+        ("small", 3000),
+        ("big", 700_000),
+        ("odd", 200_001),
+        ("tiny", 5),
+    ] {
+        let data = image_bytes(len, len as u64);
+        let mut header = tar::Header::new_gnu();
+        header.set_size(len as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, name, data.as_slice()).unwrap();
+    }
+    let tar = tar.into_inner().unwrap();
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gzip.write_all(&tar).unwrap();
+    let blob = gzip.finish().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let ztoc = gantry_oci::ztoc::toc::build(blob.as_slice(), 64 << 10).unwrap();
+    let image = std::fs::File::create_new(dir.path().join("layer.erofs")).unwrap();
+    let layer = gantry_oci::ztoc::synth::synthesize(
+        ztoc,
+        image,
+        tempfile::tempfile().unwrap(),
+        &gantry_oci::ConvertOptions::default(),
+    )
+    .unwrap();
+    let map = layer.map;
+    let mut filled = std::fs::read(dir.path().join("layer.erofs")).unwrap();
+    for chunk in (0..map.len()).filter(|&chunk| !map.is_metadata(chunk)) {
+        let image = map.image_range(chunk);
+        let stored = map.blob_range(chunk);
+        let out = &mut filled[image.start as usize..image.end as usize];
+        map.decode_chunk_into(
+            chunk,
+            &blob[stored.start as usize..stored.end as usize],
+            out,
+        )
+        .unwrap();
+    }
+    let bitmap_path = dir.path().join("layer.bitmap");
+    let mut bitmap = crate::cache::bitmap::ChunkBitmap::create_variable(
+        &bitmap_path,
+        map.image_size(),
+        map.len() as u64,
+    )
+    .unwrap();
+    let metadata: Vec<u64> = (0..map.len())
+        .filter(|&chunk| map.is_metadata(chunk))
+        .map(|chunk| chunk as u64)
+        .collect();
+    bitmap.set_present_many(&metadata).unwrap();
+    // Neighbours sharing a span is what this fixture is for.
+    assert!(
+        (1..map.len()).any(|c| map.blob_range(c).start < map.blob_range(c - 1).end),
+        "no two chunks share a span"
+    );
+    GzipFixture {
+        dir,
+        blob,
+        filled,
+        map,
+    }
+}
+
+impl GzipFixture {
+    /// Opens the layer for `lazy`'s fetcher (pinned by `pin`: these tests keep the layer's files
+    /// outside a cache).
+    fn open(&self, lazy: &LazyLayers, pin: PinGuard) -> Arc<LazyLayer> {
+        LazyLayer::open(
+            Digest::of(&self.blob),
+            self.map.clone().into(),
+            &self.dir.path().join("layer.erofs"),
+            &self.dir.path().join("layer.bitmap"),
+            None,
+            pin,
+            Duration::from_millis(200),
+            lazy.fetcher().wants(),
+        )
+        .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_layer_serves_metadata_at_once_and_data_from_its_spans() {
+    let gzip = gzip_fixture();
+    let pins = fixture(1).await;
+    let lazy = LazyLayers::new(config());
+    let layer = gzip.open(&lazy, pins.cache.pin(&pins.record).unwrap());
+    let origin = TestOrigin::new(gzip.blob.clone(), Fault::None);
+    layer.add_origin(origin.clone());
+    // Block 0 and the metadata need no fetch.
+    let size = gzip.filled.len();
+    let superblock = read(&layer, 0, 4096, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(superblock, gzip.filled[..4096]);
+    let last = gzip.map.image_range(gzip.map.len() - 1);
+    let metadata = read(
+        &layer,
+        last.start,
+        (last.end - last.start) as usize,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(metadata, gzip.filled[last.start as usize..]);
+    assert!(origin.requests().is_empty(), "metadata was fetched");
+    // A read across a chunk boundary fetches the spans of those two chunks only.
+    let boundary = gzip.map.image_range(3).start;
+    let got = read(&layer, boundary - 100, 200, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        gzip.filled[boundary as usize - 100..boundary as usize + 100]
+    );
+    assert!(layer.is_present(2) && layer.is_present(3));
+    assert!(!layer.is_present(1) && !layer.is_present(4));
+    let fetched: Vec<_> = origin.requests();
+    let wanted = gzip.map.blob_range(2).start..gzip.map.blob_range(3).end;
+    assert!(
+        fetched
+            .iter()
+            .all(|r| wanted.start <= r.start && r.end <= wanted.end),
+        "{fetched:?} outside {wanted:?}"
+    );
+    // The fill completes the image, equal to the directly filled one.
+    lazy.fill(Arc::clone(&layer));
+    tokio::time::timeout(Duration::from_secs(20), layer.wait_complete())
+        .await
+        .expect("the fill completes");
+    let image = std::fs::read(gzip.dir.path().join("layer.erofs")).unwrap();
+    assert_eq!(image.len(), size);
+    assert!(image == gzip.filled, "the filled image differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_layer_from_an_origin_that_ignores_ranges_is_streamed_once() {
+    let gzip = gzip_fixture();
+    let pins = fixture(1).await;
+    let lazy = LazyLayers::new(config());
+    let layer = gzip.open(&lazy, pins.cache.pin(&pins.record).unwrap());
+    let origin = TestOrigin::new(gzip.blob.clone(), Fault::IgnoreRanges);
+    layer.add_origin(origin.clone());
+    let first = gzip.map.image_range(1).start;
+    read(&layer, first, 100, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(layer.ignores_ranges());
+    // The next miss streams the blob once; chunks sharing spans are all cut from it.
+    let data = 1..gzip.map.len() - 1;
+    let offset = gzip.map.image_range(2).start + 10;
+    let got = read(&layer, offset, 5000, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got, gzip.filled[offset as usize..offset as usize + 5000]);
+    eventually(|| data.clone().skip(1).all(|chunk| layer.is_present(chunk))).await;
+    assert_eq!(origin.streams.load(Ordering::SeqCst), 1);
+    let image = std::fs::read(gzip.dir.path().join("layer.erofs")).unwrap();
+    let from = gzip.map.image_range(2).start as usize;
+    assert!(
+        image[from..] == gzip.filled[from..],
+        "the streamed chunks differ"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_span_with_wrong_bytes_never_reaches_a_reader() {
+    let gzip = gzip_fixture();
+    let pins = fixture(1).await;
+    let lazy = LazyLayers::new(config());
+    let layer = gzip.open(&lazy, pins.cache.pin(&pins.record).unwrap());
+    layer.add_origin(TestOrigin::new(gzip.blob.clone(), Fault::CorruptAlways));
+    let offset = gzip.map.image_range(2).start;
+    let result = read(&layer, offset, 4096, Duration::from_secs(10)).await;
+    assert!(result.is_err(), "a read of corrupt spans succeeded");
+    assert!(!layer.is_present(2));
+    assert!(
+        lazy.counters()
+            .verification_failures
+            .load(Ordering::Relaxed)
+            > 0,
+        "no verification failure counted"
+    );
+}

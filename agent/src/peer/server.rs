@@ -257,7 +257,7 @@ fn find(images: &ImageService, kind: Kind, digest: &Digest) -> Option<Found> {
             Box::new(move |chunk| layer.is_present(chunk)),
         ),
         None => {
-            let index = images.cache.lazy_index(digest).ok()?;
+            let index = images.cache.lazy_index(digest).ok()?.into();
             let bitmap = ChunkBitmap::open(&files.bitmap).ok()?;
             (
                 index,
@@ -268,25 +268,9 @@ fn find(images: &ImageService, kind: Kind, digest: &Digest) -> Option<Found> {
     let file = File::open(&files.blob).ok()?;
     let size = files.blob_size;
     let held = move |range: &Range<u64>| {
-        let chunks = index.len();
-        let first_offset = index.entries().first().map_or(0, |e| e.block_offset);
-        if range.start < first_offset {
-            return false;
-        }
-        // Past the chunks (the index section): only when every chunk is held too.
-        let overlapping = if range.end > index.section_start() {
-            0..chunks
-        } else {
-            let first = index
-                .entries()
-                .partition_point(|e| e.block_offset <= range.start)
-                .saturating_sub(1);
-            let end = index
-                .entries()
-                .partition_point(|e| e.block_offset < range.end);
-            first..end
-        };
-        overlapping.into_iter().all(&present)
+        index
+            .chunks_touching(range)
+            .is_some_and(|chunks| chunks.into_iter().all(&present))
     };
     Some(Found {
         source: Source::File(file),
