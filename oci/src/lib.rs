@@ -16,6 +16,8 @@
 //!   whiteouts and opaque directories for overlayfs.
 //! - [`chunked`]: the lazy EROFS layer format (erofs-image-spec v1): media types, the chunk
 //!   index, the `+zstd` blob writer, chunk and whole-blob decoding.
+//! - [`layer_index`]: a lazy layer's chunk map in either lazy format (chunked EROFS, or a gzip
+//!   layer's synthesized image): which blob bytes hold a chunk, and how they are verified.
 //! - [`image_convert`]: whole images converted into the lazy EROFS format (every layer through
 //!   `convert` and `chunked`) and written to a destination (registry or layout).
 //! - [`registry`]: the distribution API client: auth, credentials, mirrors, retries, ranged
@@ -24,8 +26,8 @@
 //! Imports point one way: `reference` ← `manifest` ← {`source`, `destination`} ←
 //! {`layout`, `registry`};
 //! `compression`, `tar_stream` ← `convert` (which writes through `gantry-erofs`);
-//! `tar_stream` ← `ztoc`;
-//! `reference`, `manifest` ← `chunked`; everything but `builder` ← `image_convert`.
+//! `tar_stream`, `convert` ← `ztoc`;
+//! `reference`, `manifest` ← `chunked`; `chunked`, `ztoc` ← `layer_index`; everything but `builder` ← `image_convert`.
 
 pub mod builder;
 pub mod chunked;
@@ -36,6 +38,7 @@ pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image_convert;
+pub mod layer_index;
 pub mod layout;
 pub mod manifest;
 pub mod reference;

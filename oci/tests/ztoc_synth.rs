@@ -329,3 +329,48 @@ fn a_debian_minbase_root_shows_the_eager_conversions_files() {
     let blob = gzip(&fs::read(debootstrap_tarball()).unwrap());
     check_same_as_eager(&blob, work.path(), "minbase", &ConvertOptions::default());
 }
+
+#[test]
+fn a_map_reads_back_as_written_and_a_damaged_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = gzip(&tar_of(&mixed_specs(), LongNames::Pax));
+    let layer = synthesize(&blob, dir.path(), "map", &ConvertOptions::default());
+    let encoded = layer.map.encode();
+    assert_eq!(LayerMap::decode(&encoded).unwrap(), layer.map);
+    // Every cut is refused, as is anything after the end.
+    for len in (0..encoded.len()).step_by(97) {
+        assert!(LayerMap::decode(&encoded[..len]).is_err(), "cut at {len}");
+    }
+    let mut longer = encoded.clone();
+    longer.push(0);
+    assert!(LayerMap::decode(&longer).is_err());
+    // A flipped byte anywhere never panics; where it lands in an offset, size or count the map
+    // is refused or still describes a layout the checks accept.
+    for at in (0..encoded.len()).step_by(13) {
+        let mut damaged = encoded.clone();
+        damaged[at] ^= 0x80;
+        if let Ok(map) = LayerMap::decode(&damaged) {
+            check_map(&map);
+        }
+    }
+    // The segments must tile the data from block 1: the first one moved is refused.
+    let first_segment = encoded.len() - 20 * segment_count(&layer.map);
+    let mut moved = encoded.clone();
+    moved[first_segment] = 2;
+    assert!(
+        LayerMap::decode(&moved).is_err(),
+        "a segment off block 1 was accepted"
+    );
+}
+
+/// Segments in `map` (each is 20 bytes at the end of the encoding).
+fn segment_count(map: &LayerMap) -> usize {
+    let encoded = map.encode();
+    // The count is the 8 bytes before the segments: find the offset where it matches.
+    (1..encoded.len() / 20)
+        .find(|&count| {
+            let at = encoded.len() - 20 * count - 8;
+            u64::from_le_bytes(encoded[at..at + 8].try_into().unwrap()) == count as u64
+        })
+        .expect("a segment count")
+}

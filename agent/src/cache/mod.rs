@@ -43,7 +43,10 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use gantry_oci::chunked::ChunkIndex;
+use gantry_oci::layer_index::LayerIndex;
 use gantry_oci::manifest::{Descriptor, ImageConfiguration};
+use gantry_oci::ztoc::synth::{LayerMap, synthesize};
+use gantry_oci::ztoc::toc::Ztoc;
 use gantry_oci::{ConvertOptions, ConvertSummary, Digest};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
@@ -63,6 +66,9 @@ const BLOB_FILE: &str = "blob";
 const LAYER_FILES: [&str; 5] = [IMAGE_FILE, BITMAP_FILE, META_FILE, INDEX_FILE, BLOB_FILE];
 /// Largest chunk index read back from the cache.
 const MAX_INDEX_BYTES: u64 = 256 << 20;
+/// The largest encoded gzip layer map read back: a 32 KiB window per span (4 MiB) and 20 bytes
+/// per file, so a 64 GiB layer of a million files.
+const MAX_LAYER_MAP_BYTES: u64 = 1 << 30;
 const OWNER_LOCK: &str = "owner.lock";
 /// Largest record or layer metadata file read back.
 const MAX_METADATA_BYTES: u64 = 16 << 20;
@@ -179,6 +185,21 @@ pub struct LazyLayerMeta {
     /// published before the cache did so do not).
     #[serde(default)]
     pub keeps_blob: bool,
+    /// The lazy format: what the index file holds.
+    #[serde(default)]
+    pub format: LazyFormat,
+}
+
+/// How a lazy layer's blob maps onto its image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LazyFormat {
+    /// The chunked EROFS format: the index file is the blob's chunk-index payload.
+    #[default]
+    Chunked,
+    /// A gzip layer as it is: the image was synthesized from its zTOC, and the index file is
+    /// the encoded layer map.
+    Gzip,
 }
 
 /// Where a lazy layer's kept blob and its bitmap are ([`Cache::lazy_blob_files`]).
@@ -599,6 +620,7 @@ impl Cache {
                 index_digest: index_digest.clone(),
                 section_start: index.section_start(),
                 keeps_blob: true,
+                format: LazyFormat::Chunked,
             }),
         };
         let target = self.layer_dir(&descriptor.digest);
@@ -638,9 +660,107 @@ impl Cache {
             .ok_or_else(|| CacheError::LayerMissing(descriptor.digest.clone()))
     }
 
-    /// The chunk index of a lazily fetched layer, read back and checked against the digest its
+    /// Publishes a gzip layer to be read lazily as it is: its EROFS image synthesized from
+    /// `ztoc` (metadata written, data blocks holes), a bitmap with the metadata chunks present,
+    /// the encoded layer map, an empty sparse copy of the blob and the metadata, fsynced and
+    /// renamed into `layers/`. Returns the layer pinned.
+    ///
+    /// The record's `erofs_digest` names the image that will be: the blob's digest and the
+    /// synthesized image's (data as zeros) hashed together, so two layers with the same files
+    /// but other bytes never share a name.
+    pub async fn publish_gzip_layer(
+        &self,
+        descriptor: &Descriptor,
+        ztoc: Ztoc,
+        options: &ConvertOptions,
+    ) -> Result<(LayerRecord, PinGuard), CacheError> {
+        let mut build = self.begin_build()?;
+        let target = self.layer_dir(&descriptor.digest);
+        let dir = build.dir.clone();
+        let image = build.image.clone();
+        let layers = self.root.join("layers");
+        let descriptor_task = descriptor.clone();
+        let options = options.clone();
+        let meta = tokio::task::spawn_blocking(move || -> Result<LayerMeta, CacheError> {
+            let descriptor = descriptor_task;
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&image)
+                .map_err(io_error(&image))?;
+            // Scratch space for the writer, gone with its descriptor.
+            let spool_path = dir.join("tails");
+            let spool = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&spool_path)
+                .map_err(io_error(&spool_path))?;
+            fs::remove_file(&spool_path).map_err(io_error(&spool_path))?;
+            let uncompressed_size = ztoc.gzip.uncompressed_size;
+            let layer =
+                synthesize(ztoc, file, spool, &options).map_err(|error| CacheError::Corrupt {
+                    path: image.clone(),
+                    reason: format!("synthesizing the layer: {error}"),
+                })?;
+            layer.file.sync_all().map_err(io_error(&image))?;
+            let map = layer.map;
+            let mut naming = Vec::from(*b"gantry-gzip-layer\0");
+            naming.extend_from_slice(descriptor.digest.to_string().as_bytes());
+            naming.push(0);
+            naming.extend_from_slice(&layer.digest);
+            let encoded = map.encode();
+            let meta = LayerMeta {
+                blob_digest: descriptor.digest.clone(),
+                blob_size: descriptor.size,
+                media_type: descriptor.media_type.clone(),
+                erofs_digest: Digest::of(&naming),
+                erofs_size: map.image_size(),
+                chunk_size: 0,
+                uncompressed_size,
+                created_unix: unix_now(),
+                lazy: Some(LazyLayerMeta {
+                    index_digest: Digest::of(&encoded),
+                    section_start: 0,
+                    keeps_blob: true,
+                    format: LazyFormat::Gzip,
+                }),
+            };
+            let blob = dir.join(BLOB_FILE);
+            let file = fs::File::create(&blob).map_err(io_error(&blob))?;
+            file.set_len(meta.blob_size)
+                .and_then(|()| file.sync_all())
+                .map_err(io_error(&blob))?;
+            let bitmap_path = dir.join(BITMAP_FILE);
+            let bitmap_error = |source| CacheError::Bitmap {
+                path: bitmap_path.clone(),
+                source,
+            };
+            let mut bitmap =
+                ChunkBitmap::create_variable(&bitmap_path, meta.erofs_size, map.len() as u64)
+                    .map_err(bitmap_error)?;
+            let written: Vec<u64> = (0..map.len())
+                .filter(|&chunk| map.is_metadata(chunk))
+                .map(|chunk| chunk as u64)
+                .collect();
+            bitmap.set_present_many(&written).map_err(bitmap_error)?;
+            let index_path = dir.join(INDEX_FILE);
+            write_atomic(&index_path, &encoded).map_err(io_error(&index_path))?;
+            publish_dir(&dir, &meta, &target, &layers)?;
+            Ok(meta)
+        })
+        .await
+        .map_err(|e| CacheError::Task(e.to_string()))??;
+        build.owner = None;
+        info!(layer = %descriptor.digest, size = meta.erofs_size, "gzip layer published for lazy reading");
+        self.pin_layer_if_present(&descriptor.digest)?
+            .ok_or_else(|| CacheError::LayerMissing(descriptor.digest.clone()))
+    }
+
+    /// The chunk map of a lazily fetched layer, read back and checked against the digest its
     /// metadata recorded.
-    pub fn lazy_index(&self, digest: &Digest) -> Result<ChunkIndex, CacheError> {
+    pub fn lazy_index(&self, digest: &Digest) -> Result<LayerIndex, CacheError> {
         let dir = self.layer_dir(digest);
         let meta = self
             .layer(digest)?
@@ -653,11 +773,22 @@ impl Cache {
         let lazy = meta
             .lazy
             .ok_or_else(|| corrupt("the layer is not a lazy layer".into()))?;
-        let payload = fsutil::read_capped(&path, MAX_INDEX_BYTES).map_err(io_error(&path))?;
+        let cap = match lazy.format {
+            LazyFormat::Chunked => MAX_INDEX_BYTES,
+            LazyFormat::Gzip => MAX_LAYER_MAP_BYTES,
+        };
+        let payload = fsutil::read_capped(&path, cap).map_err(io_error(&path))?;
         if Digest::of(&payload) != lazy.index_digest {
             return Err(corrupt("the chunk index does not match its digest".into()));
         }
-        ChunkIndex::parse_payload(&payload, lazy.section_start).map_err(|e| corrupt(e.to_string()))
+        match lazy.format {
+            LazyFormat::Chunked => ChunkIndex::parse_payload(&payload, lazy.section_start)
+                .map(LayerIndex::from)
+                .map_err(|e| corrupt(e.to_string())),
+            LazyFormat::Gzip => LayerMap::decode(&payload)
+                .map(LayerIndex::from)
+                .map_err(|e| corrupt(e.to_string())),
+        }
     }
 
     /// The sparse copy of a lazy layer's blob, if the layer keeps one: its stored frames are

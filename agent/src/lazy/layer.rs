@@ -21,11 +21,11 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use gantry_oci::Digest;
+use gantry_oci::layer_index::LayerIndex;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 use vm_memory::VolatileSlice;
 
-use super::index::LayerIndex;
 use super::origin::BlobOrigin;
 use crate::blk::BlockSource;
 use crate::blk::source::preadv_exact;
@@ -97,6 +97,9 @@ pub struct LazyLayer {
     /// The cache's sparse copy of the blob (each stored frame at its offset), when the layer
     /// keeps one.
     blob: Option<File>,
+    /// Set when the complete blob failed its digest: every read fails from then on.
+    poisoned: std::sync::atomic::AtomicBool,
+    poison_reason: Mutex<String>,
     bitmap: Mutex<ChunkBitmap>,
     present: Box<[AtomicU64]>,
     present_count: AtomicU64,
@@ -177,7 +180,7 @@ impl LazyLayer {
             )));
         }
         let blob = blob_path
-            .map(|path| OpenOptions::new().write(true).open(path))
+            .map(|path| OpenOptions::new().read(true).write(true).open(path))
             .transpose()
             .map_err(io_error)?;
         let bitmap = ChunkBitmap::open(bitmap_path).map_err(|source| StoreError::Bitmap {
@@ -205,6 +208,8 @@ impl LazyLayer {
             index,
             image,
             blob,
+            poisoned: std::sync::atomic::AtomicBool::new(false),
+            poison_reason: Mutex::new(String::new()),
             bitmap: Mutex::new(bitmap),
             present,
             present_count: AtomicU64::new(present_count),
@@ -271,6 +276,78 @@ impl LazyLayer {
                 range.end - range.start
             })
             .sum()
+    }
+
+    /// Whether the layer's chunks are verified only span by span, so that the whole blob must
+    /// be checked against its digest once complete (a gzip layer read as it is: its header
+    /// and the index's windows are in no span digest).
+    pub fn needs_blob_check(&self) -> bool {
+        matches!(self.index, LayerIndex::Gzip(_)) && self.blob.is_some()
+    }
+
+    /// Hashes the complete blob copy and checks it against the layer's digest (blocking: it
+    /// reads the whole blob). On a mismatch the layer is poisoned: every read fails from now
+    /// on, loudly, and the error says why.
+    pub fn check_blob(&self) -> Result<(), StoreError> {
+        use sha2::Digest as _;
+        let io_error = |source| StoreError::Io {
+            layer: self.digest.clone(),
+            source,
+        };
+        let Some(blob) = &self.blob else {
+            return Ok(());
+        };
+        if !self.is_complete() {
+            return Err(io_error(io::Error::other("the layer is not complete")));
+        }
+        let mut hasher = sha2::Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut offset = 0u64;
+        loop {
+            let read = blob.read_at(&mut buffer, offset).map_err(io_error)?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+            offset += read as u64;
+        }
+        let actual = Digest::from_sha256(hasher.finalize().into());
+        if actual == self.digest {
+            debug!(layer = %self.digest, bytes = offset, "complete blob matches its digest");
+            return Ok(());
+        }
+        let reason = format!(
+            "the complete blob hashes to {actual}, not to its digest: the layer's index or its \
+             bytes were not the layer's, and it is quarantined"
+        );
+        tracing::error!(layer = %self.digest, %actual, "complete blob failed its digest");
+        self.poison(&reason);
+        Err(StoreError::Verify {
+            layer: self.digest.clone(),
+            chunk: 0,
+            reason,
+        })
+    }
+
+    /// Fails every read of the layer from now on with `reason` (and wakes the parked ones).
+    pub fn poison(&self, reason: &str) {
+        *lock(&self.poison_reason) = reason.to_string();
+        self.poisoned.store(true, Ordering::Release);
+        let waiting: Vec<usize> = lock(&self.waiters).keys().copied().collect();
+        for chunk in waiting {
+            self.wake(chunk);
+        }
+    }
+
+    /// Whether the layer was poisoned.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// A receiver that sees the layer become complete, and closes when the layer is dropped
+    /// (for a watcher that must not keep it alive).
+    pub fn completion(&self) -> watch::Receiver<bool> {
+        self.complete.subscribe()
     }
 
     /// Waits until every chunk is present.
@@ -545,6 +622,13 @@ impl BlockSource for LazyLayer {
         bufs: &[VolatileSlice<'_>],
         waker: &Waker,
     ) -> Poll<io::Result<()>> {
+        if self.is_poisoned() {
+            return Poll::Ready(Err(io::Error::other(format!(
+                "layer {}: {}",
+                self.digest,
+                lock(&self.poison_reason)
+            ))));
+        }
         let len: u64 = bufs.iter().map(|buf| buf.len() as u64).sum();
         let chunks = self.chunks_of(offset..offset.saturating_add(len));
         self.note_touched(chunks.clone());

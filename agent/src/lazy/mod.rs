@@ -2,18 +2,15 @@
 //! downloaded, and their chunks are fetched when the guest reads them.
 //!
 //! - `origin`: where a layer blob's byte ranges come from (a registry, a local file);
-//! - `index`: a layer's chunk map, chunked EROFS or synthesized gzip (which chunk holds which
-//!   image bytes, which blob bytes hold it, how they are verified and decoded);
 //! - `layer`: one lazily fetched layer, the [`BlockSource`](crate::blk::BlockSource) the layer
 //!   store reads (present chunks straight from the cache file, missing ones parked);
 //! - `fetcher`: priorities, single flight, coalescing, read-ahead, fill, verification;
 //! - this module: the settings and [`LazyLayers`], the agent's table of open lazy layers (one
 //!   per layer, shared by every VM that maps it).
 //!
-//! Imports point one way: `fetcher` → `layer` → `origin`, `index`.
+//! Imports point one way: `fetcher` → `layer` → `origin`.
 
 pub mod fetcher;
-pub mod index;
 pub mod layer;
 pub mod origin;
 
@@ -138,7 +135,7 @@ pub fn open_cached(
     let blob = cache.lazy_blob_path(&record.blob_digest)?;
     Ok(LazyLayer::open(
         record.blob_digest.clone(),
-        index.into(),
+        index,
         &record.erofs_path,
         &record.bitmap_path,
         blob.as_deref(),
@@ -148,12 +145,36 @@ pub fn open_cached(
     )?)
 }
 
+/// Checks `layer`'s whole blob against its digest once every chunk is in (at once if it is
+/// already), without keeping the layer open: the watcher ends when the layer is dropped.
+fn check_blob_when_complete(runtime: &tokio::runtime::Handle, layer: &Arc<LazyLayer>) {
+    let mut completion = layer.completion();
+    let weak = Arc::downgrade(layer);
+    runtime.spawn(async move {
+        if completion.wait_for(|complete| *complete).await.is_err() {
+            return;
+        }
+        drop(completion);
+        let Some(layer) = weak.upgrade() else {
+            return;
+        };
+        let checked = tokio::task::spawn_blocking(move || layer.check_blob()).await;
+        match checked {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "lazy layer quarantined"),
+            Err(error) => tracing::warn!(%error, "the blob check stopped"),
+        }
+    });
+}
+
 /// The agent's open lazy layers and their fetcher.
 #[derive(Debug)]
 pub struct LazyLayers {
     config: LazyConfig,
     fetcher: Fetcher,
     open: Mutex<HashMap<Digest, Weak<LazyLayer>>>,
+    /// The runtime the fetcher runs on (layers are opened from blocking threads too).
+    runtime: tokio::runtime::Handle,
 }
 
 impl LazyLayers {
@@ -162,6 +183,7 @@ impl LazyLayers {
         LazyLayers {
             fetcher: Fetcher::start(config.clone()),
             config,
+            runtime: tokio::runtime::Handle::current(),
             open: Mutex::new(HashMap::new()),
         }
     }
@@ -186,6 +208,9 @@ impl LazyLayers {
             self.fetcher.wants(),
         )?;
         open.insert(record.blob_digest.clone(), Arc::downgrade(&layer));
+        if layer.needs_blob_check() {
+            check_blob_when_complete(&self.runtime, &layer);
+        }
         Ok(layer)
     }
 

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use gantry_oci::Digest;
 use gantry_oci::chunked::{ChunkedLayerOptions, IndexLocation, write_chunked_layer};
+use gantry_oci::layer_index::LayerIndex;
 use gantry_oci::manifest::Descriptor;
 use tokio::sync::Notify;
 use vm_memory::VolatileSlice;
@@ -723,17 +724,20 @@ async fn a_fill_keeps_quiet_while_a_guest_reads() {
     assert!(eager < Duration::from_millis(300), "{eager:?}");
 }
 
-/// A gzip layer read as it is: a synthesized EROFS image (metadata written, data holes) whose
-/// data chunks come from gzip spans that neighbouring chunks may share.
+/// A gzip layer read as it is, published in a cache: a synthesized EROFS image (metadata
+/// written, data holes) whose data chunks come from gzip spans that neighbours may share.
 struct GzipFixture {
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+    cache: Cache,
+    record: LayerRecord,
+    _pin: PinGuard,
     blob: Vec<u8>,
     /// The image every chunk filled from the blob directly (what the lazy reads must show).
     filled: Vec<u8>,
-    map: gantry_oci::ztoc::synth::LayerMap,
+    map: Arc<gantry_oci::ztoc::synth::LayerMap>,
 }
 
-fn gzip_fixture() -> GzipFixture {
+async fn gzip_fixture() -> GzipFixture {
     use std::io::Write as _;
 
     let mut tar = tar::Builder::new(Vec::new());
@@ -754,19 +758,25 @@ fn gzip_fixture() -> GzipFixture {
     let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gzip.write_all(&tar).unwrap();
     let blob = gzip.finish().unwrap();
+    let descriptor = Descriptor::new(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        Digest::of(&blob),
+        blob.len() as u64,
+    );
 
     let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&dir.path().join("cache"), CacheConfig::default()).unwrap();
     let ztoc = gantry_oci::ztoc::toc::build(blob.as_slice(), 64 << 10).unwrap();
-    let image = std::fs::File::create_new(dir.path().join("layer.erofs")).unwrap();
-    let layer = gantry_oci::ztoc::synth::synthesize(
-        ztoc,
-        image,
-        tempfile::tempfile().unwrap(),
-        &gantry_oci::ConvertOptions::default(),
-    )
-    .unwrap();
-    let map = layer.map;
-    let mut filled = std::fs::read(dir.path().join("layer.erofs")).unwrap();
+    let (record, pin) = cache
+        .publish_gzip_layer(&descriptor, ztoc, &gantry_oci::ConvertOptions::default())
+        .await
+        .unwrap();
+    assert!(record.lazy);
+    let map = match cache.lazy_index(&record.blob_digest).unwrap() {
+        LayerIndex::Gzip(map) => map,
+        other => panic!("a gzip layer read back as {other:?}"),
+    };
+    let mut filled = std::fs::read(&record.erofs_path).unwrap();
     for chunk in (0..map.len()).filter(|&chunk| !map.is_metadata(chunk)) {
         let image = map.image_range(chunk);
         let stored = map.blob_range(chunk);
@@ -778,25 +788,16 @@ fn gzip_fixture() -> GzipFixture {
         )
         .unwrap();
     }
-    let bitmap_path = dir.path().join("layer.bitmap");
-    let mut bitmap = crate::cache::bitmap::ChunkBitmap::create_variable(
-        &bitmap_path,
-        map.image_size(),
-        map.len() as u64,
-    )
-    .unwrap();
-    let metadata: Vec<u64> = (0..map.len())
-        .filter(|&chunk| map.is_metadata(chunk))
-        .map(|chunk| chunk as u64)
-        .collect();
-    bitmap.set_present_many(&metadata).unwrap();
     // Neighbours sharing a span is what this fixture is for.
     assert!(
         (1..map.len()).any(|c| map.blob_range(c).start < map.blob_range(c - 1).end),
         "no two chunks share a span"
     );
     GzipFixture {
-        dir,
+        _dir: dir,
+        cache,
+        record,
+        _pin: pin,
         blob,
         filled,
         map,
@@ -804,29 +805,20 @@ fn gzip_fixture() -> GzipFixture {
 }
 
 impl GzipFixture {
-    /// Opens the layer for `lazy`'s fetcher (pinned by `pin`: these tests keep the layer's files
-    /// outside a cache).
-    fn open(&self, lazy: &LazyLayers, pin: PinGuard) -> Arc<LazyLayer> {
-        LazyLayer::open(
-            Digest::of(&self.blob),
-            self.map.clone().into(),
-            &self.dir.path().join("layer.erofs"),
-            &self.dir.path().join("layer.bitmap"),
-            None,
-            pin,
-            Duration::from_millis(200),
-            lazy.fetcher().wants(),
-        )
-        .unwrap()
+    fn open(&self, lazy: &LazyLayers) -> Arc<LazyLayer> {
+        lazy.open(&self.cache, &self.record).unwrap()
+    }
+
+    fn image(&self) -> Vec<u8> {
+        std::fs::read(&self.record.erofs_path).unwrap()
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gzip_layer_serves_metadata_at_once_and_data_from_its_spans() {
-    let gzip = gzip_fixture();
-    let pins = fixture(1).await;
+    let gzip = gzip_fixture().await;
     let lazy = LazyLayers::new(config());
-    let layer = gzip.open(&lazy, pins.cache.pin(&pins.record).unwrap());
+    let layer = gzip.open(&lazy);
     let origin = TestOrigin::new(gzip.blob.clone(), Fault::None);
     layer.add_origin(origin.clone());
     // Block 0 and the metadata need no fetch.
@@ -868,17 +860,25 @@ async fn a_gzip_layer_serves_metadata_at_once_and_data_from_its_spans() {
     tokio::time::timeout(Duration::from_secs(20), layer.wait_complete())
         .await
         .expect("the fill completes");
-    let image = std::fs::read(gzip.dir.path().join("layer.erofs")).unwrap();
+    let image = gzip.image();
     assert_eq!(image.len(), size);
     assert!(image == gzip.filled, "the filled image differs");
+    // Opened again (an agent restart): the map reads back from the cache, every chunk present.
+    drop(layer);
+    let again = LazyLayers::new(config());
+    let layer = gzip.open(&again);
+    assert!(layer.is_complete());
+    let tail = read(&layer, (size - 8192) as u64, 8192, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(tail, gzip.filled[size - 8192..]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gzip_layer_from_an_origin_that_ignores_ranges_is_streamed_once() {
-    let gzip = gzip_fixture();
-    let pins = fixture(1).await;
+    let gzip = gzip_fixture().await;
     let lazy = LazyLayers::new(config());
-    let layer = gzip.open(&lazy, pins.cache.pin(&pins.record).unwrap());
+    let layer = gzip.open(&lazy);
     let origin = TestOrigin::new(gzip.blob.clone(), Fault::IgnoreRanges);
     layer.add_origin(origin.clone());
     let first = gzip.map.image_range(1).start;
@@ -895,7 +895,7 @@ async fn a_gzip_layer_from_an_origin_that_ignores_ranges_is_streamed_once() {
     assert_eq!(got, gzip.filled[offset as usize..offset as usize + 5000]);
     eventually(|| data.clone().skip(1).all(|chunk| layer.is_present(chunk))).await;
     assert_eq!(origin.streams.load(Ordering::SeqCst), 1);
-    let image = std::fs::read(gzip.dir.path().join("layer.erofs")).unwrap();
+    let image = gzip.image();
     let from = gzip.map.image_range(2).start as usize;
     assert!(
         image[from..] == gzip.filled[from..],
@@ -905,10 +905,9 @@ async fn a_gzip_layer_from_an_origin_that_ignores_ranges_is_streamed_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gzip_span_with_wrong_bytes_never_reaches_a_reader() {
-    let gzip = gzip_fixture();
-    let pins = fixture(1).await;
+    let gzip = gzip_fixture().await;
     let lazy = LazyLayers::new(config());
-    let layer = gzip.open(&lazy, pins.cache.pin(&pins.record).unwrap());
+    let layer = gzip.open(&lazy);
     layer.add_origin(TestOrigin::new(gzip.blob.clone(), Fault::CorruptAlways));
     let offset = gzip.map.image_range(2).start;
     let result = read(&layer, offset, 4096, Duration::from_secs(10)).await;
@@ -921,4 +920,42 @@ async fn a_gzip_span_with_wrong_bytes_never_reaches_a_reader() {
             > 0,
         "no verification failure counted"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_gzip_blob_is_checked_and_a_wrong_one_quarantines_the_layer() {
+    // The right blob: complete, checked, reads go on.
+    let gzip = gzip_fixture().await;
+    let lazy = LazyLayers::new(config());
+    let layer = gzip.open(&lazy);
+    layer.add_origin(TestOrigin::new(gzip.blob.clone(), Fault::None));
+    lazy.fill(Arc::clone(&layer));
+    tokio::time::timeout(Duration::from_secs(20), layer.wait_complete())
+        .await
+        .expect("the fill completes");
+    layer.check_blob().unwrap();
+    assert!(!layer.is_poisoned());
+
+    // A blob whose gzip header (in no span) differs: every span verifies, the data inflates
+    // the same, but the whole blob is not the layer's.
+    let gzip = gzip_fixture().await;
+    let lazy = LazyLayers::new(config());
+    let layer = gzip.open(&lazy);
+    let mut forged = gzip.blob.clone();
+    forged[4] ^= 0x01; // the header's MTIME
+    layer.add_origin(TestOrigin::new(forged, Fault::None));
+    let offset = gzip.map.image_range(1).start;
+    read(&layer, offset, 4096, Duration::from_secs(5))
+        .await
+        .expect("a span-verified read is served before the layer is complete");
+    lazy.fill(Arc::clone(&layer));
+    tokio::time::timeout(Duration::from_secs(20), layer.wait_complete())
+        .await
+        .expect("the fill completes");
+    // The watcher started at open checks it in the background.
+    eventually(|| layer.is_poisoned()).await;
+    let error = read(&layer, offset, 4096, Duration::from_secs(5))
+        .await
+        .expect_err("a quarantined layer served a read");
+    assert!(error.to_string().contains("quarantined"), "{error}");
 }

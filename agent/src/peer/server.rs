@@ -257,7 +257,7 @@ fn find(images: &ImageService, kind: Kind, digest: &Digest) -> Option<Found> {
             Box::new(move |chunk| layer.is_present(chunk)),
         ),
         None => {
-            let index = images.cache.lazy_index(digest).ok()?.into();
+            let index = images.cache.lazy_index(digest).ok()?;
             let bitmap = ChunkBitmap::open(&files.bitmap).ok()?;
             (
                 index,

@@ -21,7 +21,7 @@ use gantry_erofs::tree::{DataPlacement, FileData};
 use gantry_erofs::writer::{ImageWriter, WriterError};
 
 use super::toc::{TocEntry, Ztoc};
-use super::zinfo::{GzipIndex, ZinfoError};
+use super::zinfo::{Checkpoint, GzipIndex, WINDOW, ZinfoError};
 use crate::convert::{self, ConvertError, ConvertOptions, LayerTree, Members};
 use crate::tar_stream::{TarEntry, TarError};
 
@@ -137,6 +137,8 @@ pub struct SynthesizedLayer {
     pub map: LayerMap,
     /// Inodes in the image.
     pub inodes: u64,
+    /// SHA-256 of the image as written (its data blocks as zeros).
+    pub digest: [u8; 32],
 }
 
 /// The file table as converter members: data placed as holes, each placement recorded.
@@ -191,7 +193,19 @@ impl Members for TableMembers {
 /// blob, and no member stored sparse. (Where each file's data lies is checked as it is
 /// placed.)
 fn check_index(ztoc: &Ztoc) -> Result<(), SynthError> {
-    let gzip = &ztoc.gzip;
+    check_gzip(&ztoc.gzip)?;
+    if let Some(member) = ztoc.entries.iter().find(|member| member.entry.sparse) {
+        return Err(SynthError::SparseMember(
+            member.entry.path.escape_ascii().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the gzip index: a checkpoint at 0, one digest per span, spans in order inside the
+/// blob, each inflating to at most [`MAX_SPAN_BYTES`] from not much more compressed bytes,
+/// windows no larger than deflate's.
+fn check_gzip(gzip: &GzipIndex) -> Result<(), SynthError> {
     let invalid = |what: String| Err(SynthError::Index(what));
     if gzip.checkpoints.is_empty() || gzip.checkpoints[0].uncompressed != 0 {
         return invalid("no checkpoint at the stream's start".into());
@@ -222,11 +236,14 @@ fn check_index(ztoc: &Ztoc) -> Result<(), SynthError> {
                 compressed.end - compressed.start
             ));
         }
-    }
-    if let Some(member) = ztoc.entries.iter().find(|member| member.entry.sparse) {
-        return Err(SynthError::SparseMember(
-            member.entry.path.escape_ascii().to_string(),
-        ));
+        let checkpoint = &gzip.checkpoints[index];
+        if checkpoint.window.len() > WINDOW || checkpoint.bits > 7 {
+            return invalid(format!(
+                "checkpoint {index}: a {}-byte window, {} bits",
+                checkpoint.window.len(),
+                checkpoint.bits
+            ));
+        }
     }
     Ok(())
 }
@@ -267,6 +284,7 @@ pub fn synthesize(
             segments: members.segments,
         },
         inodes: image.inodes,
+        digest: image.digest,
     })
 }
 
@@ -414,10 +432,18 @@ impl LayerMap {
     pub fn blob_range(&self, chunk: usize) -> Range<u64> {
         let end = self.gzip.compressed_size;
         match self.chunks.get(chunk).map(|c| &c.kind) {
+            // The chunk of the first span starts at the blob's first byte: the gzip header
+            // is fetched with it (no span covers it; the blob's digest does, once complete).
             Some(ChunkKind::Data { spans, .. }) => self
                 .gzip
                 .compressed_range(spans.clone())
-                .unwrap_or(end..end),
+                .map_or(end..end, |range| {
+                    if spans.start == 0 {
+                        0..range.end
+                    } else {
+                        range
+                    }
+                }),
             _ if chunk == 0 => 0..0,
             _ => end..end,
         }
@@ -453,6 +479,15 @@ impl LayerMap {
                 range.end - range.start
             )));
         }
+        // Bytes before the first span (the gzip header) are not inflated.
+        let header = self.blob_range(chunk).start;
+        let spans_start = self
+            .gzip
+            .compressed_range(spans.clone())
+            .map_or(header, |range| range.start);
+        let compressed = compressed
+            .get((spans_start - header) as usize..)
+            .ok_or_else(|| refuse("fewer bytes than the gzip header".into()))?;
         let inflated = self
             .gzip
             .extract(spans.clone(), compressed, tar.clone())
@@ -466,5 +501,178 @@ impl LayerMap {
             out[at..at + len].copy_from_slice(&inflated[from..from + len]);
         }
         Ok(())
+    }
+}
+
+/// The first bytes of an encoded [`LayerMap`].
+const MAP_MAGIC: &[u8; 8] = b"GZLMAP\x00\x01";
+/// The most checkpoints and segments a decoded map may declare (a bound on what a corrupt
+/// count makes it allocate; files hold as many entries as the eager conversion allows).
+const MAX_MAP_ENTRIES: u64 = 4 << 20;
+
+/// Reads an encoded map, field by field, every read bounds checked.
+struct MapReader<'a> {
+    bytes: &'a [u8],
+}
+
+impl MapReader<'_> {
+    fn take(&mut self, len: usize) -> Result<&[u8], SynthError> {
+        if self.bytes.len() < len {
+            return Err(SynthError::Index("the encoded map ends early".into()));
+        }
+        let (head, rest) = self.bytes.split_at(len);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn u64(&mut self) -> Result<u64, SynthError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn u32(&mut self) -> Result<u32, SynthError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn count(&mut self) -> Result<usize, SynthError> {
+        let count = self.u64()?;
+        if count > MAX_MAP_ENTRIES {
+            return Err(SynthError::Index(format!(
+                "{count} entries in the encoded map"
+            )));
+        }
+        Ok(count as usize)
+    }
+}
+
+impl LayerMap {
+    /// The map as bytes, for the cache: the gzip index (checkpoints with their windows, span
+    /// digests) and the data segments; the chunks are cut again when it is read back.
+    pub fn encode(&self) -> Vec<u8> {
+        let gzip = &self.gzip;
+        let mut out = Vec::new();
+        out.extend_from_slice(MAP_MAGIC);
+        for value in [
+            self.image_size,
+            gzip.span_size,
+            gzip.compressed_size,
+            gzip.uncompressed_size,
+            gzip.checkpoints.len() as u64,
+        ] {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        for (checkpoint, digest) in gzip.checkpoints.iter().zip(&gzip.span_digests) {
+            out.extend_from_slice(&checkpoint.compressed.to_le_bytes());
+            out.extend_from_slice(&checkpoint.uncompressed.to_le_bytes());
+            out.push(checkpoint.bits);
+            out.extend_from_slice(&(checkpoint.window.len() as u32).to_le_bytes());
+            out.extend_from_slice(&checkpoint.window);
+            out.extend_from_slice(digest);
+        }
+        out.extend_from_slice(&(self.segments.len() as u64).to_le_bytes());
+        for segment in &self.segments {
+            out.extend_from_slice(&segment.block.to_le_bytes());
+            out.extend_from_slice(&segment.tar_offset.to_le_bytes());
+            out.extend_from_slice(&segment.len.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads a map [`Self::encode`] wrote, checked as an index from elsewhere is: the gzip
+    /// index as [`synthesize`] checks it, the segments back to back from block 1, in tar order
+    /// inside the tar, inside the image.
+    pub fn decode(bytes: &[u8]) -> Result<LayerMap, SynthError> {
+        let invalid = |what: String| Err(SynthError::Index(what));
+        let mut reader = MapReader { bytes };
+        if reader.take(MAP_MAGIC.len())? != MAP_MAGIC {
+            return invalid("not an encoded layer map".into());
+        }
+        let image_size = reader.u64()?;
+        let span_size = reader.u64()?;
+        let compressed_size = reader.u64()?;
+        let uncompressed_size = reader.u64()?;
+        let count = reader.count()?;
+        let mut checkpoints = Vec::with_capacity(count.min(1 << 16));
+        let mut span_digests = Vec::with_capacity(count.min(1 << 16));
+        for _ in 0..count {
+            let compressed = reader.u64()?;
+            let uncompressed = reader.u64()?;
+            let bits = reader.take(1)?[0];
+            let window_len = reader.u32()? as usize;
+            if window_len > WINDOW {
+                return invalid(format!("a {window_len}-byte window"));
+            }
+            let window = reader.take(window_len)?.to_vec();
+            let digest: [u8; 32] = reader.take(32)?.try_into().expect("32 bytes");
+            checkpoints.push(Checkpoint {
+                compressed,
+                bits,
+                uncompressed,
+                window,
+            });
+            span_digests.push(digest);
+        }
+        let count = reader.count()?;
+        let mut segments = Vec::with_capacity(count.min(1 << 16));
+        for _ in 0..count {
+            segments.push(Segment {
+                block: reader.u32()?,
+                tar_offset: reader.u64()?,
+                len: reader.u64()?,
+            });
+        }
+        if !reader.bytes.is_empty() {
+            return invalid(format!(
+                "{} bytes after the encoded map",
+                reader.bytes.len()
+            ));
+        }
+        for pair in checkpoints.windows(2) {
+            if pair[1].uncompressed <= pair[0].uncompressed
+                || pair[1].first_byte() < pair[0].first_byte()
+            {
+                return invalid("checkpoints out of order".into());
+            }
+        }
+        let gzip = GzipIndex {
+            span_size,
+            checkpoints,
+            span_digests,
+            compressed_size,
+            uncompressed_size,
+        };
+        check_gzip(&gzip)?;
+        let mut next_block = 1u32;
+        let mut tar_end = 0u64;
+        for segment in &segments {
+            let blocks = segment.len.div_ceil(BLOCK);
+            let end = segment.tar_offset.checked_add(segment.len);
+            if segment.block != next_block
+                || segment.len == 0
+                || segment.tar_offset < tar_end
+                || end.is_none_or(|end| end > uncompressed_size)
+            {
+                return invalid(format!("segment at block {} out of place", segment.block));
+            }
+            next_block = u32::try_from(u64::from(next_block) + blocks)
+                .map_err(|_| SynthError::Index("segments past the image".into()))?;
+            tar_end = end.unwrap_or(u64::MAX);
+        }
+        if !image_size.is_multiple_of(BLOCK)
+            || u64::from(next_block) * BLOCK > image_size
+            || image_size / BLOCK > u64::from(u32::MAX)
+        {
+            return invalid(format!("the data ends past the {image_size}-byte image"));
+        }
+        let chunks = cut_chunks(&gzip, &segments, next_block, image_size);
+        Ok(LayerMap {
+            gzip,
+            image_size,
+            chunks,
+            segments,
+        })
     }
 }

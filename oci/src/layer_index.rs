@@ -13,8 +13,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use gantry_oci::chunked::ChunkIndex;
-use gantry_oci::ztoc::synth::LayerMap;
+use crate::chunked::ChunkIndex;
+use crate::ztoc::synth::LayerMap;
 
 /// The chunk map of one lazy layer.
 #[derive(Debug, Clone)]
